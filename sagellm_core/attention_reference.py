@@ -1,0 +1,85 @@
+"""Reference paged attention in plain torch: the CPU backend's op and the oracle for device kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sagellm_core.attention_metadata import AttentionMetadata
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter the step's new K/V into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _decode_plan(meta: AttentionMetadata, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded context slots [n, Lmax] and a key mask [n, 1, 1, Lmax] for the decode sequences."""
+    key = ("decode_plan", sliding_window)
+    if key not in meta.extras:
+        n = meta.num_decodes
+        lengths = torch.tensor(meta.seq_lens_host[:n], device=meta.block_tables.device)
+        max_len = int(max(meta.seq_lens_host[:n]))
+        positions = torch.arange(max_len, device=lengths.device)
+        valid = positions[None, :] < lengths[:, None]
+        if sliding_window is not None:
+            valid &= positions[None, :] > (lengths[:, None] - 1 - sliding_window)
+        block_idx = (positions // meta.block_size).clamp(max=meta.block_tables.shape[1] - 1)
+        blocks = meta.block_tables[:n][:, block_idx].long()
+        slots = torch.where(valid, blocks * meta.block_size + positions % meta.block_size, 0)
+        meta.extras[key] = (slots, valid[:, None, None, :])
+    return meta.extras[key]
+
+
+def _prefill_mask(query_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    key_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def reference_paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """See `sagellm_core.backend.PagedAttentionOp`."""
+    write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    out = torch.empty_like(query)
+    gqa = query.shape[1] != num_kv_heads
+    n_dec = meta.num_decodes
+    if n_dec:
+        slots, mask = _decode_plan(meta, sliding_window)
+        keys = flat_k[slots].transpose(1, 2).to(query.dtype)  # [n, Hkv, L, D]
+        values = flat_v[slots].transpose(1, 2).to(query.dtype)
+        q = query[:n_dec].unsqueeze(2)  # [n, Hq, 1, D]
+        out[:n_dec] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                                     enable_gqa=gqa).squeeze(2)
+    starts = meta.query_start_loc.tolist() if "starts" not in meta.extras else meta.extras["starts"]
+    meta.extras["starts"] = starts
+    for i in range(n_dec, meta.num_seqs):
+        begin, end = starts[i], starts[i + 1]
+        slots = meta.extras.setdefault(("slots", i), meta.context_slots(i))
+        keys = flat_k[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)  # [1, Hkv, L, D]
+        values = flat_v[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)
+        q = query[begin:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        mask_key = ("prefill_mask", i, sliding_window)
+        if mask_key not in meta.extras:
+            meta.extras[mask_key] = _prefill_mask(end - begin, meta.seq_lens_host[i], sliding_window, query.device)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.extras[mask_key], scale=scale,
+                                              enable_gqa=gqa)
+        out[begin:end] = attn.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,39 @@
+"""The built-in CPU backend: always present, lowest priority, plain-torch paged attention."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sagellm_core.backend import Backend, BackendSpec, ProbeResult
+from sagellm_core.hookspecs import hookimpl
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+
+    def memory_info(self) -> tuple[int, int]:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def probe() -> ProbeResult:
+    return ProbeResult(True, f"{os.cpu_count()} CPU cores", device_count=1)
+
+
+SPEC = BackendSpec(
+    name="cpu",
+    priority=0,
+    probe=probe,
+    create=lambda config: CPUBackend(config),
+    device_type="cpu",
+    dist_backend="gloo",
+    description="plain torch on the host CPU",
+)
+
+
+@hookimpl
+def sagellm_register_backends(register: Any) -> None:
+    register(SPEC)

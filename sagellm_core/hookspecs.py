@@ -1,0 +1,82 @@
+"""Hook specifications: the plugin author's reference.
+
+A plugin is a module (or object) with functions decorated by `sagellm_core.hookimpl` whose names are
+hook names below. It is found through the entry-point group `sagellm.plugins`:
+
+    [project.entry-points."sagellm.plugins"]
+    my_scheduler = "my_package.plugin"
+
+Every hook is a *registration* hook: it receives a `register` callback and calls it once per thing it
+provides. Hooks run once at start-up; the engine's per-step loop calls the registered objects
+directly, never through pluggy.
+
+Compatibility: an implementation may accept any subset of a hook's arguments, so hooks can gain
+arguments later without breaking plugins. A plugin module may declare the plugin-API range it
+supports as `SAGELLM_PLUGIN_API = ">=1.0,<2"`; outside that range it is refused at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT_NAME = "sagellm"
+ENTRY_POINT_GROUP = "sagellm.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def sagellm_register_backends(register: Callable[..., None]) -> None:
+    """Register device backends.
+
+    Call ``register(spec)`` with a `sagellm_core.backend.BackendSpec`: a name, a selection priority
+    (higher wins when several devices are present), a ``probe()`` that answers whether the device is
+    here *without initialising it*, and a ``create(config)`` factory returning a
+    `sagellm_core.backend.Backend` (device, dtype, memory query, KV storage, attention op,
+    distributed-backend name).
+    """
+
+
+@hookspec
+def sagellm_register_kv_policies(register: Callable[..., None]) -> None:
+    """Register KV-cache policies.
+
+    Call ``register(name, factory, options=OptionsClass)``. ``factory(options)`` returns a
+    `sagellm_core.kv.policy.KVPolicy`: it decides block hashing (which blocks may be reused for a
+    prefix) and the eviction order of free cached blocks. ``options`` is an optional attrs class the
+    user's ``kv_cache.policy_options`` mapping is validated against.
+    """
+
+
+@hookspec
+def sagellm_register_schedulers(register: Callable[..., None]) -> None:
+    """Register schedulers.
+
+    Call ``register(name, factory, options=OptionsClass)``. ``factory(scheduler_config, options)``
+    returns a `sagellm_core.schedulers.base.Scheduler`. Most plugins subclass
+    `sagellm_core.schedulers.base.PolicyScheduler` and override ``waiting_key`` (which waiting
+    request is admitted first) and/or ``preemption_victim``. ``options`` is an optional attrs class
+    the user's ``scheduler.options`` mapping is validated against.
+    """
+
+
+@hookspec
+def sagellm_register_metrics(register: Callable[..., None]) -> None:
+    """Register metric consumers.
+
+    Call ``register(name, factory)``. ``factory(metrics_config)`` returns an object with
+    ``on_step(event: StepEvent)``, ``on_request_finished(event: RequestEvent)`` and ``snapshot() ->
+    dict`` (see `sagellm_core.metrics.base.MetricSink`). Events arrive once per engine step and once
+    per finished request.
+    """
+
+
+@hookspec(historic=True)
+def sagellm_configure(config: Any) -> None:
+    """Called once with the final `EngineConfig` when an engine starts (historic: late plugins see it too).
+
+    Use it to read configuration; do not mutate it (it is frozen).
+    """
