@@ -43,6 +43,23 @@ def _prefill_mask(query_len: int, seq_len: int, sliding_window: int | None, devi
     return mask
 
 
+def _grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """GQA without repeating K/V: fold each KV head's query-head group into the query-length axis.
+
+    query [B, Hq, n, D], keys/values [B, Hkv, L, D], mask broadcastable to [B, 1, n, L]. Returns
+    [B, Hq, n, D]. (torch's ``enable_gqa`` with a mask takes a slow path on the CPU.)
+    """
+    batch, num_heads, n, dim = query.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    q = query.reshape(batch, num_kv_heads, group * n, dim)
+    if group > 1:
+        mask = mask.expand(batch, 1, n, mask.shape[-1]).repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(batch, num_heads, n, dim)
+
+
 def reference_paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -59,27 +76,29 @@ def reference_paged_attention(
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(query)
-    gqa = query.shape[1] != num_kv_heads
     n_dec = meta.num_decodes
     if n_dec:
         slots, mask = _decode_plan(meta, sliding_window)
         keys = flat_k[slots].transpose(1, 2).to(query.dtype)  # [n, Hkv, L, D]
         values = flat_v[slots].transpose(1, 2).to(query.dtype)
         q = query[:n_dec].unsqueeze(2)  # [n, Hq, 1, D]
-        out[:n_dec] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                                     enable_gqa=gqa).squeeze(2)
-    starts = meta.query_start_loc.tolist() if "starts" not in meta.extras else meta.extras["starts"]
-    meta.extras["starts"] = starts
+        out[:n_dec] = _grouped_sdpa(q, keys, values, mask, scale).squeeze(2)
+    if n_dec == meta.num_seqs:
+        return out
+    starts = meta.extras.get("starts")
+    if starts is None:
+        starts = meta.extras["starts"] = meta.query_start_loc.tolist()
     for i in range(n_dec, meta.num_seqs):
         begin, end = starts[i], starts[i + 1]
-        slots = meta.extras.setdefault(("slots", i), meta.context_slots(i))
+        slots = meta.extras.get(("slots", i))
+        if slots is None:
+            slots = meta.extras[("slots", i)] = meta.context_slots(i)
         keys = flat_k[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)  # [1, Hkv, L, D]
         values = flat_v[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)
         q = query[begin:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         mask_key = ("prefill_mask", i, sliding_window)
         if mask_key not in meta.extras:
             meta.extras[mask_key] = _prefill_mask(end - begin, meta.seq_lens_host[i], sliding_window, query.device)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.extras[mask_key], scale=scale,
-                                              enable_gqa=gqa)
+        attn = _grouped_sdpa(q, keys, values, meta.extras[mask_key][None, None], scale)
         out[begin:end] = attn.squeeze(0).transpose(0, 1)
     return out

@@ -54,7 +54,11 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @attrs.frozen
 class ModelConfig:
-    """Which model to run. ``path`` None means the embedded default (SmolLM2-135M-Instruct)."""
+    """Which model to run. ``path`` None means the embedded default (SmolLM2-135M-Instruct).
+
+    ``path``: a local directory (safetensors), a ``.gguf`` file, or a hub id found in the offline HF
+    cache. ``load_format="dummy"`` initialises random weights from the config (benchmarks).
+    """
 
     path: str | None = None
     gguf_file: str | None = None
@@ -62,6 +66,7 @@ class ModelConfig:
     dtype: str = attrs.field(default="auto", validator=one_of(*DTYPES))
     max_model_len: int | None = attrs.field(default=None, validator=at_least(1))
     seed: int = 0
+    load_format: str = attrs.field(default="auto", validator=one_of("auto", "dummy"))
 
 
 @attrs.frozen

@@ -1,0 +1,47 @@
+"""The `sagellm` command line. Each sub-command lives in its own module exposing ``add_parser(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sagellm_core.errors import SageLLMError
+
+COMMAND_MODULES = (
+    "sagellm_core.cli.generate_cmd",
+    "sagellm_core.cli.chat_cmd",
+    "sagellm_core.cli.serve_cmd",
+    "sagellm_core.cli.bench_cmd",
+    "sagellm_core.cli.plugins_cmd",
+    "sagellm_core.cli.config_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: a pluggable LLM inference engine")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # sub-command not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SageLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Incremental detokenization that never emits a partial UTF-8 character."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list into text deltas.
+
+    Decodes a small window (a few prompt tokens for correct leading spaces, plus the new tokens) and
+    emits only text that no longer ends in U+FFFD, so a multi-byte character split across tokens
+    is emitted once complete.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly complete text (possibly empty)."""
+        if self.tokenizer is None:
+            return ""
+        self.tokens.append(token_id)
+        prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.tokens[self.prefix_offset:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever complete text is still held back (a dangling partial byte is dropped)."""
+        if self.tokenizer is None or self.read_offset == len(self.tokens):
+            return ""
+        prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.tokens[self.prefix_offset:]).rstrip(REPLACEMENT)
+        self.read_offset = len(self.tokens)
+        return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""

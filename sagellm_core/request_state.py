@@ -1,0 +1,96 @@
+"""Per-request output state kept by the engine: text, stop-string handling, streaming deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from sagellm_core.detokenizer import IncrementalDetokenizer
+from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.request import Request, RequestStatus
+from sagellm_core.sampling_params import SamplingParams
+
+
+@attrs.define
+class CompletionState:
+    """Text state of one sequence (one of ``n``)."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    token_times: list[float] = attrs.field(factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None
+    finish_reason: str | None = None
+
+    def hold_back(self, params: SamplingParams) -> int:
+        """Characters not streamed yet because they might start a stop string."""
+        if self.finish_reason is not None or not params.stop:
+            return 0
+        return max(len(s) for s in params.stop) - 1
+
+
+@attrs.define
+class RequestGroup:
+    """A user request: ``n`` sequences sharing one prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[CompletionState]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def output(self) -> RequestOutput:
+        """Cumulative state plus the deltas since the previous call."""
+        outputs = []
+        for index, state in enumerate(self.completions):
+            visible_len = len(state.text) - state.hold_back(self.params)
+            delta_text = state.text[state.emitted_chars:visible_len] if visible_len > state.emitted_chars else ""
+            state.emitted_chars = max(state.emitted_chars, visible_len)
+            tokens = state.request.output_token_ids
+            delta_tokens = tokens[state.emitted_tokens:]
+            state.emitted_tokens = len(tokens)
+            outputs.append(CompletionOutput(
+                index=index,
+                text=state.text[: state.emitted_chars] if state.finish_reason is None else state.text,
+                token_ids=list(tokens),
+                delta_text=delta_text,
+                delta_token_ids=list(delta_tokens),
+                finish_reason=state.finish_reason,
+                stop_reason=state.stop_reason,
+                logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            ))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
+                             self.metrics)
+
+
+def finish(state: CompletionState, status: RequestStatus, stop_reason: str | int | None = None) -> None:
+    state.request.status = status
+    state.finish_reason = status.value
+    state.stop_reason = stop_reason
+
+
+def find_stop_string(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
+    """Earliest stop string that ends in the new part of ``text``; returns (start index, string)."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop, max(0, new_from - len(stop) + 1))
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+def token_logprob(tokenizer: Any, token_id: int, info: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+    def text(tid: int) -> str:
+        return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
+
+    logprob, top = info
+    return TokenLogprob(token_id, text(token_id), logprob, [(tid, text(tid), lp) for tid, lp in top])

@@ -1,0 +1,147 @@
+"""Token sampling for a batch: penalties, min_tokens, greedy / temperature / top-k / top-p / min-p,
+per-request seeded generators, and logprobs with top-k alternatives."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from sagellm_core.request import Request
+
+
+@attrs.define
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    """Stateless except for the per-request generators of seeded requests and the engine's generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[tuple[str, str], torch.Generator] = {}
+        self._default: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        for key in [k for k in self._generators if k[0] == request_id]:
+            del self._generators[key]
+
+    def _generator(self, request: Request, device: torch.device) -> torch.Generator:
+        if request.params.seed is None:
+            key = str(device)
+            if key not in self._default:
+                self._default[key] = torch.Generator(device=device).manual_seed(self.seed)
+            return self._default[key]
+        key = (request.request_id, str(device))
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(request.params.seed + request.index)
+        return self._generators[key]
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        """``logits`` [N, V] float32, one row per request (in order)."""
+        if not requests:
+            return SampleResult([], [])
+        logits = self._apply_penalties(logits, requests)
+        logits = self._apply_min_tokens(logits, requests)
+        logprob_info = self._logprob_source(logits, requests)
+        chosen = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if greedy:
+            rows = torch.tensor(greedy, device=logits.device)
+            chosen[rows] = logits[rows].argmax(dim=-1)
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            probs = self._filtered_probs(logits[rows], [requests[i] for i in sampled])
+            for j, i in enumerate(sampled):
+                generator = self._generator(requests[i], logits.device)
+                chosen[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
+        token_ids = chosen.tolist()
+        return SampleResult(token_ids, self._logprobs(logprob_info, requests, token_ids))
+
+    # ---- logits processing ---------------------------------------------------------------------
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.params.needs_penalties]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            p = requests[i].params
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(requests[i].all_token_ids)), device=logits.device, dtype=torch.int64)
+                values = row[seen]
+                row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            outputs = requests[i].output_token_ids
+            if outputs and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(outputs, device=logits.device), minlength=row.shape[0])
+                counts = counts[: row.shape[0]].to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    @staticmethod
+    def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            banned = set(requests[i].params.stop_token_ids)
+            if not requests[i].params.ignore_eos:
+                banned |= requests[i].eos_token_ids
+            banned_ids = [t for t in banned if 0 <= t < logits.shape[1]]
+            if banned_ids:
+                logits[i, banned_ids] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in requests], device=logits.device).unsqueeze(1)
+        logits = logits / temps
+        vocab = logits.shape[1]
+        top_k = [r.params.top_k for r in requests]
+        top_p = [r.params.top_p for r in requests]
+        min_p = [r.params.min_p for r in requests]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+            k = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device).unsqueeze(1)
+            remove = ranks >= k
+            sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+            p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+            remove |= before >= p
+            remove[:, 0] = False
+            logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        if any(m > 0 for m in min_p):
+            threshold = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    # ---- logprobs ------------------------------------------------------------------------------
+    @staticmethod
+    def _logprob_source(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+        if not any(r.params.logprobs is not None for r in requests):
+            return None
+        return logits.log_softmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(source: torch.Tensor | None, requests: list[Request], token_ids: list[int]
+                  ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        out: list[tuple[float, list[tuple[int, float]]] | None] = []
+        for i, request in enumerate(requests):
+            k = request.params.logprobs
+            if source is None or k is None:
+                out.append(None)
+                continue
+            row = source[i]
+            top: list[tuple[int, float]] = []
+            if k > 0:
+                values, ids = row.topk(k)
+                top = list(zip(ids.tolist(), values.tolist()))
+            out.append((float(row[token_ids[i]]), top))
+        return out

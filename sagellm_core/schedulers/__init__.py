@@ -1,0 +1,1 @@
+"""Schedulers: which requests run each step and with how many tokens."""
