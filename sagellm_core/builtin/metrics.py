@@ -6,6 +6,7 @@ from typing import Any
 
 from sagellm_core.hookspecs import hookimpl
 from sagellm_core.metrics.base import RequestEvent, StepEvent, percentiles
+from sagellm_core.metrics.prometheus import PrometheusSink
 
 
 class LatencySink:
@@ -101,3 +102,4 @@ def sagellm_register_metrics(register: Any) -> None:
     register("latency", LatencySink)
     register("throughput", ThroughputSink)
     register("kv", KVSink)
+    register("prometheus", PrometheusSink)

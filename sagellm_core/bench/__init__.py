@@ -1,0 +1,8 @@
+"""`sagellm bench`: reproducible benchmarks that print their hardware, versions, command and peers.
+
+One module per workload (`throughput`, `latency`, `serve`, `prefix`, `pd`); shared parts:
+`workloads` (seeded request generation), `environment` (hardware / versions report), `hf_peer`
+(transformers on the same weights), `floors` (measured matmul FLOP/s and memory bandwidth, and the
+time floors they imply), `offline` (running sageLLM over a workload), `stats` (summaries) and
+`report` (JSON, markdown and PNG outputs). `sagellm_core.cli.bench_cmd` wires them to argparse.
+"""

@@ -1,0 +1,112 @@
+"""Hardware floors measured in the same run: matmul FLOP/s and copy bandwidth, and what they imply.
+
+- compute floor of a workload: its matmul FLOPs over the measured FLOP/s (the time a perfect
+  engine would need if every token's matmuls ran at large-matmul speed);
+- weight-read floor of one decode step at batch 1: the bytes of every weight matrix the step reads
+  over the measured copy bandwidth.
+
+Both ignore attention FLOPs/bytes (small at the benchmark lengths) and use the model's own dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class ParamCounts:
+    """Parameters by role. ``lm_head`` is counted even when tied to the embedding (it is read twice)."""
+
+    total: int
+    embedding: int
+    lm_head: int
+    body: int
+    element_size: int
+    tied: bool
+
+    @property
+    def decode_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every decoder-layer weight plus the LM head."""
+        return (self.body + self.lm_head) * self.element_size
+
+
+def param_counts(model: Any) -> ParamCounts:
+    """Split a causal LM's parameters into embedding, LM head and the decoder body."""
+    embedding = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    head = head_module.weight if head_module is not None else embedding
+    tied = head is embedding or head.data_ptr() == embedding.data_ptr()
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    body = total - embedding.numel() - (0 if tied else head.numel())
+    return ParamCounts(total=total, embedding=embedding.numel(), lm_head=head.numel(), body=body,
+                       element_size=embedding.element_size(), tied=tied)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_op(op: Callable[[], Any], device: torch.device, min_time: float, warmup: int = 2) -> float:
+    """Seconds per call of ``op``, repeating until ``min_time`` has passed."""
+    for _ in range(warmup):
+        op()
+    _synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        op()
+        calls += 1
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                         min_time: float = 1.0) -> dict[str, Any]:
+    """FLOP/s of a square ``size`` x ``size`` matmul (8192 on GPUs, 1024 on CPUs) in ``dtype``."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    with torch.inference_mode():
+        seconds = _time_op(lambda: torch.matmul(a, b), device, min_time)
+    del a, b
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "flops_per_s": 2.0 * size**3 / seconds}
+
+
+def measure_bandwidth(device: torch.device, num_bytes: int | None = None, min_time: float = 1.0
+                      ) -> dict[str, Any]:
+    """Bytes/s of a large tensor copy (read + write counted), 1 GiB on GPUs and 256 MiB on CPUs."""
+    num_bytes = num_bytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = _time_op(lambda: dst.copy_(src), device, min_time)
+    del src, dst
+    return {"bytes": num_bytes, "seconds": seconds, "bytes_per_s": 2.0 * num_bytes / seconds}
+
+
+def workload_flops(params: ParamCounts, forward_tokens: int, sampled_tokens: int) -> float:
+    """Matmul FLOPs: 2 x body params per token through the model, 2 x LM head per sampled token."""
+    return 2.0 * params.body * forward_tokens + 2.0 * params.lm_head * sampled_tokens
+
+
+def compute_floor(params: ParamCounts, forward_tokens: int, sampled_tokens: int, flops_per_s: float,
+                  elapsed_s: float) -> dict[str, Any]:
+    """The workload's compute floor and the fraction of it an engine achieved in ``elapsed_s``."""
+    flops = workload_flops(params, forward_tokens, sampled_tokens)
+    floor = flops / flops_per_s
+    return {"flops": flops, "floor_s": floor, "fraction_achieved": floor / elapsed_s if elapsed_s else 0.0,
+            "simple_2PT_floor_s": 2.0 * params.total * forward_tokens / flops_per_s}
+
+
+def weight_read_floor(params: ParamCounts, bytes_per_s: float, tpot_s: float) -> dict[str, Any]:
+    """Per-token weight-read floor at batch 1 and how far the measured TPOT is above it."""
+    floor = params.decode_bytes / bytes_per_s
+    return {"bytes_per_token": params.decode_bytes, "floor_s": floor,
+            "tpot_over_floor": tpot_s / floor if floor else 0.0}

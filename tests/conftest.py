@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny randomly initialised models of real architectures, and engine helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 256
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(arch: str, vocab_size: int = TINY_VOCAB) -> Any:
+    """A small config of a real architecture (GQA 4:2, two layers)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=None, bos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+    }
+    extra: dict[str, Any] = {"head_dim": 16} if arch in ("qwen3", "mistral") else {}
+    if arch == "mistral":
+        extra["sliding_window"] = None
+    return classes[arch](**common, **extra)
+
+
+def save_tiny_model(arch: str, directory: Path, vocab_size: int = TINY_VOCAB, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=torch.float32)
+    # Larger-than-default weights make the logits peaky, so greedy ties (and flaky argmax flips) are unlikely.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim > 1:
+                param.normal_(0.0, 0.15)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: save_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+def engine_config(model_dir: Path, **sections: Any) -> Any:
+    from sagellm_core.config import EngineConfig
+
+    base: dict[str, Any] = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "backend": {"name": "cpu"},
+        "kv_cache": {"block_size": 4, "num_blocks": 256},
+        "scheduler": {"max_num_seqs": 16, "max_num_batched_tokens": 256},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return EngineConfig.from_dict(base)
+
+
+def run_engine(engine: Any, prompts: list[list[int]], params: Any, check_every_step: bool = True) -> list[Any]:
+    """Add all prompts, step to completion, return final outputs in prompt order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    finals: dict[str, Any] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if check_every_step:
+            for pool in engine.kv_pools:
+                pool.check_invariants()
+    return [finals[i] for i in ids]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2 checkpoint converted to safetensors (converted once per machine)."""
+    from sagellm_core.models.loader import default_model_dir as resolve_default
+
+    return resolve_default()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A tiny random Llama with the default model's real tokenizer (for text-level tests)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    directory = save_tiny_model("llama", tmp_path_factory.mktemp("tok-model") / "llama", len(tokenizer))
+    tokenizer.save_pretrained(directory)
+    return directory
