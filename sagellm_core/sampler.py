@@ -54,11 +54,25 @@ class Sampler:
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
             probs = self._filtered_probs(logits[rows], [requests[i] for i in sampled])
-            for j, i in enumerate(sampled):
-                generator = self._generator(requests[i], logits.device)
-                chosen[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
+            chosen[rows] = self._draw(probs, [requests[i] for i in sampled])
         token_ids = chosen.tolist()
         return SampleResult(token_ids, self._logprobs(logprob_info, requests, token_ids))
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row. Seeded rows draw from their own generator (batch-independent); the
+        rest share the engine generator in one batched exponential-race draw (no per-row launches)."""
+        out = torch.empty(len(requests), dtype=torch.int64, device=probs.device)
+        seeded = [j for j, r in enumerate(requests) if r.params.seed is not None]
+        unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
+        for j in seeded:
+            noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[j], probs.device))
+            out[j] = (probs[j] / noise).argmax()
+        if unseeded:
+            rows = torch.tensor(unseeded, device=probs.device)
+            generator = self._generator(requests[unseeded[0]], probs.device)
+            noise = torch.empty_like(probs[rows]).exponential_(generator=generator)
+            out[rows] = (probs[rows] / noise).argmax(dim=-1)
+        return out
 
     # ---- logits processing ---------------------------------------------------------------------
     @staticmethod

@@ -99,3 +99,19 @@ def tokenizer_model(tmp_path_factory: pytest.TempPathFactory, default_model_dir:
     directory = save_tiny_model("llama", tmp_path_factory.mktemp("tok-model") / "llama", len(tokenizer))
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run only where torch sees a CUDA device."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -55,12 +55,11 @@ class KVCacheManager:
 
     def find_prefix(self, request: Request) -> list[Block]:
         """Longest chain of cached full blocks matching the request's tokens (never its last token)."""
-        tokens = request.all_token_ids
-        max_blocks = (len(tokens) - 1) // self.block_size
+        max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         parent: Hashable | None = None
         for i in range(max_blocks):
-            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            chunk = tuple(request.token_slice(i * self.block_size, (i + 1) * self.block_size))
             block_hash = self.policy.hash_block(parent, chunk)
             block = self.cached.get(block_hash) if block_hash is not None else None
             if block is None or block.key != (parent, chunk):
@@ -118,11 +117,10 @@ class KVCacheManager:
             return
         hashes = self.req_hashes.setdefault(request.request_id, [])
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        tokens = request.all_token_ids
         while len(hashes) < num_full:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            chunk = tuple(request.token_slice(i * self.block_size, (i + 1) * self.block_size))
             block_hash = self.policy.hash_block(parent, chunk) if (i == 0 or parent is not None) else None
             hashes.append(block_hash)
             block = blocks[i]

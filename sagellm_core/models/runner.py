@@ -75,7 +75,7 @@ class ModelRunner:
         for chunk, blocks in zip(plan.chunks, block_ids):
             request = chunk.request
             start, n = request.num_computed_tokens, chunk.num_tokens
-            token_ids.extend(request.all_token_ids[start:start + n])
+            token_ids.extend(request.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
@@ -84,9 +84,7 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 sample_rows.append(len(token_ids) - 1)
         max_blocks = max(len(b) for b in block_ids)
-        tables = torch.zeros((len(block_ids), max_blocks), dtype=torch.int32)
-        for i, blocks in enumerate(block_ids):
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        tables = torch.tensor([b + [0] * (max_blocks - len(b)) for b in block_ids], dtype=torch.int32)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
