@@ -16,7 +16,8 @@ class AttentionMetadata:
     ``query_start_loc`` [B+1] are cumulative query lengths; ``seq_lens`` [B] are context lengths
     *including* this step's tokens; ``block_tables`` [B, max_blocks] (padded with 0). Host copies of
     the lengths let backends plan without a device sync. ``extras`` caches backend-specific derived
-    tensors for the step (computed once, reused by every layer).
+    tensors for the step (computed once, reused by every layer). ``generation`` is bumped whenever the
+    tensors are refilled in place for another step (graph replays), so caches keyed on it stay valid.
     """
 
     slot_mapping: torch.Tensor
@@ -27,7 +28,8 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     num_decodes: int
     block_size: int
-    extras: dict[str, Any] = attrs.field(factory=dict)
+    extras: dict[Any, Any] = attrs.field(factory=dict)
+    generation: int = 0
 
     @property
     def num_seqs(self) -> int:

@@ -10,19 +10,26 @@ from sagellm_core.attention_metadata import AttentionMetadata
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter the step's new K/V into their cache slots."""
+    """Scatter the step's new K/V into their cache slots (negative slots: padding, skipped)."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def _decode_plan(meta: AttentionMetadata, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded context slots [n, Lmax] and a key mask [n, 1, 1, Lmax] for the decode sequences."""
-    key = ("decode_plan", sliding_window)
+    """Padded context slots [n, Lmax] and a key mask [n, 1, 1, Lmax] for the decode sequences.
+
+    Lengths come from the ``seq_lens`` tensor and the cache key includes ``meta.generation``, so a
+    metadata object whose buffers were refilled (graph replay) is planned again.
+    """
+    key = ("decode_plan", sliding_window, meta.generation)
     if key not in meta.extras:
         n = meta.num_decodes
-        lengths = torch.tensor(meta.seq_lens_host[:n], device=meta.block_tables.device)
-        max_len = int(max(meta.seq_lens_host[:n]))
+        lengths = meta.seq_lens[:n].long()
+        max_len = max(int(lengths.max()), 1)
         positions = torch.arange(max_len, device=lengths.device)
         valid = positions[None, :] < lengths[:, None]
         if sliding_window is not None:

@@ -103,6 +103,10 @@ class Backend:
 
         return reference_paged_attention
 
+    def graph_capture(self) -> Any:
+        """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs, else None."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""
 

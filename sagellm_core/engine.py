@@ -71,7 +71,10 @@ class LLMEngine:
         self.kv_pools = [KVCacheManager(n, config.kv_cache.block_size, policy_reg.factory(policy_options))
                          for n in pool_blocks]
         self.scheduler.bind(self.kv_pools)
-        self.runner = ModelRunner(self.model, self.backend, config.kv_cache.block_size, pool_blocks, self.dtype)
+        graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.backend, config.kv_cache.block_size, pool_blocks, self.dtype,
+                                  max_model_len=self.max_model_len,
+                                  graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
         self.sampler = Sampler(config.model.seed)
         self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
                              for name in config.metrics.enabled}

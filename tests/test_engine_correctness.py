@@ -116,3 +116,46 @@ def test_strict_pd_really_copies_blocks_between_pools(tiny_models: dict[str, Pat
     full = len(prompt) // 4 * 4
     flat = lambda t: t.flatten(2, 3)[:, :, :full]  # noqa: E731
     assert torch.equal(flat(copied), flat(src)) and src.abs().sum() > 0
+
+
+class _ReplayByRerun:
+    """Stands in for a device graph on the CPU: a replay re-runs the captured function, which reads
+    the static input buffers at replay time -- the property real graph replays rely on."""
+
+    def __init__(self) -> None:
+        self.captured = 0
+
+    def capture(self, fn):  # noqa: ANN001, ANN201
+        self.captured += 1
+        return fn
+
+
+def test_decode_graph_runner_padding_and_static_buffers(tiny_models: dict[str, Path],
+                                                        oracle: dict[str, list[list[int]]]) -> None:
+    from sagellm_core.backend import BackendSpec, ProbeResult
+    from sagellm_core.builtin.cpu_backend import CPUBackend
+    from sagellm_core.hookspecs import hookimpl
+    from sagellm_core.plugin_manager import create_plugin_manager
+
+    capture = _ReplayByRerun()
+
+    class GraphCPU(CPUBackend):
+        name = "cpu_graphs"
+
+        def graph_capture(self):  # noqa: ANN201
+            return capture
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def sagellm_register_backends(register):  # noqa: ANN001, ANN205
+            register(BackendSpec("cpu_graphs", -1, lambda: ProbeResult(True, "test"), GraphCPU, "cpu", "gloo"))
+
+    manager = create_plugin_manager(entry_points=False, extra={"graphs": Plugin})
+    config = engine_config(tiny_models["llama"], backend={"name": "cpu_graphs", "max_graph_batch_size": 6})
+    engine = LLMEngine(config, plugin_manager=manager)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    prompts = make_prompts()
+    got = [o.outputs[0].token_ids for o in run_engine(engine, prompts[:5], params) + run_engine(engine, prompts[5:], params)]
+    assert got == oracle["llama"]
+    assert engine.runner.graphs.num_replays > 0 and capture.captured >= 1

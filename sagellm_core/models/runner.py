@@ -9,6 +9,7 @@ import torch
 from sagellm_core.attention_metadata import AttentionMetadata
 from sagellm_core.backend import Backend
 from sagellm_core.models import attention_hook
+from sagellm_core.models.graphs import DecodeGraphRunner
 from sagellm_core.schedulers.base import BlockTransfer, SchedulerOutput
 
 
@@ -35,7 +36,7 @@ class ModelRunner:
     """Turns a `SchedulerOutput` into one flattened forward pass and returns the logits to sample."""
 
     def __init__(self, model: Any, backend: Backend, block_size: int, pool_blocks: list[int],
-                 kv_dtype: torch.dtype) -> None:
+                 kv_dtype: torch.dtype, max_model_len: int = 0, graph_batch_size: int = 0) -> None:
         self.model = model
         self.backend = backend
         self.device = backend.device()
@@ -52,6 +53,10 @@ class ModelRunner:
             if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
                 sub_config._attn_implementation = attention_hook.ATTN_IMPLEMENTATION
         self.num_forward_tokens = 0
+        self.graphs: DecodeGraphRunner | None = None
+        capture = backend.graph_capture() if graph_batch_size else None
+        if capture is not None:
+            self.graphs = DecodeGraphRunner(self, capture, graph_batch_size, -(-max_model_len // block_size))
 
     # ---- block copies (strict PD) --------------------------------------------------------------
     def transfer(self, transfers: list[BlockTransfer]) -> None:
@@ -109,6 +114,9 @@ class ModelRunner:
         self.transfer(plan.transfers)
         if not plan.chunks:
             return torch.empty((0, 0))
+        if self.graphs is not None and self.graphs.supports(plan, block_ids):
+            self.num_forward_tokens += len(plan.chunks)
+            return self.graphs.run(plan, block_ids)
         ids, pos, meta, sample_rows = self.build_inputs(plan, block_ids)
         self.num_forward_tokens += int(ids.shape[0])
         keep = torch.tensor(sample_rows if sample_rows else [0], dtype=torch.int64, device=self.device)
