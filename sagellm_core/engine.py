@@ -194,6 +194,8 @@ class LLMEngine:
         touched: dict[str, RequestGroup] = dict(self._pending)
         self._pending.clear()
         if plan.is_empty:
+            if touched:  # aborts changed the queues: let gauges see it
+                self._emit_step(plan, start, time.monotonic(), 0)
             return self._finalize(touched)
         block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         logits = self.runner.execute(plan, block_ids)

@@ -94,9 +94,10 @@ class LLM:
                 try:
                     self.engine.add_request(prompt, params, request_id=stream.request_id, priority=priority)
                 except Exception as exc:
-                    self._streams.pop(stream.request_id, None)
                     stream.put(exc)
                     stream.put_end()
+                    continue
+                self._streams[stream.request_id] = stream
             elif command == "abort":
                 self.engine.abort(args)
 
@@ -120,7 +121,6 @@ class LLM:
         import uuid
 
         stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
-        self._streams[stream.request_id] = stream
         self._commands.put(("add", (stream, prompt, params, priority)))
         self._wake.set()
         return stream
@@ -178,6 +178,11 @@ class LLM:
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 
+    @property
+    def is_running(self) -> bool:
+        """True while the loop thread serves requests."""
+        return not self._stopped and self._thread.is_alive()
+
     def shutdown(self) -> None:
         """Stop the loop thread; unfinished requests are aborted."""
         if self._stopped:
@@ -185,7 +190,15 @@ class LLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
-        for stream in list(self._streams.values()):
+        pending = list(self._streams.values())
+        while True:
+            try:
+                command, args = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                pending.append(args[0])
+        for stream in pending:
             stream.put(EngineDeadError("the engine was shut down"))
             stream.put_end()
         self._streams.clear()

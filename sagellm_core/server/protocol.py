@@ -1,0 +1,177 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic) and their mapping to `SamplingParams`.
+
+Unknown fields are rejected (400 "Unrecognized request argument"), as OpenAI does. vLLM-style extras
+are accepted: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
+``stop_token_ids``, ``skip_special_tokens``. Fields we cannot honour (tools, logit_bias, suffix, ...)
+are declared so that a non-trivial value is a clear 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sagellm_core.sampling_params import SamplingParams
+from sagellm_core.server.errors import APIError
+
+Prompt = str | list[int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted; this server never obfuscates
+
+
+class SamplingRequest(_Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # extras (vLLM names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `SamplingParams`, OpenAI defaults where the request sent null."""
+        top_k = self.top_k if self.top_k is not None else 0
+        return {
+            "n": self.n,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": 0 if top_k == -1 else top_k,  # vLLM clients send -1 for "off"
+            "min_p": self.min_p or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: a prompt (string, token ids, or a batch of either)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts of this request (a batch prompt gives several), each a string or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            batch: list[Prompt] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            batch = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            batch = list(prompt)  # type: ignore[arg-type]
+        if not batch or any(len(p) == 0 for p in batch):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        return batch
+
+    def sampling_params(self) -> SamplingParams:
+        """Validated `SamplingParams` (raises `InvalidRequestError` or `APIError` naming the field)."""
+        self._check_common()
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        return SamplingParams(max_tokens=self.max_tokens, logprobs=self.logprobs, **self._sampling_kwargs())
+
+
+class ChatMessage(BaseModel):
+    """One chat message; extra keys (``name``, ``tool_call_id``, ...) reach the chat template as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template expects it, with content parts joined into one string."""
+        data = self.model_dump(exclude_none=True)
+        data["content"] = self._text()
+        return data
+
+    def _text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"unsupported content part type {part.get('type')!r}; only text is supported",
+                               param="messages")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``: messages rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [message.template_dict() for message in self.messages]
+
+    def sampling_params(self) -> SamplingParams:
+        """Validated `SamplingParams`; ``max_completion_tokens`` wins over the older ``max_tokens``."""
+        self._check_common()
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice is not supported", param="tool_choice")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs())
+
+
