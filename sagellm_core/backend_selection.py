@@ -42,13 +42,16 @@ def probe_all(manager: SageLLMPluginManager) -> list[BackendProbe]:
 
 def _summary(probes: list[BackendProbe], manager: SageLLMPluginManager) -> str:
     lines = [f"  {p.name}: {'found' if p.result.available else 'not found'} ({p.result.detail})" for p in probes]
-    lines += [f"  plugin {r.name}: failed to load ({r.error})" for r in manager.failed()]
-    return "\n".join(lines) or "  (no backends registered)"
+    lines = lines or ["  (no backends registered)"]
+    lines += [f"  plugin {r.name}: {'failed to load' if r.status == 'failed' else r.status} ({r.error})"
+              for r in manager.records.values() if r.status != "loaded"]
+    return "\n".join(lines)
 
 
 def select_backend(manager: SageLLMPluginManager, requested: str | None = None) -> BackendChoice:
     """Return the backend to use, or raise `BackendUnavailableError` saying what was probed and found."""
-    requested = requested or os.environ.get("SAGELLM_BACKEND") or None
+    if requested in (None, "auto"):
+        requested = os.environ.get("SAGELLM_BACKEND") or None
     if requested == "auto":
         requested = None
     probes = probe_all(manager)

@@ -183,6 +183,25 @@ class EngineConfig:
 converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
 
+def _strict(kind: type, accepts: tuple[type, ...], cast: Callable[[Any], Any] = lambda v: v) -> None:
+    """Refuse silent coercions ("no" -> True, 1.7 -> 1, True -> 1, 5 -> "5")."""
+
+    def structure(value: Any, _: type) -> Any:
+        if isinstance(value, bool) and bool not in accepts:
+            raise TypeError(f"expected {kind.__name__}, got bool")
+        if not isinstance(value, accepts):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return cast(value)
+
+    converter.register_structure_hook(kind, structure)
+
+
+_strict(bool, (bool,))
+_strict(int, (int,))
+_strict(float, (int, float), float)
+_strict(str, (str,))
+
+
 def _messages(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, ClassValidationError):
         with_notes, without = exc.group_exceptions()

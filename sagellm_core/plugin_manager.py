@@ -125,6 +125,13 @@ class SageLLMPluginManager:
                     f"known hooks: {', '.join(sorted(self._known_hooks))}"
                 )
             self.pm.register(plugin, name=name)
+            unspecified = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [] if not c.has_spec())
+            if unspecified:
+                self.pm.unregister(plugin)
+                raise PluginError(
+                    f"plugin {name!r} implements unknown hook(s) {', '.join(unspecified)}; "
+                    f"known hooks: {', '.join(sorted(self._known_hooks))}"
+                )
         except Exception as exc:  # isolation: one broken plugin must not break the others
             self._record(name, dist, "failed", error=f"{type(exc).__name__}: {exc}", builtin=builtin)
             return

@@ -1,0 +1,156 @@
+"""The ``cuda`` backend plugin: NVIDIA GPUs through a CUDA build of torch, Triton paged attention.
+
+Priority 100, the highest of the first-party backends. It never claims a ROCm/HIP build of torch
+(``torch.version.hip`` set): AMD GPUs and Hygon DCUs also answer to ``torch.cuda``, and Hygon DCUs
+belong to the ``hygon`` backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from types import ModuleType
+from typing import Any
+
+from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
+from sagellm_core.hookspecs import hookimpl
+
+SAGELLM_PLUGIN_API = ">=1.0,<2"
+
+NAME = "cuda"
+PRIORITY = 100
+DEVICE_TYPE = "cuda"
+DIST_BACKEND = "nccl"
+VISIBLE_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+
+logger = logging.getLogger(__name__)
+
+
+def module_available(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a module in sys.modules counts)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import_torch() -> ModuleType:
+    import torch
+
+    return torch
+
+
+# ---- probing (pure functions over the torch module, so tests can pass fakes) ----------------------
+def probe_cuda(torch: Any) -> ProbeResult:
+    """Answer from a torch module: NVIDIA CUDA build (no HIP) with at least one visible device.
+
+    Uses only ``torch.version`` and ``torch.cuda.is_available()`` / ``device_count()``, which count
+    devices without creating a CUDA context or allocating memory.
+    """
+    hip = getattr(torch.version, "hip", None)
+    if hip:
+        return ProbeResult(False, f"torch is a ROCm/HIP build (hip {hip}), not NVIDIA CUDA")
+    cuda_version = getattr(torch.version, "cuda", None)
+    if not torch.cuda.is_available():
+        if cuda_version is None:
+            return ProbeResult(False, f"torch {torch.__version__} has no CUDA support")
+        return ProbeResult(False, f"torch CUDA {cuda_version}: no CUDA device visible")
+    count = int(torch.cuda.device_count())
+    return ProbeResult(True, f"{count} x CUDA device (CUDA {cuda_version})", device_count=count)
+
+
+def probe() -> ProbeResult:
+    """Side-effect-free presence check of NVIDIA GPUs (no context, no allocation)."""
+    return probe_cuda(_import_torch())
+
+
+# ---- attention op ---------------------------------------------------------------------------------
+def load_triton_attention() -> tuple[PagedAttentionOp | None, str]:
+    """The Triton paged-attention op and a note, or ``(None, why not)`` when Triton cannot be used."""
+    if not module_available("triton"):
+        return None, "triton not installed"
+    try:
+        importlib.import_module("triton")
+        from sagellm_cuda.attention import triton_paged_attention
+    except Exception as exc:  # a broken Triton install must degrade to the reference op, loudly
+        logger.warning("sagellm-cuda: Triton attention unavailable (%s: %s); using the reference op",
+                       type(exc).__name__, exc)
+        return None, f"Triton attention failed to import: {type(exc).__name__}: {exc}"
+    return triton_paged_attention, "triton"
+
+
+class CUDABackend(Backend):
+    """A selected NVIDIA GPU: ``cuda:<device_index>``, NCCL, Triton paged attention."""
+
+    name = NAME
+    device_type = DEVICE_TYPE
+    dist_backend = DIST_BACKEND
+    visible_devices_env = VISIBLE_DEVICES_ENV
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.attention_impl = "not built yet"
+
+    def default_dtype(self) -> Any:
+        """bfloat16 where the GPU supports it (Ampere and newer), else float16."""
+        import torch
+
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def memory_info(self) -> tuple[int, int]:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device())
+        return int(free), int(total)
+
+    def attention_op(self) -> PagedAttentionOp:
+        """Triton paged attention when Triton imports, else the plain-torch reference op."""
+        op, note = load_triton_attention()
+        if op is None:
+            self.attention_impl = f"reference ({note})"
+            return super().attention_op()
+        self.attention_impl = note
+        return op
+
+    def graph_capture(self) -> Any:
+        """CUDA-graph capture for decode steps (`sagellm_cuda.graphs.CUDAGraphCapture`), or None.
+
+        NOTE: only with the Triton op, which reads lengths and block tables from device buffers on every
+        replay; the reference op syncs to the host to plan (``int(tensor)``), which capture forbids.
+        """
+        op, _ = load_triton_attention()
+        if op is None:
+            return None
+        from sagellm_cuda.graphs import CUDAGraphCapture
+
+        return CUDAGraphCapture(self.device())
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device())
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "attention": self.attention_impl}
+
+
+SPEC = BackendSpec(
+    name=NAME,
+    priority=PRIORITY,
+    probe=probe,
+    create=CUDABackend,
+    device_type=DEVICE_TYPE,
+    dist_backend=DIST_BACKEND,
+    visible_devices_env=VISIBLE_DEVICES_ENV,
+    description="NVIDIA GPUs via CUDA torch; Triton paged attention",
+)
+
+
+@hookimpl
+def sagellm_register_backends(register: Any) -> None:
+    """Register the ``cuda`` backend."""
+    register(SPEC)
