@@ -114,6 +114,28 @@ def test_lifo_factory_builds_a_policy_scheduler(test_plugin: Installation) -> No
     assert isinstance(scheduler, PolicyScheduler)
 
 
+def test_installed_scheduler_chosen_by_name_changes_the_run_order(test_plugin: Installation,
+                                                                  tiny_models: dict[str, Path]) -> None:
+    """The pip-installed ``test_lifo`` scheduler, selected in config, admits the newest request first."""
+    from conftest import engine_config
+    from sagellm_core.engine import LLMEngine
+    from sagellm_core.sampling_params import SamplingParams
+
+    test_plugin.install()
+
+    def finish_order(scheduler: str) -> list[str]:
+        engine = LLMEngine(engine_config(tiny_models["llama"], scheduler={"name": scheduler, "max_num_seqs": 1}))
+        for rid in ("first", "second", "third"):
+            engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), request_id=rid)
+        order: list[str] = []
+        while engine.has_unfinished():
+            order += [o.request_id for o in engine.step() if o.finished]
+        return order
+
+    assert finish_order("fcfs") == ["first", "second", "third"]
+    assert finish_order("test_lifo") == ["third", "second", "first"]
+
+
 def test_uninstalled_plugin_is_gone(test_plugin: Installation) -> None:
     test_plugin.install()
     test_plugin.uninstall()
