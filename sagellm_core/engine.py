@@ -180,6 +180,11 @@ class LLMEngine:
         self._finalize(dict(self._pending))
         self._pending.clear()
 
+    def release(self) -> None:
+        """Drop the KV pool tensors and captured graphs (device memory); the engine cannot step after this."""
+        self.runner.kv_caches = []
+        self.runner.graphs = None
+
     def has_unfinished(self) -> bool:
         return bool(self.groups) or bool(self._pending)
 

@@ -184,7 +184,7 @@ class LLM:
         return not self._stopped and self._thread.is_alive()
 
     def shutdown(self) -> None:
-        """Stop the loop thread; unfinished requests are aborted."""
+        """Stop the loop thread, fail unfinished requests, and free the KV pool's device memory."""
         if self._stopped:
             return
         self._stopped = True
@@ -202,6 +202,8 @@ class LLM:
             stream.put(EngineDeadError("the engine was shut down"))
             stream.put_end()
         self._streams.clear()
+        if not self._thread.is_alive():
+            self.engine.release()
 
     def __enter__(self) -> "LLM":
         return self

@@ -107,13 +107,16 @@ def rebuild_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return words
 
 
-def environment(device_type: str, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Everything the report header prints; stored verbatim in the JSON."""
+def environment(args: argparse.Namespace | None = None, device_type: str | None = None) -> dict[str, Any]:
+    """Everything the report header prints; stored verbatim in the JSON.
+
+    ``gpus`` stays empty until the device is known (callers set it once the engine has chosen one).
+    """
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": {"model": cpu_model(), "cores": usable_cores(), "logical_cpus": os.cpu_count(),
                 "memory_bytes": host_memory_bytes()},
-        "gpus": gpu_info(device_type),
+        "gpus": gpu_info(device_type) if device_type else [],
         "load_average": list(load) if load else None,
         "platform": platform.platform(),
         "versions": versions(),

@@ -1,0 +1,295 @@
+"""Online serving: Poisson arrivals against an OpenAI-compatible ``/v1/completions`` endpoint (SSE).
+
+Per request rate: TTFT, TPOT, ITL and E2E (mean / median / p99), request and token throughput, and
+goodput (requests per second meeting every given SLO). ``--launch`` starts ``sagellm serve`` as a
+subprocess with the engine options, waits for ``/health``, and stops it at the end.
+
+Requests use the vLLM extensions ``ignore_eos`` and token-id prompts (``prompt`` as a list of ints),
+and ask for ``stream_options.include_usage`` so the output token count comes from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+
+from sagellm_core.bench.environment import environment
+from sagellm_core.bench.offline import rate_label
+from sagellm_core.bench.report import BenchReport, Table, line_chart, write_report
+from sagellm_core.bench.stats import RequestTiming, latency_summary, throughput_summary
+from sagellm_core.bench.workloads import poisson_arrivals, random_text, random_workload
+from sagellm_core.errors import SageLLMError
+
+
+@attrs.frozen
+class ServeOptions:
+    base_url: str = "http://127.0.0.1:8000"
+    launch: bool = False
+    launch_args: tuple[str, ...] = ()
+    launch_timeout_s: float = 600.0
+    request_rates: tuple[float, ...] = (math.inf,)
+    max_concurrency: int | None = None
+    num_requests: int = 64
+    input_len: tuple[int, int] = (100, 1024)
+    output_len: tuple[int, int] = (100, 1024)
+    prompt_kind: str = "tokens"
+    vocab_size: int = 32000
+    model_name: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    seed: int = 0
+    temperature: float = 0.0
+    output_dir: str = "bench_results"
+
+
+@attrs.frozen
+class Payload:
+    """One request body plus the figures the client needs to account for it."""
+
+    body: dict[str, Any]
+    prompt_len: int
+    output_len: int
+
+
+def build_payloads(options: ServeOptions, model_name: str) -> list[Payload]:
+    """Seeded prompts: random token ids, or random words with about one word per requested token."""
+    workload = random_workload(options.num_requests, options.input_len, options.output_len, options.vocab_size,
+                               options.seed)
+    rng = random.Random(options.seed + 1)
+    payloads = []
+    for request in workload.requests:
+        prompt: Any = request.prompt_token_ids
+        if options.prompt_kind == "text":
+            prompt = random_text(request.prompt_len, rng)
+        body = {"model": model_name, "prompt": prompt, "max_tokens": request.output_len, "ignore_eos": True,
+                "temperature": options.temperature, "stream": True, "stream_options": {"include_usage": True}}
+        payloads.append(Payload(body, request.prompt_len, request.output_len))
+    return payloads
+
+
+def _token_event(chunk: dict[str, Any]) -> bool:
+    """Whether an SSE chunk carries generated tokens (a bare finish/usage chunk does not)."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    return bool(choice.get("text")) or choice.get("finish_reason") is None
+
+
+async def send_request(client: Any, url: str, payload: Payload) -> RequestTiming:
+    """POST one streaming completion; timestamps every token-carrying chunk."""
+    start = time.perf_counter()
+    times: list[float] = []
+    usage: dict[str, Any] = {}
+    ok = False
+    try:
+        async with client.stream("POST", url, json=payload.body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return RequestTiming(start, None, time.perf_counter(), payload.prompt_len, 0, ok=False)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    ok = True
+                    break
+                chunk = json.loads(data)
+                if _token_event(chunk):
+                    times.append(time.perf_counter())
+                usage = chunk.get("usage") or usage
+    except Exception:  # a dropped connection is a failed request, not a failed benchmark
+        ok = False
+    end = time.perf_counter()
+    tokens = int(usage.get("completion_tokens", len(times)))
+    prompt_len = int(usage.get("prompt_tokens", payload.prompt_len))  # text prompts: the server's count
+    return RequestTiming(start, times[0] if times else None, times[-1] if times else end, prompt_len,
+                         tokens, tuple(times), ok=ok and bool(times))
+
+
+async def run_rate(client: Any, url: str, payloads: list[Payload], rate: float, max_concurrency: int | None,
+                   seed: int) -> tuple[list[RequestTiming], float]:
+    """Send every payload at its Poisson arrival time, at most ``max_concurrency`` in flight."""
+    from tqdm import tqdm
+
+    offsets = poisson_arrivals(len(payloads), rate, seed)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(payloads), desc=f"rate {rate_label(rate)}", unit="req")
+    start = time.perf_counter()
+
+    async def one(payload: Payload, offset: float) -> RequestTiming:
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        async with limit if limit else contextlib.nullcontext():
+            timing = await send_request(client, url, payload)
+        bar.update(1)
+        return timing
+
+    timings = await asyncio.gather(*(one(p, o) for p, o in zip(payloads, offsets)))
+    bar.close()
+    return list(timings), time.perf_counter() - start
+
+
+def goodput(timings: list[RequestTiming], elapsed: float, slo_ttft_ms: float | None, slo_tpot_ms: float | None
+            ) -> float | None:
+    """Requests per second that finished and met every given SLO; None when no SLO was given."""
+    if slo_ttft_ms is None and slo_tpot_ms is None:
+        return None
+
+    def meets(t: RequestTiming) -> bool:
+        ttft_ok = slo_ttft_ms is None or (t.ttft is not None and t.ttft * 1000.0 <= slo_ttft_ms)
+        tpot_ok = slo_tpot_ms is None or t.tpot is None or t.tpot * 1000.0 <= slo_tpot_ms
+        return t.ok and ttft_ok and tpot_ok
+
+    return sum(1 for t in timings if meets(t)) / elapsed if elapsed else 0.0
+
+
+async def _model_name(client: Any, base_url: str) -> str:
+    try:
+        response = await client.get(f"{base_url}/v1/models")
+        return str(response.json()["data"][0]["id"])
+    except Exception:
+        return "default"
+
+
+async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any], str]:
+    import httpx
+
+    results: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=options.max_concurrency or 1000)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        model = options.model_name or await _model_name(client, base_url)
+        payloads = build_payloads(options, model)
+        url = f"{base_url}/v1/completions"
+        for rate in options.request_rates:
+            timings, elapsed = await run_rate(client, url, payloads, rate, options.max_concurrency, options.seed)
+            results[rate_label(rate)] = {
+                "request_rate": rate_label(rate), **throughput_summary(timings, elapsed),
+                **latency_summary(timings),
+                "goodput_requests_per_s": goodput(timings, elapsed, options.slo_ttft_ms, options.slo_tpot_ms),
+            }
+    return results, model
+
+
+def run(options: ServeOptions, args: argparse.Namespace | None = None) -> BenchReport:
+    """Benchmark the server (launching one if asked), write the files, return the report."""
+    env = environment(args, "cuda")  # this machine's GPUs (the server's, with --launch)
+    with contextlib.ExitStack() as stack:
+        base_url = options.base_url
+        if options.launch:
+            base_url = stack.enter_context(launched_server(list(options.launch_args), options.launch_timeout_s,
+                                                           Path(options.output_dir) / "serve_server.log"))
+        results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
+    setup = {"base_url": base_url, "launched": options.launch, "model": model, "prompt_kind": options.prompt_kind,
+             "num_requests_per_rate": options.num_requests,
+             "input_len": f"{options.input_len[0]}..{options.input_len[1]}",
+             "output_len": f"{options.output_len[0]}..{options.output_len[1]}",
+             "max_concurrency": options.max_concurrency or "unlimited",
+             "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed}
+    report = BenchReport("serve", env, setup, results, _tables(results), _comparisons(results), _notes(options))
+    write_report(report, options.output_dir, _figures(results))
+    return report
+
+
+# ---- launching a server ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise SageLLMError(f"`sagellm serve` exited with code {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SageLLMError(f"`sagellm serve` did not report healthy at {url}/health within {timeout_s:.0f} s "
+                       f"(log: {log_path})")
+
+
+@contextlib.contextmanager
+def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) -> Iterator[str]:
+    """Start ``sagellm serve --port P <engine args>``; yield its base URL; stop it on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "sagellm_core", "serve", "--port", str(port), *engine_args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w", encoding="utf-8") as log:
+        print(f"launching: {' '.join(command)} (log: {log_path})", flush=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(url, process, timeout_s, log_path)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# ---- report --------------------------------------------------------------------------------------
+def _tables(results: dict[str, Any]) -> list[Table]:
+    table = Table("Online serving", ["rate req/s", "done/failed", "req/s", "output tok/s", "TTFT mean/med/p99 ms",
+                                     "TPOT mean/med/p99 ms", "ITL mean/p99 ms", "E2E median ms", "goodput req/s"])
+
+    def three(s: dict[str, float]) -> str:
+        return "/".join(f"{s[k]:.1f}" for k in ("mean", "median", "p99")) if s.get("count") else "-"
+
+    for rate, r in results.items():
+        itl = r["itl_ms"]
+        table.rows.append([rate, f"{r['completed']}/{r['failed']}", r["requests_per_s"], r["output_tokens_per_s"],
+                           three(r["ttft_ms"]), three(r["tpot_ms"]),
+                           f"{itl['mean']:.1f}/{itl['p99']:.1f}" if itl.get("count") else "-",
+                           r["e2e_ms"].get("median"), r["goodput_requests_per_s"]])
+    return [table]
+
+
+def _comparisons(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for rate, r in results.items():
+        if rate != "inf":
+            lines.append(f"rate {rate}: achieved {r['requests_per_s']:.2f} req/s of {float(rate):.2f} offered "
+                         f"({r['requests_per_s'] / float(rate):.2f}x)")
+    lines.append("no peer server measured in this run (the rates are compared with each other)")
+    return lines
+
+
+def _notes(options: ServeOptions) -> list[str]:
+    return ["TTFT from sending the request to the first token-carrying SSE chunk; TPOT = (last - first chunk) / "
+            "(completion tokens - 1), completion tokens from the server's usage chunk when present",
+            f"prompts: {options.prompt_kind}; EOS ignored (ignore_eos) so every request generates its full length"]
+
+
+def _figures(results: dict[str, Any]) -> dict[str, Any]:
+    labels = list(results)
+    xs = list(range(len(labels)))
+
+    def series(metric: str, stat: str) -> tuple[list[int], list[float]]:
+        return xs, [results[r][metric].get(stat, float("nan")) for r in labels]
+
+    figure = line_chart({"TTFT median": series("ttft_ms", "median"), "TTFT p99": series("ttft_ms", "p99"),
+                         "TPOT median": series("tpot_ms", "median"), "TPOT p99": series("tpot_ms", "p99")},
+                        "request rate (req/s)", "ms", "Latency vs request rate", logy=True, xticklabels=labels)
+    return {"latency_vs_rate": figure}

@@ -1,0 +1,257 @@
+"""`sagellm bench {throughput,latency,serve,prefix,pd}`: benchmarks that write JSON, markdown and PNG files.
+
+Workload defaults come from the config's ``benchmark`` section (`BenchmarkConfig`, nano-vllm's shape)
+unless given on the command line. ``--model-shape`` benchmarks a real architecture with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from sagellm_core.cli.common import add_engine_options, engine_config
+from sagellm_core.config import BenchmarkConfig, EngineConfig
+from sagellm_core.errors import ConfigError
+
+SHAPE_NAMES = ("qwen3-0.6b", "llama-3-8b")  # keep in sync with sagellm_core.bench.shapes.SHAPES
+DEFAULTS = BenchmarkConfig()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks: throughput, latency, serve, prefix, pd")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    for add in (_add_throughput, _add_latency, _add_serve, _add_prefix, _add_pd):
+        add(benches)
+
+
+# ---- options -------------------------------------------------------------------------------------
+def _add_common(parser: argparse.ArgumentParser, temperature: float) -> None:
+    add_engine_options(parser)
+    parser.add_argument("--model-shape", choices=SHAPE_NAMES, default=None,
+                        help="random weights of this real architecture (implies --load-format dummy)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
+    parser.add_argument("--output-dir", default="bench_results", help="where the JSON / markdown / PNG files go")
+    parser.add_argument("--seed", type=int, default=None, help=f"workload seed (default {DEFAULTS.seed})")
+    parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0 = greedy)")
+    parser.set_defaults(_parser=parser)
+
+
+def _add_lengths(parser: argparse.ArgumentParser, num_requests: int | None = None) -> None:
+    default_n = num_requests or DEFAULTS.num_requests
+    parser.add_argument("--num-requests", type=int, default=None, help=f"default {default_n}")
+    parser.add_argument("--min-input-len", type=int, default=None, help=f"default {DEFAULTS.min_input_len}")
+    parser.add_argument("--max-input-len", type=int, default=None, help=f"default {DEFAULTS.max_input_len}")
+    parser.add_argument("--min-output-len", type=int, default=None, help=f"default {DEFAULTS.min_output_len}")
+    parser.add_argument("--max-output-len", type=int, default=None, help=f"default {DEFAULTS.max_output_len}")
+    parser.set_defaults(_default_num_requests=num_requests)
+
+
+def _add_rate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--request-rate", type=float, default=math.inf,
+                        help="Poisson arrivals in requests/s (default inf: all at once)")
+
+
+def _add_throughput(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("throughput", help="offline throughput on a seeded random workload")
+    _add_lengths(parser)
+    parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers on the same workload")
+    parser.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of the HF peer")
+    parser.add_argument("--hf-continuous", choices=["auto", "on", "off"], default="auto",
+                        help="transformers continuous batching as a second peer (auto: on GPUs only)")
+    _add_common(parser, temperature=0.6)
+    parser.set_defaults(func=_run_throughput)
+
+
+def _add_latency(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("latency", help="batch-1 TTFT / TPOT against the weight-read floor")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--num-iters", type=int, default=5, help="timed iterations per engine (alternating)")
+    parser.add_argument("--num-warmup", type=int, default=1)
+    parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers batch 1")
+    _add_common(parser, temperature=0.0)
+    parser.set_defaults(func=_run_latency)
+
+
+def _add_serve(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("serve", help="Poisson load against an OpenAI-compatible server (SSE)")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--launch", action="store_true", help="start `sagellm serve` with the engine options")
+    parser.add_argument("--launch-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    parser.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
+                        help="one or more rates in requests/s (inf: all at once)")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--prompt-kind", choices=["tokens", "text"], default="tokens")
+    parser.add_argument("--vocab-size", type=int, default=None, help="token-id range (default: the model's)")
+    parser.add_argument("--served-model-name", default=None, help="default: the first id of /v1/models")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None)
+    parser.add_argument("--slo-tpot-ms", type=float, default=None)
+    _add_lengths(parser, num_requests=64)
+    _add_common(parser, temperature=0.0)
+    parser.set_defaults(func=_run_serve)
+
+
+def _add_prefix(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("prefix", help="shared-prefix workload: prefix_lru vs no_reuse")
+    parser.add_argument("--num-groups", type=int, default=8)
+    parser.add_argument("--requests-per-group", type=int, default=8)
+    parser.add_argument("--prefix-len", type=int, default=512)
+    parser.add_argument("--suffix-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    _add_rate(parser)
+    _add_common(parser, temperature=0.0)
+    parser.set_defaults(func=_run_prefix)
+
+
+def _add_pd(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("pd", help="one workload under PD modes strict / time_share / hybrid")
+    _add_lengths(parser, num_requests=64)
+    parser.add_argument("--modes", nargs="+", choices=["strict", "time_share", "hybrid"],
+                        default=["strict", "time_share", "hybrid"])
+    _add_rate(parser)
+    _add_common(parser, temperature=0.0)
+    parser.set_defaults(func=_run_pd)
+
+
+# ---- config --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def bench_config(args: argparse.Namespace) -> Iterator[EngineConfig]:
+    """The engine config of the run; with ``--model-shape`` its config.json lives in a temp dir meanwhile."""
+    config = engine_config(args)
+    budgets = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                 ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    if budgets:
+        config = config.evolve(scheduler=budgets)
+    if args.model_shape is None:
+        yield config
+        return
+    if args.model is not None:
+        raise ConfigError("--model and --model-shape are mutually exclusive")
+    from sagellm_core.bench.shapes import write_shape
+
+    with tempfile.TemporaryDirectory(prefix="sagellm-shape-") as directory:
+        model_dir = write_shape(args.model_shape, Path(directory) / args.model_shape)  # name = shape name
+        yield config.evolve(model={"path": str(model_dir), "load_format": "dummy"})
+
+
+def _workload_args(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
+    """Lengths and counts: the command line, else the config's ``benchmark`` section."""
+    bench = config.benchmark
+
+    def pick(name: str, fallback: int) -> int:
+        value = getattr(args, name, None)
+        return fallback if value is None else value
+
+    default_n = getattr(args, "_default_num_requests", None) or bench.num_requests
+    return {
+        "num_requests": pick("num_requests", default_n),
+        "input_len": (pick("min_input_len", bench.min_input_len), pick("max_input_len", bench.max_input_len)),
+        "output_len": (pick("min_output_len", bench.min_output_len), pick("max_output_len", bench.max_output_len)),
+    }
+
+
+def _seed(args: argparse.Namespace, config: EngineConfig) -> int:
+    return config.benchmark.seed if args.seed is None else args.seed
+
+
+# ---- runners -------------------------------------------------------------------------------------
+def _run_throughput(args: argparse.Namespace) -> int:
+    from sagellm_core.bench import throughput
+
+    with bench_config(args) as config:
+        options = throughput.ThroughputOptions(
+            **_workload_args(args, config), seed=_seed(args, config), temperature=args.temperature,
+            compare_hf=args.compare == "hf", hf_batch_size=args.hf_batch_size, hf_continuous=args.hf_continuous,
+            output_dir=args.output_dir)
+        throughput.run(config, options, args)
+    return 0
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from sagellm_core.bench import latency
+
+    with bench_config(args) as config:
+        options = latency.LatencyOptions(
+            input_len=args.input_len, output_len=args.output_len, num_iters=args.num_iters,
+            num_warmup=args.num_warmup, seed=_seed(args, config), temperature=args.temperature,
+            compare_hf=args.compare == "hf",
+            output_dir=args.output_dir)
+        latency.run(config, options, args)
+    return 0
+
+
+def _run_prefix(args: argparse.Namespace) -> int:
+    from sagellm_core.bench import prefix
+
+    with bench_config(args) as config:
+        options = prefix.PrefixOptions(
+            num_groups=args.num_groups, requests_per_group=args.requests_per_group, prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len, output_len=args.output_len, request_rate=args.request_rate,
+            seed=_seed(args, config), temperature=args.temperature, output_dir=args.output_dir)
+        prefix.run(config, options, args)
+    return 0
+
+
+def _run_pd(args: argparse.Namespace) -> int:
+    from sagellm_core.bench import pd
+
+    with bench_config(args) as config:
+        options = pd.PDBenchOptions(
+            **_workload_args(args, config), request_rate=args.request_rate, modes=tuple(args.modes),
+            seed=_seed(args, config), temperature=args.temperature, output_dir=args.output_dir)
+        pd.run(config, options, args)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from sagellm_core.bench import serve
+
+    with bench_config(args) as config:
+        options = serve.ServeOptions(
+            base_url=args.base_url, launch=args.launch, launch_args=tuple(_serve_argv(args, config)),
+            launch_timeout_s=args.launch_timeout, request_rates=tuple(args.request_rate),
+            max_concurrency=args.max_concurrency, prompt_kind=args.prompt_kind,
+            vocab_size=_serve_vocab(args, config), model_name=args.served_model_name,
+            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=_seed(args, config),
+            temperature=args.temperature, output_dir=args.output_dir, **_workload_args(args, config))
+        serve.run(options, args)
+    return 0
+
+
+def _serve_argv(args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    """Engine options for ``sagellm serve``: those given here, with the model path of ``--model-shape``."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_options(probe)
+    argv: list[str] = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest == "model" and args.model_shape is not None:
+            value = config.model.path
+        if action.dest == "load_format" and args.model_shape is not None:
+            value = "dummy"
+        if value is not None:
+            argv += [action.option_strings[-1], str(value)]
+    return argv
+
+
+def _serve_vocab(args: argparse.Namespace, config: EngineConfig) -> int:
+    if args.vocab_size is not None:
+        return args.vocab_size
+    return _vocab_size(config) if args.prompt_kind == "tokens" else 32000  # text prompts: ids unused
+
+
+def _vocab_size(config: EngineConfig) -> int:
+    """The served model's vocabulary size, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from sagellm_core.models import loader
+
+    source = loader.resolve(config.model.path, config.model.gguf_file)
+    model_config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.vocab_size)

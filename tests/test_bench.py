@@ -1,0 +1,181 @@
+"""`sagellm bench`: end-to-end runs on a tiny random Llama (CPU), plus the pure helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sagellm_core.bench.stats import RequestTiming, percentile, summarize
+from sagellm_core.bench.workloads import poisson_arrivals, random_workload, shared_prefix_workload
+from sagellm_core.cli import main
+
+ENGINE_ARGS = ["--backend", "cpu", "--dtype", "float32", "--num-kv-blocks", "256"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+    directory = tmp_path_factory.mktemp("bench-tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def _bench(name: str, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    assert main(["bench", name, "--model", str(model), *ENGINE_ARGS, "--output-dir", str(out), *extra]) == 0
+    assert (out / f"{name}.md").is_file()
+    pngs = list(out.glob(f"{name}_*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def _assert_header(data: dict[str, Any], name: str) -> None:
+    env = data["environment"]
+    assert env["cpu"]["cores"] >= 1
+    assert {"python", "torch", "transformers", "sagellm"} <= set(env["versions"])
+    assert env["command"].startswith(f"sagellm bench {name}")
+
+
+def test_throughput_compare_hf(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _bench("throughput", tiny_llama, tmp_path, "--compare", "hf", "--num-requests", "8",
+                  "--min-input-len", "8", "--max-input-len", "32", "--min-output-len", "8", "--max-output-len", "32",
+                  "--hf-batch-size", "4")
+    _assert_header(data, "throughput")
+    results = data["results"]
+    workload = random_workload(8, (8, 32), (8, 32), 512, 0)
+    for engine in ("sageLLM", "HF generate (static)"):
+        result = results[engine]
+        assert result["output_tokens"] == workload.num_output_tokens, engine
+        assert result["output_tokens_per_s"] > 0 and result["total_tokens_per_s"] > result["output_tokens_per_s"]
+        assert 0 < result["compute_floor"]["fraction_achieved"] < 1
+    assert "HF continuous batching" not in results  # auto: GPUs only
+    assert any("sageLLM / HF generate (static)" in line for line in data["comparisons"])
+    assert data["setup"]["matmul"]["flops_per_s"] > 0
+    assert "--compare hf" in data["environment"]["command"]
+
+
+def test_prefix_policies(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _bench("prefix", tiny_llama, tmp_path, "--num-groups", "2", "--requests-per-group", "3",
+                  "--prefix-len", "64", "--suffix-len", "8", "--output-len", "4")
+    results = data["results"]
+    assert set(results) == {"prefix_lru", "no_reuse"}
+    for result in results.values():
+        assert {"hit_rate", "ttft_ms", "tpot_ms", "output_tokens_per_s", "requests_per_s"} <= set(result)
+        assert result["completed"] == 6
+    assert results["no_reuse"]["hit_rate"] == 0.0
+    assert results["prefix_lru"]["hit_rate"] > 0.3  # 4 of 6 requests find their group's 64-token prefix
+
+
+def test_pd_modes(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _bench("pd", tiny_llama, tmp_path, "--num-requests", "6", "--min-input-len", "8", "--max-input-len",
+                  "48", "--min-output-len", "4", "--max-output-len", "12")
+    results = data["results"]
+    assert set(results) == {"strict", "time_share", "hybrid"}
+    for result in results.values():
+        assert result["completed"] == 6
+        assert result["ttft_ms"]["mean"] > 0 and result["tpot_ms"]["mean"] > 0
+        assert {"prefill_steps", "decode_steps", "mixed_steps"} <= set(result["scheduler"])
+    assert results["strict"]["scheduler"]["transferred_blocks"] > 0
+    assert len(results["strict"]["kv_blocks"]) == 2
+
+
+def test_latency_compare_hf(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _bench("latency", tiny_llama, tmp_path, "--compare", "hf", "--input-len", "16", "--output-len", "8",
+                  "--num-iters", "2")
+    for engine in ("sageLLM", "HF generate"):
+        result = data["results"][engine]
+        assert result["output_tokens"] == 8 and len(result["itl_trace_ms"]) == 7
+        assert result["tpot_ms"] > 0 and result["weight_read_floor"]["tpot_over_floor"] > 0
+
+
+def test_workloads_are_seeded() -> None:
+    a = random_workload(5, (3, 9), (2, 4), 100, seed=7)
+    assert a == random_workload(5, (3, 9), (2, 4), 100, seed=7)
+    assert all(3 <= r.prompt_len <= 9 and 2 <= r.output_len <= 4 for r in a.requests)
+    assert all(0 <= t < 100 for r in a.requests for t in r.prompt_token_ids)
+    shared = shared_prefix_workload(2, 2, 5, 3, 1, 50, seed=0)
+    first, second = shared.requests[0].prompt_token_ids, shared.requests[2].prompt_token_ids
+    assert first[:5] == second[:5] and len(first) == 8
+    assert poisson_arrivals(3, math.inf) == [0.0, 0.0, 0.0]
+    offsets = poisson_arrivals(100, 10.0, seed=1)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets) and 5 < offsets[-1] < 15
+
+
+def test_stats_helpers() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert summarize([None, 0.001, 0.003])["mean"] == pytest.approx(2.0)
+    timing = RequestTiming(arrival=0.0, first_token=0.5, finished=1.5, prompt_len=4, output_len=3,
+                           token_times=(0.5, 1.0, 1.5))
+    assert timing.ttft == 0.5 and timing.tpot == 0.5 and timing.itls == [0.5, 0.5]
+
+
+def test_serve_client_against_fake_server(tmp_path: Path) -> None:
+    """The SSE client and the metrics, against an in-process ASGI stand-in for `sagellm serve`."""
+    import asyncio
+
+    import httpx
+
+    from sagellm_core.bench import serve
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = json.loads((await receive())["body"])
+        chunks = [{"choices": [{"text": f"t{i}", "finish_reason": None}]} for i in range(body["max_tokens"])]
+        chunks.append({"choices": [{"text": "", "finish_reason": "length"}]})
+        chunks.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
+        stream = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": stream.encode()})
+
+    options = serve.ServeOptions(num_requests=4, input_len=(4, 8), output_len=(3, 5), vocab_size=100,
+                                 slo_ttft_ms=10_000.0, output_dir=str(tmp_path))
+    payloads = serve.build_payloads(options, "m")
+
+    async def go() -> tuple[list[RequestTiming], float]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            return await serve.run_rate(client, "http://x/v1/completions", payloads, 50.0, 2, 0)
+
+    timings, elapsed = asyncio.run(go())
+    assert [t.output_len for t in timings] == [p.output_len for p in payloads]
+    assert all(t.ok and t.ttft is not None and len(t.token_times) == t.output_len for t in timings)
+    assert serve.goodput(timings, elapsed, 10_000.0, None) == pytest.approx(4 / elapsed)
+
+
+@pytest.mark.parametrize("shape, total, tied",
+                         [("qwen3-0.6b", 596_049_920, True), ("llama-3-8b", 8_030_261_248, False)])
+def test_model_shapes_match_the_real_parameter_counts(shape: str, total: int, tied: bool, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sagellm_core.bench.floors import param_counts
+    from sagellm_core.bench.shapes import write_shape
+    from sagellm_core.cli.bench_cmd import SHAPE_NAMES
+
+    assert shape in SHAPE_NAMES
+    config = AutoConfig.from_pretrained(str(write_shape(shape, tmp_path / shape)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    counts = param_counts(model)
+    assert (counts.total, counts.tied) == (total, tied)
+
+
+def test_console_run_records_the_exact_command(tiny_llama: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = ["bench", "pd", "--model", str(tiny_llama), *ENGINE_ARGS, "--output-dir", str(tmp_path),
+            "--modes", "hybrid", "--num-requests", "2", "--min-input-len", "4", "--max-input-len", "8",
+            "--min-output-len", "2", "--max-output-len", "3"]
+    done = subprocess.run([sys.executable, "-m", "sagellm_core", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((tmp_path / "pd.json").read_text())
+    assert data["environment"]["command"] == "sagellm " + " ".join(argv)
+    assert "command: sagellm bench pd" in done.stdout and "hardware: CPU" in done.stdout
