@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device-machine session: install sageLLM + sagellm-cuda from this checkout (offline), record the
+# card, run the GPU tests, then the benchmarks named as arguments (see bench/run_gpu_bench.sh).
+#   bench/gpu_session.sh OUT_DIR [tests] [throughput] [latency] [prefix]
+set -uo pipefail
+out=${1:?usage: $0 OUT_DIR [tests] [bench...]}
+shift
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd "$(dirname "$0")/.."
+if [ -d .whl/core ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/core/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . -e sagellm_cuda 2>&1 | tail -2
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+benches=()
+for name in "$@"; do
+  if [ "$name" = tests ]; then
+    python3 -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
+  else
+    benches+=("$name")
+  fi
+done
+if [ ${#benches[@]} -gt 0 ]; then
+  PYTHON=python3 bash bench/run_gpu_bench.sh "$out" "${benches[@]}"
+fi
