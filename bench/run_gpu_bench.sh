@@ -14,7 +14,7 @@
 # With no bench names, all three run. Each writes <name>.json / .md / _*.png under OUTPUT_DIR/<bench>/
 # and its console output to OUTPUT_DIR/<bench>.log. Needs a CUDA build of torch and sagellm-cuda
 # installed (the backend is forced to `cuda`, so a missing plugin fails loudly instead of running on CPU).
-# Environment overrides: PYTHON (interpreter), MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS.
+# Environment overrides: PYTHON (interpreter), MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, NO_PEERS=1 (sageLLM only).
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -31,6 +31,8 @@ default_python=python3
 [[ -x "$root/.venv/bin/python" ]] && default_python="$root/.venv/bin/python"
 python=${PYTHON:-$default_python}
 common=(--backend cuda --dtype bfloat16)
+peers=(--compare hf)
+[[ ${NO_PEERS:-0} == 1 ]] && peers=()
 budgets=(--max-num-seqs "${MAX_NUM_SEQS:-512}" --max-num-batched-tokens "${MAX_NUM_BATCHED_TOKENS:-16384}")
 
 mkdir -p "$out"
@@ -49,10 +51,10 @@ for bench in "${benches[@]}"; do
     case $bench in
         throughput)
             run_bench throughput bench throughput --model-shape qwen3-0.6b "${common[@]}" "${budgets[@]}" \
-                --compare hf --hf-batch-size 32 || failed+=(throughput) ;;
+                "${peers[@]}" --hf-batch-size 32 || failed+=(throughput) ;;
         latency)
             run_bench latency bench latency --model-shape llama-3-8b "${common[@]}" \
-                --input-len 128 --output-len 256 --compare hf || failed+=(latency) ;;
+                --input-len 128 --output-len 256 "${peers[@]}" || failed+=(latency) ;;
         prefix)
             run_bench prefix bench prefix --model-shape qwen3-0.6b "${common[@]}" "${budgets[@]}" \
                 --num-groups 8 --requests-per-group 8 --prefix-len 512 --suffix-len 32 --output-len 32 \
