@@ -82,6 +82,7 @@ class LLMEngine:
         self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
         self._pending: dict[str, RequestGroup] = {}
         self.step_counter = 0
+        self.phase_seconds = {"schedule": 0.0, "execute": 0.0, "sample": 0.0, "update": 0.0}
 
     # ---- set-up helpers ------------------------------------------------------------------------
     def _eos_ids(self) -> frozenset[int]:
@@ -116,8 +117,11 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)
 
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None, *,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Validate and queue a request; returns its id. Raises `InvalidRequestError` subclasses."""
+                    request_id: str | None = None, priority: int = 0, stream: bool = True) -> str:
+        """Validate and queue a request; returns its id. Raises `InvalidRequestError` subclasses.
+
+        With ``stream=False`` the request's output is reported only once, when it finishes.
+        """
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -154,7 +158,8 @@ class LLMEngine:
                               priority=priority, arrival_time=now, parent_id=request_id, index=index)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             completions.append(CompletionState(request, detok, logprobs=[] if params.logprobs is not None else None))
-        group = RequestGroup(request_id, text, token_ids, params, completions, RequestMetrics(arrival_time=now))
+        group = RequestGroup(request_id, text, token_ids, params, completions, RequestMetrics(arrival_time=now),
+                             stream=stream)
         self.groups[request_id] = group
         for state in completions:
             self._by_request[state.request.request_id] = (group, state)
@@ -192,10 +197,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, update requests; return outputs that changed."""
         start = time.monotonic()
+        phases = self.phase_seconds
+        tick = time.perf_counter()
         try:
             plan = self.scheduler.schedule()
         except Exception as exc:
             raise PluginError(f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
+        tock = time.perf_counter()
+        phases["schedule"] += tock - tick
         touched: dict[str, RequestGroup] = dict(self._pending)
         self._pending.clear()
         if plan.is_empty:
@@ -204,9 +213,13 @@ class LLMEngine:
             return self._finalize(touched)
         block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         logits = self.runner.execute(plan, block_ids)
+        tick = time.perf_counter()
+        phases["execute"] += tick - tock
         samplers = [c.request for c in plan.chunks
                     if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
-        result = self.sampler.sample(logits, samplers)
+        result = self.sampler.sample(logits, samplers)  # reading the tokens waits for the device
+        tock = time.perf_counter()
+        phases["sample"] += tock - tick
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
         self.scheduler.after_step(plan)
@@ -220,7 +233,9 @@ class LLMEngine:
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = start
         self._emit_step(plan, start, now, len(samplers))
-        return self._finalize(touched)
+        outputs = self._finalize(touched)
+        phases["update"] += time.perf_counter() - tock
+        return outputs
 
     def _append_token(self, group: RequestGroup, state: CompletionState, token_id: int,
                       logprob: Any, now: float) -> None:
@@ -274,6 +289,8 @@ class LLMEngine:
     def _finalize(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = []
         for request_id, group in touched.items():
+            if not (group.stream or group.finished):
+                continue
             outputs.append(group.output())
             if group.finished:
                 self.groups.pop(request_id, None)
@@ -310,6 +327,8 @@ class LLMEngine:
         stats["num_running"] = len(self.scheduler.running)
         stats["num_preemptions"] = self.scheduler.num_preemptions
         stats["forward_tokens"] = self.runner.num_forward_tokens
+        stats["steps"] = self.step_counter
+        stats["phase_seconds"] = dict(self.phase_seconds)
         if hasattr(self.scheduler, "stats"):
             stats["scheduler"] = self.scheduler.stats()
         return stats

@@ -90,9 +90,10 @@ class LLM:
             except queue.Empty:
                 return
             if command == "add":
-                stream, prompt, params, priority = args
+                stream, prompt, params, priority, incremental = args
                 try:
-                    self.engine.add_request(prompt, params, request_id=stream.request_id, priority=priority)
+                    self.engine.add_request(prompt, params, request_id=stream.request_id, priority=priority,
+                                            stream=incremental)
                 except Exception as exc:
                     stream.put(exc)
                     stream.put_end()
@@ -112,18 +113,21 @@ class LLM:
 
     # ---- public API ----------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-               priority: int = 0) -> RequestStream:
-        """Queue one request; returns its stream (iterate it sync or async)."""
+               priority: int = 0, stream: bool = True) -> RequestStream:
+        """Queue one request; returns its stream (iterate it sync or async).
+
+        ``stream=False``: the stream carries only the final output (less work per step).
+        """
         if self._stopped:
             raise EngineDeadError("the engine has been shut down")
         params = params or SamplingParams()
         params.validate()
         import uuid
 
-        stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
-        self._commands.put(("add", (stream, prompt, params, priority)))
+        request_stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
+        self._commands.put(("add", (request_stream, prompt, params, priority, stream)))
         self._wake.set()
-        return stream
+        return request_stream
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
         """Incremental outputs (``delta_text`` / ``delta_token_ids``) as a sync or async iterator."""
@@ -133,7 +137,7 @@ class LLM:
                              ) -> RequestOutput:
         """Await the final output of one request."""
         final = None
-        async for output in self.submit(prompt, params, **kwargs):
+        async for output in self.submit(prompt, params, stream=False, **kwargs):
             final = output
         assert final is not None
         return final
@@ -147,7 +151,7 @@ class LLM:
         if len(param_list) != len(batch):
             raise ValueError("params must be one SamplingParams or one per prompt")
         prio = list(priorities) if priorities is not None else [0] * len(batch)
-        streams = [self.submit(p, sp, priority=pr) for p, sp, pr in zip(batch, param_list, prio)]
+        streams = [self.submit(p, sp, priority=pr, stream=False) for p, sp, pr in zip(batch, param_list, prio)]
         results: list[RequestOutput] = []
         progress = _progress(len(streams), use_tqdm)
         try:

@@ -43,6 +43,7 @@ class RequestGroup:
     params: SamplingParams
     completions: list[CompletionState]
     metrics: RequestMetrics
+    stream: bool = True
 
     @property
     def finished(self) -> bool:
