@@ -15,6 +15,12 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
+def _exponential(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device: torch.device
+                 ) -> torch.Tensor:
+    """Exp(1) noise as -log(U): several times faster than ``Tensor.exponential_`` on the CPU."""
+    return torch.rand(shape, generator=generator, device=device).log_().neg_()
+
+
 class Sampler:
     """Stateless except for the per-request generators of seeded requests and the engine's generator."""
 
@@ -65,13 +71,13 @@ class Sampler:
         seeded = [j for j, r in enumerate(requests) if r.params.seed is not None]
         unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
         for j in seeded:
-            noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[j], probs.device))
+            noise = _exponential(probs[j].shape, self._generator(requests[j], probs.device), probs.device)
             out[j] = (probs[j] / noise).argmax()
         if unseeded:
             rows = torch.tensor(unseeded, device=probs.device)
             generator = self._generator(requests[unseeded[0]], probs.device)
-            noise = torch.empty_like(probs[rows]).exponential_(generator=generator)
-            out[rows] = (probs[rows] / noise).argmax(dim=-1)
+            out[rows] = (probs[rows] / _exponential((len(unseeded), probs.shape[1]), generator, probs.device)
+                         ).argmax(dim=-1)
         return out
 
     # ---- logits processing ---------------------------------------------------------------------

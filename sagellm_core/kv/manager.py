@@ -74,8 +74,10 @@ class KVCacheManager:
 
         On success with a prefix, the caller advances ``num_computed_tokens`` by the prefix length.
         """
-        prefix = prefix or []
         owned = self.req_blocks.get(request.request_id, [])
+        if not prefix and request.num_computed_tokens + num_new_tokens <= len(owned) * self.block_size:
+            return True  # fits in the blocks it has (most decode steps)
+        prefix = prefix or []
         computed = request.num_computed_tokens + len(prefix) * self.block_size
         needed = self.blocks_needed(computed + num_new_tokens) - len(owned) - len(prefix)
         prefix_free = sum(1 for b in prefix if b.ref_count == 0)
