@@ -52,6 +52,14 @@ class IncrementalDetokenizer:
             return full_text[len(prefix_text):]
         return ""
 
+    def decode_all(self, token_ids: list[int]) -> str:
+        """All of ``token_ids`` at once (for requests nobody streams): one decode instead of two per token."""
+        if self.tokenizer is None:
+            return ""
+        prefix_text = self._decode(self.tokens)
+        full_text = self._decode(self.tokens + token_ids).rstrip(REPLACEMENT)
+        return full_text[len(prefix_text):] if full_text.startswith(prefix_text) else full_text
+
     def flush(self) -> str:
         """At the end: whatever complete text is still held back (a dangling partial byte is dropped)."""
         if self.tokenizer is None or self.read_offset == len(self.tokens):

@@ -248,13 +248,15 @@ class LLMEngine:
         if state.logprobs is not None and logprob is not None:
             state.logprobs.append(token_logprob(self.tokenizer, token_id, logprob))
         may_stop = request.num_output_tokens >= params.min_tokens
+        lazy_text = not group.stream and not params.stop  # nobody reads text before the end
         if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED)
         elif may_stop and token_id in params.stop_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED, token_id)
         else:
             previous = len(state.text)
-            state.text += state.detokenizer.add(token_id)
+            if not lazy_text:
+                state.text += state.detokenizer.add(token_id)
             if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
                 state.text += state.detokenizer.flush()
                 finish(state, RequestStatus.FINISHED_LENGTH)
@@ -262,6 +264,13 @@ class LLMEngine:
             if hit is not None:
                 state.text = state.text[: hit[0]]
                 finish(state, RequestStatus.FINISHED_STOPPED, hit[1])
+        if lazy_text and state.finish_reason is not None:
+            shown = request.output_token_ids
+            if shown and (shown[-1] in params.stop_token_ids or
+                          (not params.ignore_eos and shown[-1] in request.eos_token_ids and
+                           state.finish_reason == "stop")):
+                shown = shown[:-1]  # the stop token is not part of the text
+            state.text = state.detokenizer.decode_all(shown)
         if state.finish_reason is not None:
             self._release(group, state)
 

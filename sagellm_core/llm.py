@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -51,6 +52,10 @@ class LLM:
                  plugin_manager: SageLLMPluginManager | None = None, **sections: Any) -> None:
         self.config = build_config(model, config, **sections)
         self.engine = LLMEngine(self.config, plugin_manager=plugin_manager)
+        # Long-lived start-up objects (model, tokenizer, plugins) leave the GC's generations, so the
+        # per-step garbage collections stay cheap (as vLLM does).
+        gc.collect()
+        gc.freeze()
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}

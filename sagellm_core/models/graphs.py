@@ -80,12 +80,15 @@ class DecodeGraphRunner:
             positions.append(pos)
             slots.append(blocks[pos // bs] * bs + pos % bs)
             lens.append(pos + 1)
-        tables = [b + [0] * (self.max_blocks - len(b)) for b in block_ids] + [[0] * self.max_blocks] * pad
+        # NOTE: only the first `width` columns are refreshed: the kernel never reads a block beyond a
+        # sequence's own length, and padding rows (length 0) read none.
+        width = max(len(b) for b in block_ids)
+        tables = [b + [0] * (width - len(b)) for b in block_ids] + [[0] * width] * pad
         self.ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         self.seq_lens[:bucket].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:bucket].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.tables[:bucket, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
     def _reset(self, bucket: int) -> None:
         self.slots[:bucket].fill_(-1)
