@@ -28,7 +28,14 @@ from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_con
 from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
 from sagellm_core.request import Request, RequestStatus
-from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string, finish, token_logprob
+from sagellm_core.request_state import (
+    CompletionState,
+    RequestGroup,
+    SampledToken,
+    find_stop_string,
+    finish,
+    token_logprob,
+)
 from sagellm_core.sampler import Sampler
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.schedulers.base import SchedulerOutput
@@ -36,6 +43,7 @@ from sagellm_core.schedulers.base import SchedulerOutput
 log = logging.getLogger("sagellm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _request_counter = itertools.count()
+OVERLAP_MIN_BATCH = 8
 
 
 class LLMEngine:
@@ -79,6 +87,8 @@ class LLMEngine:
         self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
                              for name in config.metrics.enabled}
         self.groups: dict[str, RequestGroup] = {}
+        self.overlap_output = config.scheduler.overlap_output
+        self._deferred: list[SampledToken] = []
         self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
         self._pending: dict[str, RequestGroup] = {}
         self.step_counter = 0
@@ -182,6 +192,7 @@ class LLMEngine:
         """Abort every request and forget them (after a failed step)."""
         for request_id in list(self.groups):
             self.abort(request_id)
+        self._deferred = []
         self._finalize(dict(self._pending))
         self._pending.clear()
 
@@ -191,11 +202,19 @@ class LLMEngine:
         self.runner.graphs = None
 
     def has_unfinished(self) -> bool:
-        return bool(self.groups) or bool(self._pending)
+        return bool(self.groups) or bool(self._pending) or bool(self._deferred)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, update requests; return outputs that changed."""
+        """Schedule, run the model once, sample, update requests; return outputs that changed.
+
+        A step has a fast half (append the sampled tokens, finish on EOS / stop ids / length, free
+        KV: everything the next schedule needs) and a slow half (detokenize, stop strings,
+        logprobs, outputs, metrics). With ``scheduler.overlap_output`` and a batch of at least
+        ``OVERLAP_MIN_BATCH`` sequences, the slow half runs in the next step while the device
+        computes it, so outputs arrive one step later. A stop string found late ends its request
+        then; the token it computed meanwhile is dropped.
+        """
         start = time.monotonic()
         phases = self.phase_seconds
         tick = time.perf_counter()
@@ -205,74 +224,108 @@ class LLMEngine:
             raise PluginError(f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
         tock = time.perf_counter()
         phases["schedule"] += tock - tick
-        touched: dict[str, RequestGroup] = dict(self._pending)
-        self._pending.clear()
         if plan.is_empty:
-            if touched:  # aborts changed the queues: let gauges see it
+            touched = self._render(self._take_deferred())
+            if touched:  # aborts or finishes changed the queues: let gauges see it
                 self._emit_step(plan, start, time.monotonic(), 0)
             return self._finalize(touched)
         block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         logits = self.runner.execute(plan, block_ids)
         tick = time.perf_counter()
         phases["execute"] += tick - tock
+        touched = self._render(self._take_deferred())  # overlaps with the device's work
+        outputs = self._finalize(touched)
+        tock = time.perf_counter()
+        phases["update"] += tock - tick
         samplers = [c.request for c in plan.chunks
                     if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
         result = self.sampler.sample(logits, samplers)  # reading the tokens waits for the device
-        tock = time.perf_counter()
-        phases["sample"] += tock - tick
+        tick = time.perf_counter()
+        phases["sample"] += tick - tock
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
         self.scheduler.after_step(plan)
         now = time.monotonic()
+        accepted = []
         for request, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
-            group, state = self._by_request[request.request_id]
-            self._append_token(group, state, token_id, logprob, now)
-            touched[group.request_id] = group
+            entry = self._by_request.get(request.request_id)
+            if entry is None:
+                continue  # finished and reported while this step ran (late stop string)
+            item = self._accept_token(entry[0], entry[1], token_id, logprob, now)
+            if item is not None:
+                accepted.append(item)
         for chunk in plan.chunks:
             group, _ = self._by_request.get(chunk.request.request_id, (None, None))
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = start
         self._emit_step(plan, start, now, len(samplers))
-        outputs = self._finalize(touched)
-        phases["update"] += time.perf_counter() - tock
+        if self.overlap_output and len(accepted) >= OVERLAP_MIN_BATCH:
+            self._deferred = accepted
+        else:
+            outputs += self._finalize(self._render(accepted))
+        phases["update"] += time.perf_counter() - tick
         return outputs
 
-    def _append_token(self, group: RequestGroup, state: CompletionState, token_id: int,
-                      logprob: Any, now: float) -> None:
+    def _take_deferred(self) -> list[SampledToken]:
+        items, self._deferred = self._deferred, []
+        return items
+
+    def _accept_token(self, group: RequestGroup, state: CompletionState, token_id: int, logprob: Any,
+                      now: float) -> SampledToken | None:
+        """Fast half: record the token and finish on what needs no text (EOS, stop ids, length)."""
+        if state.finish_reason is not None:
+            return None  # ended meanwhile (abort, or a stop string found one step late): drop
         request, params = state.request, group.params
         request.output_token_ids.append(token_id)
         state.token_times.append(now)
         if group.metrics.first_token_time is None:
             group.metrics.first_token_time = now
         group.metrics.last_token_time = now
-        if state.logprobs is not None and logprob is not None:
-            state.logprobs.append(token_logprob(self.tokenizer, token_id, logprob))
         may_stop = request.num_output_tokens >= params.min_tokens
-        lazy_text = not group.stream and not params.stop  # nobody reads text before the end
+        visible = True
         if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED)
+            visible = False
         elif may_stop and token_id in params.stop_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED, token_id)
-        else:
-            previous = len(state.text)
-            if not lazy_text:
-                state.text += state.detokenizer.add(token_id)
-            if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
-                state.text += state.detokenizer.flush()
-                finish(state, RequestStatus.FINISHED_LENGTH)
-            hit = find_stop_string(state.text, previous, params.stop) if may_stop and params.stop else None
-            if hit is not None:
-                state.text = state.text[: hit[0]]
-                finish(state, RequestStatus.FINISHED_STOPPED, hit[1])
-        if lazy_text and state.finish_reason is not None:
-            shown = request.output_token_ids
-            if shown and (shown[-1] in params.stop_token_ids or
-                          (not params.ignore_eos and shown[-1] in request.eos_token_ids and
-                           state.finish_reason == "stop")):
-                shown = shown[:-1]  # the stop token is not part of the text
-            state.text = state.detokenizer.decode_all(shown)
+            visible = False
+        elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            finish(state, RequestStatus.FINISHED_LENGTH)
         if state.finish_reason is not None:
             self._release(group, state)
+        return SampledToken(group, state, token_id, logprob, visible, may_stop)
+
+    def _render(self, items: list[SampledToken]) -> dict[str, RequestGroup]:
+        """Slow half: logprobs, text, stop strings; returns the groups whose output changed."""
+        touched: dict[str, RequestGroup] = dict(self._pending)
+        self._pending.clear()
+        for item in items:
+            group, state, params = item.group, item.state, item.group.params
+            touched[group.request_id] = group
+            if state.finish_reason == RequestStatus.FINISHED_ABORTED.value:
+                continue
+            if state.logprobs is not None and item.logprob is not None:
+                state.logprobs.append(token_logprob(self.tokenizer, item.token_id, item.logprob))
+            lazy_text = not group.stream and not params.stop  # nobody reads text before the end
+            if lazy_text:
+                if state.finish_reason is not None:
+                    shown = state.request.output_token_ids
+                    state.text = state.detokenizer.decode_all(shown if item.visible else shown[:-1])
+                continue
+            if not item.visible:
+                continue
+            previous = len(state.text)
+            state.text += state.detokenizer.add(item.token_id)
+            if state.finish_reason is not None:
+                state.text += state.detokenizer.flush()
+            hit = find_stop_string(state.text, previous, params.stop) if item.may_stop and params.stop else None
+            if hit is not None:
+                state.text = state.text[: hit[0]]
+                released = state.finish_reason is not None
+                finish(state, RequestStatus.FINISHED_STOPPED, hit[1])
+                if not released:
+                    self._release(group, state)
+        return touched
 
     def _release(self, group: RequestGroup, state: CompletionState) -> None:
         self.scheduler.finish(state.request)

@@ -73,6 +73,18 @@ class RequestGroup:
                              self.metrics)
 
 
+@attrs.define
+class SampledToken:
+    """One sampled token between the fast and the slow half of a step."""
+
+    group: RequestGroup
+    state: CompletionState
+    token_id: int
+    logprob: Any
+    visible: bool  # False for the EOS / stop-id token that ended generation (not part of the text)
+    may_stop: bool  # min_tokens reached
+
+
 def finish(state: CompletionState, status: RequestStatus, stop_reason: str | int | None = None) -> None:
     state.request.status = status
     state.finish_reason = status.value

@@ -115,3 +115,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]

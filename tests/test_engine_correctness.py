@@ -57,10 +57,12 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["overlapped_output"])
 def test_greedy_matches_transformers(arch: str, variant: str, tiny_models: dict[str, Path],
-                                     oracle: dict[str, list[list[int]]]) -> None:
-    engine = LLMEngine(engine_config(tiny_models[arch], **VARIANTS[variant]))
+                                     oracle: dict[str, list[list[int]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    if variant == "overlapped_output":
+        monkeypatch.setattr("sagellm_core.engine.OVERLAP_MIN_BATCH", 1)  # defer every step's slow half
+    engine = LLMEngine(engine_config(tiny_models[arch], **VARIANTS.get(variant, {})))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     prompts = make_prompts()
     # Two waves: the second reuses prefixes cached by the first (when the policy allows).

@@ -122,7 +122,11 @@ def _stream(engine: LLMEngine, prompt: str, params: SamplingParams) -> tuple[str
     return streamed, final.outputs[0].text, final.outputs[0].finish_reason
 
 
-def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path, overlap: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if overlap:
+        monkeypatch.setattr("sagellm_core.engine.OVERLAP_MIN_BATCH", 1)
     engine = LLMEngine(engine_config(tokenizer_model))
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     streamed, text, _ = _stream(engine, "Once upon a time", params)
