@@ -115,7 +115,10 @@ def _from_hub_cache(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        # the cache location is read per call (huggingface_hub fixes its default at import time)
+        cache = os.environ.get("HF_HUB_CACHE") or (
+            os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except Exception as exc:
         raise ModelLoadError(
             f"model {repo_id!r} is not in the local Hugging Face cache (offline; no download is attempted): "
