@@ -116,6 +116,31 @@ class CUDABackend(Backend):
         self.attention_impl = note
         return op
 
+    def prepare_model(self, model: Any, dtype: Any) -> None:
+        """Fused Triton kernels for the RMSNorm / rotary / SiLU*up / residual glue of bf16 and fp16
+        Llama-family models (`sagellm_cuda.fused.patch_model`); fp32 models stay untouched.
+
+        ``SAGELLM_FUSED=0`` in the environment turns it off (A/B measurements). The patched module
+        names are kept in ``self.fused_modules``.
+        """
+        import os
+
+        self.fused_modules: list[str] = []
+        if os.environ.get("SAGELLM_FUSED", "1") == "0" or not module_available("triton"):
+            return
+        try:
+            from sagellm_cuda.fused import patch_model
+        except Exception as exc:  # a broken Triton install must degrade to the unfused model, loudly
+            logger.warning("sagellm-cuda: fused kernels unavailable (%s: %s)", type(exc).__name__, exc)
+            return
+        self.fused_modules = patch_model(model, dtype)
+        if self.fused_modules:
+            kinds: dict[str, int] = {}
+            for entry in self.fused_modules:
+                kind = entry.rsplit(": ", 1)[-1]
+                kinds[kind] = kinds.get(kind, 0) + 1
+            logger.info("sagellm-cuda: fused kernels in %s", ", ".join(f"{n} {k}" for k, n in kinds.items()))
+
     def graph_capture(self) -> Any:
         """CUDA-graph capture for decode steps (`sagellm_cuda.graphs.CUDAGraphCapture`), or None.
 
