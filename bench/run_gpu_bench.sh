@@ -14,7 +14,8 @@
 # With no bench names, all three run. Each writes <name>.json / .md / _*.png under OUTPUT_DIR/<bench>/
 # and its console output to OUTPUT_DIR/<bench>.log. Needs a CUDA build of torch and sagellm-cuda
 # installed (the backend is forced to `cuda`, so a missing plugin fails loudly instead of running on CPU).
-# Environment overrides: PYTHON (interpreter), MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, NO_PEERS=1 (sageLLM only).
+# Environment overrides: PYTHON (interpreter), MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, NO_PEERS=1 (sageLLM only),
+# HF_CONTINUOUS=on|off|auto (transformers' continuous batching as a second throughput peer).
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -33,6 +34,8 @@ python=${PYTHON:-$default_python}
 common=(--backend cuda --dtype bfloat16)
 peers=(--compare hf)
 [[ ${NO_PEERS:-0} == 1 ]] && peers=()
+continuous=(--hf-continuous "${HF_CONTINUOUS:-auto}")
+[[ ${NO_PEERS:-0} == 1 ]] && continuous=()
 budgets=(--max-num-seqs "${MAX_NUM_SEQS:-512}" --max-num-batched-tokens "${MAX_NUM_BATCHED_TOKENS:-16384}")
 
 mkdir -p "$out"
@@ -51,7 +54,7 @@ for bench in "${benches[@]}"; do
     case $bench in
         throughput)
             run_bench throughput bench throughput --model-shape qwen3-0.6b "${common[@]}" "${budgets[@]}" \
-                "${peers[@]}" --hf-batch-size 32 || failed+=(throughput) ;;
+                "${peers[@]}" "${continuous[@]}" --hf-batch-size 32 || failed+=(throughput) ;;
         latency)
             run_bench latency bench latency --model-shape llama-3-8b "${common[@]}" \
                 --input-len 128 --output-len 256 "${peers[@]}" || failed+=(latency) ;;
