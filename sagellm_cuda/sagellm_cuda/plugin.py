@@ -8,13 +8,12 @@ belong to the ``hygon`` backend.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
-import sys
 from types import ModuleType
 from typing import Any
 
-from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
+from sagellm_core.accelerator import TorchNamespaceBackend, backend_spec, module_available
+from sagellm_core.backend import PagedAttentionOp, ProbeResult
 from sagellm_core.hookspecs import hookimpl
 
 SAGELLM_PLUGIN_API = ">=1.0,<2"
@@ -26,16 +25,6 @@ DIST_BACKEND = "nccl"
 VISIBLE_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 
 logger = logging.getLogger(__name__)
-
-
-def module_available(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it (a module in sys.modules counts)."""
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _import_torch() -> ModuleType:
@@ -83,7 +72,7 @@ def load_triton_attention() -> tuple[PagedAttentionOp | None, str]:
     return triton_paged_attention, "triton"
 
 
-class CUDABackend(Backend):
+class CUDABackend(TorchNamespaceBackend):
     """A selected NVIDIA GPU: ``cuda:<device_index>``, NCCL, Triton paged attention."""
 
     name = NAME
@@ -94,18 +83,6 @@ class CUDABackend(Backend):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self.attention_impl = "not built yet"
-
-    def default_dtype(self) -> Any:
-        """bfloat16 where the GPU supports it (Ampere and newer), else float16."""
-        import torch
-
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def memory_info(self) -> tuple[int, int]:
-        import torch
-
-        free, total = torch.cuda.mem_get_info(self.device())
-        return int(free), int(total)
 
     def attention_op(self) -> PagedAttentionOp:
         """Triton paged attention when Triton imports, else the plain-torch reference op."""
@@ -154,25 +131,11 @@ class CUDABackend(Backend):
 
         return CUDAGraphCapture(self.device())
 
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize(self.device())
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "attention": self.attention_impl}
 
 
-SPEC = BackendSpec(
-    name=NAME,
-    priority=PRIORITY,
-    probe=probe,
-    create=CUDABackend,
-    device_type=DEVICE_TYPE,
-    dist_backend=DIST_BACKEND,
-    visible_devices_env=VISIBLE_DEVICES_ENV,
-    description="NVIDIA GPUs via CUDA torch; Triton paged attention",
-)
+SPEC = backend_spec(CUDABackend, PRIORITY, probe, "NVIDIA GPUs via CUDA torch; Triton paged attention")
 
 
 @hookimpl

@@ -13,7 +13,8 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Iterable
 
-from sagellm_core.backend import Backend, BackendSpec, ProbeResult
+from sagellm_core.accelerator import TorchNamespaceBackend, backend_spec
+from sagellm_core.backend import ProbeResult
 from sagellm_core.hookspecs import hookimpl
 
 SAGELLM_PLUGIN_API = ">=1.0,<2"
@@ -85,7 +86,7 @@ def probe() -> ProbeResult:
     return probe_hygon(_import_torch())
 
 
-class HygonBackend(Backend):
+class HygonBackend(TorchNamespaceBackend):
     """A selected Hygon DCU: ``cuda:<device_index>`` under HIP, RCCL, reference paged attention."""
 
     name = NAME
@@ -93,29 +94,9 @@ class HygonBackend(Backend):
     dist_backend = DIST_BACKEND
     visible_devices_env = VISIBLE_DEVICES_ENV
 
-    def default_dtype(self) -> Any:
-        """bfloat16 where the DCU supports it (K100 and newer), else float16."""
-        torch = _import_torch()
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def memory_info(self) -> tuple[int, int]:
-        free, total = _import_torch().cuda.mem_get_info(self.device())
-        return int(free), int(total)
-
-    def synchronize(self) -> None:
-        _import_torch().cuda.synchronize(self.device())
 
 
-SPEC = BackendSpec(
-    name=NAME,
-    priority=PRIORITY,
-    probe=probe,
-    create=HygonBackend,
-    device_type=DEVICE_TYPE,
-    dist_backend=DIST_BACKEND,
-    visible_devices_env=VISIBLE_DEVICES_ENV,
-    description="Hygon DCUs via ROCm/DTK torch",
-)
+SPEC = backend_spec(HygonBackend, PRIORITY, probe, "Hygon DCUs via ROCm/DTK torch")
 
 
 @hookimpl
