@@ -1,11 +1,12 @@
-"""The built-in CPU backend: always present, lowest priority, plain-torch paged attention."""
+"""The built-in CPU backend: always present, lowest priority, plain-torch paged attention
+(`cpu_attention`; `attention_reference` is the oracle it is tested against)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from sagellm_core.backend import Backend, BackendSpec, ProbeResult
+from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
 from sagellm_core.hookspecs import hookimpl
 
 
@@ -17,6 +18,16 @@ class CPUBackend(Backend):
     def memory_info(self) -> tuple[int, int]:
         page = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+    def attention_op(self) -> PagedAttentionOp:
+        """`cpu_attention.CPUPagedAttention` (one per model runner: it owns scratch buffers); the
+        reference op stays the oracle that tests compare it with."""
+        from sagellm_core.builtin.cpu_attention import CPUPagedAttention
+
+        return CPUPagedAttention()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "attention": "cpu_attention"}
 
 
 def probe() -> ProbeResult:
