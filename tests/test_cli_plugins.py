@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from conftest import engine_config  # tests/conftest.py (imported at collection, before plugins/)
 from sagellm_core.cli import main, plugins_cmd
 from sagellm_core.hookspecs import hookimpl
 from sagellm_core.plugin_manager import create_plugin_manager
@@ -117,7 +118,6 @@ def test_lifo_factory_builds_a_policy_scheduler(test_plugin: Installation) -> No
 def test_installed_scheduler_chosen_by_name_changes_the_run_order(test_plugin: Installation,
                                                                   tiny_models: dict[str, Path]) -> None:
     """The pip-installed ``test_lifo`` scheduler, selected in config, admits the newest request first."""
-    from conftest import engine_config
     from sagellm_core.engine import LLMEngine
     from sagellm_core.sampling_params import SamplingParams
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from conftest import engine_config  # tests/conftest.py (imported at collection, before plugins/)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,7 +184,6 @@ def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, s
     """The real engine with a tiny model: random prompts sharing prefixes, random aborts, stop ids, a
     small KV pool (preemption): every request ends exactly once and every block ends free."""
     import sagellm_core.engine as engine_module
-    from conftest import engine_config
     from sagellm_core.engine import LLMEngine
     from sagellm_core.errors import PromptTooLongError
 
