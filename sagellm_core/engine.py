@@ -116,8 +116,7 @@ class LLMEngine:
                 free, device_total = self.backend.memory_info()
                 budget = int(free - device_total * (1.0 - kv.memory_utilization))
             total = max(budget // per_block, 2 * num_pools)
-        fractions = getattr(self.scheduler, "kv_pool_fractions", lambda: [1.0 / num_pools] * num_pools)()
-        sizes = [max(1, int(total * f)) for f in fractions]
+        sizes = [max(1, int(total * f)) for f in self.scheduler.kv_pool_fractions()]
         return sizes
 
     # ---- requests ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import gc
 import logging
 import queue
 import threading
+import uuid
 from typing import Any, Iterable, Sequence
 
 from sagellm_core.config import EngineConfig
@@ -51,21 +52,39 @@ class LLM:
     def __init__(self, model: str | None = None, *, config: EngineConfig | dict | str | None = None,
                  plugin_manager: SageLLMPluginManager | None = None, **sections: Any) -> None:
         self.config = build_config(model, config, **sections)
-        self.engine = LLMEngine(self.config, plugin_manager=plugin_manager)
-        # Long-lived start-up objects (model, tokenizer, plugins) leave the GC's generations, so the
-        # per-step garbage collections stay cheap (as vLLM does).
-        gc.collect()
-        gc.freeze()
-        self.tokenizer = self.engine.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stopped = False
-        self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="sagellm-engine", daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(plugin_manager,), name="sagellm-engine",
+                                        daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+        self.tokenizer = self.engine.tokenizer
 
     # ---- engine loop thread --------------------------------------------------------------------
+    def _run(self, plugin_manager: SageLLMPluginManager | None) -> None:
+        """Build the engine on this thread, then serve. NOTE: all of the engine's torch work stays on
+        one thread: CPU kernels run about 25% slower on a thread other than the one whose OpenMP team
+        loaded the model (measured on a 2-core machine)."""
+        try:
+            self.engine = LLMEngine(self.config, plugin_manager=plugin_manager)
+            # Long-lived start-up objects (model, tokenizer, plugins) leave the GC's generations, so
+            # the per-step garbage collections stay cheap (as vLLM does).
+            gc.collect()
+            gc.freeze()
+        except BaseException as exc:  # re-raised in the constructor's thread
+            self._start_error = exc
+            self._stopped = True
+            return
+        finally:
+            self._started.set()
+        self._loop()
+
     def _loop(self) -> None:
         while not self._stopped:
             self._drain_commands()
@@ -127,8 +146,6 @@ class LLM:
             raise EngineDeadError("the engine has been shut down")
         params = params or SamplingParams()
         params.validate()
-        import uuid
-
         request_stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
         self._commands.put(("add", (request_stream, prompt, params, priority, stream)))
         self._wake.set()

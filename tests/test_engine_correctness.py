@@ -103,8 +103,10 @@ def test_prefix_hit_computes_only_the_suffix(tiny_models: dict[str, Path]) -> No
 
 
 def test_strict_pd_really_copies_blocks_between_pools(tiny_models: dict[str, Path]) -> None:
-    engine = LLMEngine(engine_config(tiny_models["qwen3"], scheduler={"name": "pd", "options": {"mode": "strict"}}))
+    options = {"mode": "strict", "decode_pool_fraction": 0.25}
+    engine = LLMEngine(engine_config(tiny_models["qwen3"], scheduler={"name": "pd", "options": options}))
     assert len(engine.runner.kv_caches) == 2
+    assert [p.num_blocks for p in engine.kv_pools] == [192, 64]  # 256 blocks split 3:1
     prompt = list(range(1, 14))
     engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), request_id="r")
     engine.step()  # prefill on pool 0

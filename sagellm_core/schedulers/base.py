@@ -69,6 +69,10 @@ class Scheduler:
         """How many KV pools this scheduler wants (strict PD asks for two)."""
         return 1
 
+    def kv_pool_fractions(self) -> list[float]:
+        """How the KV memory is split between the pools (one fraction per pool)."""
+        return [1.0 / self.num_kv_pools] * self.num_kv_pools
+
     def bind(self, kv_pools: list[KVCacheManager]) -> None:
         self.kv = kv_pools
 

@@ -25,7 +25,7 @@ PREFILL_POOL, DECODE_POOL = 0, 1
 class PDOptions:
     mode: str = attrs.field(default="hybrid", validator=one_of("strict", "time_share", "hybrid"))
     max_decode_steps: int = attrs.field(default=8, validator=at_least(1))
-    decode_pool_fraction: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0, low_open=True))
+    decode_pool_fraction: float = attrs.field(default=0.5, validator=in_range(0.05, 0.95))
 
 
 class PDScheduler(PolicyScheduler):
@@ -43,6 +43,11 @@ class PDScheduler(PolicyScheduler):
     @property
     def num_kv_pools(self) -> int:
         return 2 if self.mode == "strict" else 1
+
+    def kv_pool_fractions(self) -> list[float]:
+        if self.mode != "strict":
+            return super().kv_pool_fractions()
+        return [1.0 - self.options.decode_pool_fraction, self.options.decode_pool_fraction]
 
     def schedule(self) -> SchedulerOutput:
         if self.mode == "hybrid":
