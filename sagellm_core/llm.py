@@ -16,7 +16,8 @@ import logging
 import queue
 import threading
 import uuid
-from typing import Any, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
@@ -28,6 +29,7 @@ from sagellm_core.streams import RequestStream
 
 log = logging.getLogger("sagellm")
 Prompt = str | list[int]
+T = TypeVar("T")
 
 
 def build_config(model: str | None = None, config: EngineConfig | dict | str | None = None,
@@ -125,6 +127,12 @@ class LLM:
                 self._streams[stream.request_id] = stream
             elif command == "abort":
                 self.engine.abort(args)
+            elif command == "call":
+                function, future = args
+                try:
+                    future.set_result(function(self.engine))
+                except BaseException as exc:  # delivered to the caller
+                    future.set_exception(exc)
 
     def _fail_all(self, exc: Exception) -> None:
         error = EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}") if not isinstance(
@@ -200,6 +208,19 @@ class LLM:
         """Abort a request; its stream ends with ``finish_reason == "abort"``."""
         self._commands.put(("abort", request_id))
         self._wake.set()
+
+    def call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Run ``function(engine)`` on the engine's thread between two steps and return its result.
+
+        Safe access to engine state from other threads; also the place for other torch work that
+        should share the engine's thread (see `_run`).
+        """
+        if self._stopped:
+            raise EngineDeadError("the engine has been shut down")
+        future: Future = Future()
+        self._commands.put(("call", (function, future)))
+        self._wake.set()
+        return future.result()
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()

@@ -141,3 +141,13 @@ def test_cli_generate_answers_paris_with_the_default_model() -> None:
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "TTFT" in result.stderr and "tok/s" in result.stderr
+
+
+def test_call_runs_on_the_engine_thread_and_propagates_errors(llm: LLM) -> None:
+    import threading
+
+    name, vocab = llm.call(lambda engine: (threading.current_thread().name, engine.vocab_size))
+    assert name == "sagellm-engine" and vocab == llm.engine.vocab_size
+    with pytest.raises(ZeroDivisionError):
+        llm.call(lambda engine: 1 / 0)
+    assert llm.generate("after", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0].finished

@@ -69,25 +69,26 @@ def _interleaved(llm: LLM, requests: list[BenchRequest], options: LatencyOptions
 
     NOTE: alternating puts both engines under the same background load (a shared machine drifts
     over minutes). transformers runs on the engine's model object while the engine idles; batch 1
-    needs little memory beside sageLLM's KV pool.
+    needs little memory beside sageLLM's KV pool. It runs on the engine's own thread (`LLM.call`), so
+    both engines use the same CPU thread team.
     """
     from tqdm import tqdm
 
     model, temperature = llm.engine.model, options.temperature
     warmup(llm, llm.engine.vocab_size)
     if options.compare_hf:
-        hf_peer.warmup(model, llm.engine.vocab_size)
+        llm.call(lambda engine: hf_peer.warmup(model, engine.vocab_size))
     for request in requests[:options.num_warmup]:
         stream_one(llm, request, temperature)
         if options.compare_hf:
-            hf_peer.run_latency(model, request, temperature)
+            llm.call(lambda _, r=request: hf_peer.run_latency(model, r, temperature))
     timings: dict[str, list[RequestTiming]] = {SAGELLM: []}
     if options.compare_hf:
         timings[HF] = []
     for request in tqdm(requests[options.num_warmup:], desc="latency iterations", unit="iter"):
         timings[SAGELLM].append(stream_one(llm, request, temperature))
         if options.compare_hf:
-            timings[HF].append(hf_peer.run_latency(model, request, temperature))
+            timings[HF].append(llm.call(lambda _, r=request: hf_peer.run_latency(model, r, temperature)))
     return timings
 
 
