@@ -95,32 +95,28 @@ class Sampler:
         token_ids = chosen.tolist()
         return SampleResult(token_ids, self._logprobs(logprob_info, requests, token_ids))
 
+    def _exp_noise(self, rows: int, cols: int, request: Request, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise [rows, cols] from ``request``'s generator (numpy's on the CPU, torch's elsewhere)."""
+        if device.type == "cpu":
+            return self._cpu_noise(rows, cols, request)
+        return _exponential((rows, cols), self._generator(request, device), device)
+
     def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row. Seeded rows draw from their own generator (batch-independent); the
         rest share the engine generator in one batched exponential-race draw (no per-row launches)."""
         out = torch.empty(len(requests), dtype=torch.int64, device=probs.device)
+        vocab = probs.shape[1]
         seeded = [j for j, r in enumerate(requests) if r.params.seed is not None]
         unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
-        if probs.device.type == "cpu":
-            vocab = probs.shape[1]
-            for j in seeded:
-                out[j] = (probs[j] / self._cpu_noise(1, vocab, requests[j])[0]).argmax()
-            if unseeded:
-                noise = self._cpu_noise(len(unseeded), vocab, requests[unseeded[0]])
-                if len(unseeded) == len(requests):
-                    out.copy_((probs / noise).argmax(dim=-1))
-                else:
-                    rows = torch.tensor(unseeded)
-                    out[rows] = (probs[rows] / noise).argmax(dim=-1)
-            return out
         for j in seeded:
-            noise = _exponential(probs[j].shape, self._generator(requests[j], probs.device), probs.device)
-            out[j] = (probs[j] / noise).argmax()
+            out[j] = (probs[j] / self._exp_noise(1, vocab, requests[j], probs.device)[0]).argmax()
         if unseeded:
-            rows = torch.tensor(unseeded, device=probs.device)
-            generator = self._generator(requests[unseeded[0]], probs.device)
-            out[rows] = (probs[rows] / _exponential((len(unseeded), probs.shape[1]), generator, probs.device)
-                         ).argmax(dim=-1)
+            noise = self._exp_noise(len(unseeded), vocab, requests[unseeded[0]], probs.device)
+            if len(unseeded) == len(requests):
+                out.copy_((probs / noise).argmax(dim=-1))
+            else:
+                rows = torch.tensor(unseeded, device=probs.device)
+                out[rows] = (probs[rows] / noise).argmax(dim=-1)
         return out
 
     # ---- logits processing ---------------------------------------------------------------------
