@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, engine_config, run_engine
+from hf_oracle import agreement, hf_greedy
 from sagellm_core.engine import LLMEngine
 from sagellm_core.sampling_params import SamplingParams
 
@@ -22,28 +23,12 @@ def _prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
     return [[rng.randrange(1, 256) for _ in range(rng.choice([1, 2, 7, 16, 33, 70]))] for _ in range(count)]
 
 
-def _hf(model_dir: Path, prompts: list[list[int]], dtype: torch.dtype, batch: int = 1) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
-    outs: list[list[int]] = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            group = prompts[i:i + batch]
-            width = max(map(len, group))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device="cuda")
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device="cuda")
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                                 min_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=0)
-            outs += gen[:, width:].tolist()
-    return outs
-
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fp32_greedy_matches_transformers_on_gpu(arch: str, graphs: bool, tiny_models: dict[str, Path]) -> None:
     prompts = _prompts()
-    expected = _hf(tiny_models[arch], prompts, torch.float32)
+    expected = hf_greedy(tiny_models[arch], prompts, torch.float32, MAX_NEW)
     config = engine_config(tiny_models[arch], backend={"name": "cuda", "cuda_graphs": graphs},
                            kv_cache={"block_size": 16, "num_blocks": 128})
     engine = LLMEngine(config)
@@ -54,24 +39,16 @@ def test_fp32_greedy_matches_transformers_on_gpu(arch: str, graphs: bool, tiny_m
         assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean fraction of each sequence generated before the two first differ."""
-    total = 0.0
-    for x, y in zip(a, b):
-        same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
-        total += same / len(x)
-    return total / len(a)
-
 
 def test_bf16_agreement_is_at_transformers_self_agreement_level(tiny_models: dict[str, Path]) -> None:
     prompts = _prompts(seed=1, count=16)
-    hf_single = _hf(tiny_models["qwen3"], prompts, torch.bfloat16, batch=1)
-    hf_batched = _hf(tiny_models["qwen3"], prompts, torch.bfloat16, batch=8)
-    baseline = _agreement(hf_single, hf_batched)
+    hf_single = hf_greedy(tiny_models["qwen3"], prompts, torch.bfloat16, MAX_NEW, batch=1)
+    hf_batched = hf_greedy(tiny_models["qwen3"], prompts, torch.bfloat16, MAX_NEW, batch=8)
+    baseline = agreement(hf_single, hf_batched)
     engine = LLMEngine(engine_config(tiny_models["qwen3"], model={"dtype": "bfloat16"}, backend={"name": "cuda"},
                                      kv_cache={"block_size": 16, "num_blocks": 128}))
     ours = [o.outputs[0].token_ids for o in run_engine(engine, prompts, SamplingParams(
         temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))]
-    score = _agreement(hf_single, ours)
+    score = agreement(hf_single, ours)
     print(f"bf16 agreement: transformers batch1 vs batch8 {baseline:.3f}; sageLLM vs transformers {score:.3f}")
     assert score >= baseline - 0.1

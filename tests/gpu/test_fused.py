@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, engine_config, run_engine, tiny_config
+from hf_oracle import agreement, hf_greedy
 from sagellm_core.sampling_params import SamplingParams
 
 pytestmark = [
@@ -266,30 +267,6 @@ def _prompts(seed: int, count: int) -> list[list[int]]:
     return [[rng.randrange(1, 256) for _ in range(rng.choice([1, 2, 7, 16, 33, 70]))] for _ in range(count)]
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean fraction of each sequence generated before the two first differ."""
-    total = 0.0
-    for x, y in zip(a, b):
-        same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
-        total += same / len(x)
-    return total / len(a)
-
-
-def _hf(model_dir: Path, prompts: list[list[int]], dtype: torch.dtype, batch: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
-    outs: list[list[int]] = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            group = prompts[i:i + batch]
-            width = max(map(len, group))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device="cuda")
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device="cuda")
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                                 min_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=0)
-            outs += gen[:, width:].tolist()
-    return outs
 
 
 def _engine_tokens(model_dir: Path, prompts: list[list[int]], dtype: str, fused_on: bool,
@@ -308,14 +285,14 @@ def _engine_tokens(model_dir: Path, prompts: list[list[int]], dtype: str, fused_
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fused_engine_bf16_agrees_at_transformers_self_agreement_level(arch, tiny_models, monkeypatch):
     prompts = _prompts(seed=3, count=16)
-    hf_single = _hf(tiny_models[arch], prompts, torch.bfloat16, batch=1)
-    hf_batched = _hf(tiny_models[arch], prompts, torch.bfloat16, batch=8)
-    baseline = _agreement(hf_single, hf_batched)
+    hf_single = hf_greedy(tiny_models[arch], prompts, torch.bfloat16, MAX_NEW, batch=1)
+    hf_batched = hf_greedy(tiny_models[arch], prompts, torch.bfloat16, MAX_NEW, batch=8)
+    baseline = agreement(hf_single, hf_batched)
     fused_out, engine = _engine_tokens(tiny_models[arch], prompts, "bfloat16", True, monkeypatch)
     plain_out, plain_engine = _engine_tokens(tiny_models[arch], prompts, "bfloat16", False, monkeypatch)
     assert engine.backend.fused_modules and not plain_engine.backend.fused_modules
     assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
-    vs_plain, vs_hf = _agreement(plain_out, fused_out), _agreement(hf_single, fused_out)
+    vs_plain, vs_hf = agreement(plain_out, fused_out), agreement(hf_single, fused_out)
     print(f"{arch} bf16 agreement: transformers batch1 vs batch8 {baseline:.3f}; fused vs unfused engine "
           f"{vs_plain:.3f}; fused engine vs transformers {vs_hf:.3f}")
     assert vs_plain >= baseline - 0.1
@@ -324,7 +301,7 @@ def test_fused_engine_bf16_agrees_at_transformers_self_agreement_level(arch, tin
 
 def test_fp32_engine_is_not_patched_and_matches_transformers(tiny_models, monkeypatch):
     prompts = _prompts(seed=4, count=6)
-    expected = _hf(tiny_models["qwen3"], prompts, torch.float32, batch=1)
+    expected = hf_greedy(tiny_models["qwen3"], prompts, torch.float32, MAX_NEW, batch=1)
     got, engine = _engine_tokens(tiny_models["qwen3"], prompts, "float32", True, monkeypatch)
     assert engine.backend.fused_modules == []
     assert all("forward" not in m.__dict__ for m in engine.model.modules())
