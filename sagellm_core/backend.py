@@ -68,6 +68,9 @@ class Backend:
     device_type = "cpu"
     dist_backend = "gloo"
     visible_devices_env: str | None = None
+    async_output = False
+    """True when `start_host_copy` returns before the copy is done, so the engine can queue the next
+    step before it reads this one's tokens (``scheduler.async_scheduling: auto`` turns on then)."""
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
@@ -109,12 +112,28 @@ class Backend:
         Must keep the model's function: greedy outputs stay those of the unmodified model.
         """
 
+    def fused_sampler(self) -> Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"] | None:
+        """Optionally, a one-pass sampler used when no request of the batch filters (top-k/p, min-p):
+        ``(logits [N, V] float32, inverse temperatures [N] float32 (0 = greedy), keys [N] int64)``
+        -> token ids [N] int64, drawn from softmax(logits * inverse temperature) with a random
+        stream fixed by each row's key (same key, same logits: same token). Default: none (the
+        generic torch sampler runs)."""
+        return None
+
     def graph_capture(self) -> Any:
         """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs, else None."""
         return None
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""
+
+    def start_host_copy(self, tensor: "torch.Tensor") -> Callable[[], list[Any]]:
+        """Start copying a small device tensor to the host; the returned function waits for that
+        copy only (not for work queued after it) and returns the values as a list.
+
+        Default: copy when called, which on an asynchronous device also waits for later work.
+        """
+        return tensor.tolist
 
     def visible_devices(self) -> str | None:
         return os.environ.get(self.visible_devices_env) if self.visible_devices_env else None

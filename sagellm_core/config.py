@@ -85,8 +85,14 @@ class KVCacheConfig:
 class SchedulerConfig:
     """Scheduler plugin and budgets per step.
 
-    ``overlap_output``: for batches of 8+ sequences, detokenize and emit a step's outputs while the
-    device runs the next step (outputs arrive one step later; throughput rises on accelerators).
+    ``async_scheduling``: queue step N+1 on the device before reading step N's sampled tokens, so
+    the host's scheduling and input preparation hide behind device work (vLLM's async scheduling).
+    ``auto``: on where the backend copies asynchronously (CUDA), off on the CPU. Steps with
+    repetition/presence/frequency penalties or logprobs need the tokens on the host and run
+    synchronously. A request that ends (EOS, stop) has one extra token computed and dropped.
+
+    ``overlap_output``: without async scheduling, for batches of 8+ sequences, detokenize and emit
+    a step's outputs while the device runs the next step (outputs arrive one step later).
     """
 
     name: str = "fcfs"
@@ -94,6 +100,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = attrs.field(default=2048, validator=at_least(1))
     max_waiting: int = attrs.field(default=4096, validator=at_least(1))
     chunked_prefill: bool = True
+    async_scheduling: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
     overlap_output: bool = True
     options: dict[str, Any] = attrs.field(factory=dict)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
+import attrs
 import torch
 
 from sagellm_core.backend_selection import BackendChoice, select_backend
@@ -27,7 +28,8 @@ from sagellm_core.models import loader
 from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_config
 from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
-from sagellm_core.request import Request, RequestStatus
+from sagellm_core.models.token_feed import TokenFeed
+from sagellm_core.request import PENDING_TOKEN, Request, RequestStatus
 from sagellm_core.request_state import (
     CompletionState,
     RequestGroup,
@@ -36,7 +38,7 @@ from sagellm_core.request_state import (
     finish,
     token_logprob,
 )
-from sagellm_core.sampler import Sampler
+from sagellm_core.sampler import PendingSample, Sampler
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.schedulers.base import SchedulerOutput
 
@@ -44,6 +46,15 @@ log = logging.getLogger("sagellm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _request_counter = itertools.count()
 OVERLAP_MIN_BATCH = 8
+
+
+@attrs.define
+class InflightStep:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    requests: list[Request]
+    feed: TokenFeed
+    read: Callable[[], list[int]]
 
 
 class LLMEngine:
@@ -83,11 +94,14 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.backend, config.kv_cache.block_size, pool_blocks, self.dtype,
                                   max_model_len=self.max_model_len,
                                   graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
-        self.sampler = Sampler(config.model.seed)
+        self.sampler = Sampler(config.model.seed, fused=self.backend.fused_sampler())
         self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
                              for name in config.metrics.enabled}
         self.groups: dict[str, RequestGroup] = {}
         self.overlap_output = config.scheduler.overlap_output
+        mode = config.scheduler.async_scheduling
+        self.async_scheduling = mode == "on" or (mode == "auto" and self.backend.async_output)
+        self._inflight: InflightStep | None = None
         self._deferred: list[SampledToken] = []
         self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
         self._pending: dict[str, RequestGroup] = {}
@@ -182,6 +196,8 @@ class LLMEngine:
             return False
         for state in group.completions:
             if state.finish_reason is None:
+                if state.request.has_pending_token:
+                    state.request.output_token_ids.pop()  # its step is in flight; the token is dropped
                 finish(state, RequestStatus.FINISHED_ABORTED)
                 self._release(group, state)
         self._pending[request_id] = group
@@ -192,6 +208,7 @@ class LLMEngine:
         for request_id in list(self.groups):
             self.abort(request_id)
         self._deferred = []
+        self._inflight = None
         self._finalize(dict(self._pending))
         self._pending.clear()
 
@@ -201,7 +218,7 @@ class LLMEngine:
         self.runner.graphs = None
 
     def has_unfinished(self) -> bool:
-        return bool(self.groups) or bool(self._pending) or bool(self._deferred)
+        return bool(self.groups) or bool(self._pending) or bool(self._deferred) or self._inflight is not None
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -209,10 +226,14 @@ class LLMEngine:
 
         A step has a fast half (append the sampled tokens, finish on EOS / stop ids / length, free
         KV: everything the next schedule needs) and a slow half (detokenize, stop strings,
-        logprobs, outputs, metrics). With ``scheduler.overlap_output`` and a batch of at least
-        ``OVERLAP_MIN_BATCH`` sequences, the slow half runs in the next step while the device
-        computes it, so outputs arrive one step later. A stop string found late ends its request
-        then; the token it computed meanwhile is dropped.
+        logprobs, outputs, metrics).
+
+        With async scheduling the step is queued on the device with placeholders for its sampled
+        tokens (`PENDING_TOKEN`), and the *previous* step's tokens are read and processed while
+        the device computes; the next step's inputs take those tokens from device memory. Without
+        it, ``scheduler.overlap_output`` and a batch of at least ``OVERLAP_MIN_BATCH`` sequences
+        defer the slow half to the next step instead. Either way outputs arrive one step later,
+        and a request that ends meanwhile has the token computed for it dropped.
         """
         start = time.monotonic()
         phases = self.phase_seconds
@@ -223,27 +244,40 @@ class LLMEngine:
             raise PluginError(f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
         tock = time.perf_counter()
         phases["schedule"] += tock - tick
+        samplers = [c.request for c in plan.chunks
+                    if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
+        pipelined = self.async_scheduling and not plan.is_empty and not any(
+            r.params.needs_penalties or r.params.logprobs is not None for r in samplers)
+        # before any read below frees the blocks of a request that turns out finished
+        block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
+        outputs = [] if pipelined else self._read_inflight()
         if plan.is_empty:
             touched = self._render(self._take_deferred())
             if touched:  # aborts or finishes changed the queues: let gauges see it
                 self._emit_step(plan, start, time.monotonic(), 0)
-            return self._finalize(touched)
-        block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
-        logits = self.runner.execute(plan, block_ids)
+            return outputs + self._finalize(touched)
+        feed = self._inflight.feed if self._inflight is not None else None
+        pending = self.sampler.launch(self.runner.execute(plan, block_ids, feed), samplers)
         tick = time.perf_counter()
         phases["execute"] += tick - tock
-        touched = self._render(self._take_deferred())  # overlaps with the device's work
-        outputs = self._finalize(touched)
+        # the device is busy with this step: process the previous one meanwhile
+        outputs += self._read_inflight() if self._inflight is not None else self._finalize(
+            self._render(self._take_deferred()))
         tock = time.perf_counter()
         phases["update"] += tock - tick
-        samplers = [c.request for c in plan.chunks
-                    if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
-        result = self.sampler.sample(logits, samplers)  # reading the tokens waits for the device
-        tick = time.perf_counter()
-        phases["sample"] += tick - tock
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            group = self._by_request.get(chunk.request.request_id, (None,))[0]
+            if group is not None and group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = start
         self.scheduler.after_step(plan)
+        if pipelined:
+            self._inflight = self._hold(pending)
+            self._emit_step(plan, start, time.monotonic(), len(samplers))
+            return outputs
+        result = self.sampler.collect(pending)  # waits for the device
+        tick = time.perf_counter()
+        phases["sample"] += tick - tock
         now = time.monotonic()
         accepted = []
         for request, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
@@ -253,10 +287,6 @@ class LLMEngine:
             item = self._accept_token(entry[0], entry[1], token_id, logprob, now)
             if item is not None:
                 accepted.append(item)
-        for chunk in plan.chunks:
-            group, _ = self._by_request.get(chunk.request.request_id, (None, None))
-            if group is not None and group.metrics.first_scheduled_time is None:
-                group.metrics.first_scheduled_time = start
         self._emit_step(plan, start, now, len(samplers))
         if self.overlap_output and len(accepted) >= OVERLAP_MIN_BATCH:
             self._deferred = accepted
@@ -265,17 +295,52 @@ class LLMEngine:
         phases["update"] += time.perf_counter() - tick
         return outputs
 
+    def _hold(self, pending: PendingSample) -> InflightStep:
+        """Leave a launched step in flight: placeholders for its tokens, a host copy under way."""
+        rows = {}
+        for row, request in enumerate(pending.requests):
+            if not request.is_finished:  # ended while it was being launched: its token is dropped
+                request.output_token_ids.append(PENDING_TOKEN)
+                rows[request.request_id] = row
+        return InflightStep(pending.requests, TokenFeed(pending.token_ids, rows),
+                            self.backend.start_host_copy(pending.token_ids))
+
+    def _read_inflight(self) -> list[RequestOutput]:
+        """Wait for the step in flight, put its tokens in place of the placeholders, process them."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tick = time.perf_counter()
+        token_ids = inflight.read()
+        self.phase_seconds["sample"] += time.perf_counter() - tick
+        now = time.monotonic()
+        accepted = []
+        for request, token_id in zip(inflight.requests, token_ids):
+            if not request.has_pending_token:
+                continue  # aborted meanwhile (abort drops the placeholder)
+            entry = self._by_request.get(request.request_id)
+            if entry is None or entry[1].finish_reason is not None:
+                request.output_token_ids.pop()
+                continue
+            request.output_token_ids[-1] = token_id
+            item = self._accept_token(entry[0], entry[1], token_id, None, now, placed=True)
+            if item is not None:
+                accepted.append(item)
+        return self._finalize(self._render(self._take_deferred() + accepted))
+
     def _take_deferred(self) -> list[SampledToken]:
         items, self._deferred = self._deferred, []
         return items
 
     def _accept_token(self, group: RequestGroup, state: CompletionState, token_id: int, logprob: Any,
-                      now: float) -> SampledToken | None:
-        """Fast half: record the token and finish on what needs no text (EOS, stop ids, length)."""
+                      now: float, placed: bool = False) -> SampledToken | None:
+        """Fast half: record the token (unless ``placed`` already) and finish on what needs no text
+        (EOS, stop ids, length)."""
         if state.finish_reason is not None:
             return None  # ended meanwhile (abort, or a stop string found one step late): drop
         request, params = state.request, group.params
-        request.output_token_ids.append(token_id)
+        if not placed:
+            request.output_token_ids.append(token_id)
         state.token_times.append(now)
         if group.metrics.first_token_time is None:
             group.metrics.first_token_time = now

@@ -12,6 +12,10 @@ from sagellm_core.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
 
+PENDING_TOKEN = -1
+"""Stands in ``output_token_ids`` for a token sampled by a step still running on the device
+(async scheduling): counts are right, the value arrives when the engine reads that step."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -72,6 +76,10 @@ class Request:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len:end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING_TOKEN
 
     @property
     def num_output_tokens(self) -> int:

@@ -3,6 +3,8 @@ per-request seeded generators, and logprobs with top-k alternatives."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 import numpy as np
 import torch
@@ -14,6 +16,35 @@ from sagellm_core.request import Request
 class SampleResult:
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+@attrs.define
+class PendingSample:
+    """Sampling queued on the device: one token per request in ``token_ids`` (not read yet)."""
+
+    requests: list[Request]
+    token_ids: torch.Tensor
+    logprob_source: torch.Tensor | None
+
+
+FusedSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A backend's one-pass sampler: (logits [N, V] float32, inverse temperatures [N] (0 = greedy),
+64-bit random keys [N]) -> token ids [N]. See `Backend.fused_sampler`."""
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser, cut to 63 bits (an int64 tensor holds it)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a device tensor without waiting for the device's queued work."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _exponential(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device: torch.device
@@ -32,8 +63,11 @@ def _cpu_exponential(out: torch.Tensor, generator: np.random.Generator) -> torch
 class Sampler:
     """Stateless except for the per-request generators of seeded requests and the engine's generator."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, fused: FusedSampler | None = None) -> None:
         self.seed = seed
+        self.fused = fused
+        self._fused_draws = 0
+        self._fused_keys: dict[str, int] = {}
         self._generators: dict[tuple[str, str], torch.Generator] = {}
         self._default: dict[str, torch.Generator] = {}
         # CPU path: numpy generators seeded alike (per seeded request id, and the engine's), and a
@@ -43,6 +77,7 @@ class Sampler:
         self._noise = torch.empty(0, dtype=torch.float32)
 
     def forget(self, request_id: str) -> None:
+        self._fused_keys.pop(request_id, None)
         for key in [k for k in self._generators if k[0] == request_id]:
             del self._generators[key]
         self._np_generators.pop(request_id, None)
@@ -76,24 +111,54 @@ class Sampler:
         return self._generators[key]
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        """``logits`` [N, V] float32, one row per request (in order)."""
+        """``logits`` [N, V] float32, one row per request (in order). Waits for the device."""
+        return self.collect(self.launch(logits, requests))
+
+    def launch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+        """Queue the sampling of one token per row of ``logits``; nothing waits for the device."""
         if not requests:
-            return SampleResult([], [])
+            return PendingSample([], torch.empty(0, dtype=torch.int64, device=logits.device), None)
         logits = self._apply_penalties(logits, requests)
         logits = self._apply_min_tokens(logits, requests)
         logprob_info = self._logprob_source(logits, requests)
-        chosen = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if greedy:
-            rows = torch.tensor(greedy, device=logits.device)
+        if not sampled:
+            chosen = logits.argmax(dim=-1)
+        elif self.fused is not None and not any(r.params.needs_filtering for r in requests):
+            chosen = self._fused_draw(self.fused, logits, requests)
+        elif not greedy:
+            chosen = self._draw(self._filtered_probs(logits, requests), requests)
+        else:
+            chosen = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+            rows = _on(greedy, logits.device)
             chosen[rows] = logits[rows].argmax(dim=-1)
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
+            rows = _on(sampled, logits.device)
             probs = self._filtered_probs(logits[rows], [requests[i] for i in sampled])
             chosen[rows] = self._draw(probs, [requests[i] for i in sampled])
-        token_ids = chosen.tolist()
-        return SampleResult(token_ids, self._logprobs(logprob_info, requests, token_ids))
+        return PendingSample(requests, chosen, logprob_info)
+
+    def collect(self, pending: PendingSample, token_ids: list[int] | None = None) -> SampleResult:
+        """Read a launched sample (``token_ids`` if the caller already copied them to the host)."""
+        if token_ids is None:
+            token_ids = pending.token_ids.tolist()
+        return SampleResult(token_ids, self._logprobs(pending.logprob_source, pending.requests, token_ids))
+
+    def _fused_draw(self, fused: FusedSampler, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The backend's one-pass sampler. Seeded requests key each draw by seed and token position
+        (batch-independent); the rest take consecutive keys after the engine seed."""
+        keys = []
+        for request in requests:
+            if request.params.seed is None:
+                self._fused_draws += 1
+                keys.append(_mix64(self.seed) ^ self._fused_draws)
+                continue
+            base = self._fused_keys.get(request.request_id)
+            if base is None:
+                base = self._fused_keys[request.request_id] = _mix64(request.params.seed + request.index)
+            keys.append(_mix64(base + request.num_output_tokens))
+        inverse = [0.0 if r.params.greedy else 1.0 / r.params.temperature for r in requests]
+        return fused(logits, _on(inverse, logits.device, torch.float32), _on(keys, logits.device, torch.int64))
 
     def _exp_noise(self, rows: int, cols: int, request: Request, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [rows, cols] from ``request``'s generator (numpy's on the CPU, torch's elsewhere)."""
@@ -115,7 +180,7 @@ class Sampler:
             if len(unseeded) == len(requests):
                 out.copy_((probs / noise).argmax(dim=-1))
             else:
-                rows = torch.tensor(unseeded, device=probs.device)
+                rows = _on(unseeded, probs.device)
                 out[rows] = (probs[rows] / noise).argmax(dim=-1)
         return out
 
@@ -157,7 +222,7 @@ class Sampler:
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in requests], device=logits.device).unsqueeze(1)
+        temps = _on([r.params.temperature for r in requests], logits.device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
         top_k = [r.params.top_k for r in requests]
@@ -166,17 +231,17 @@ class Sampler:
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-            k = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device).unsqueeze(1)
+            k = _on([k if k > 0 else vocab for k in top_k], logits.device).unsqueeze(1)
             remove = ranks >= k
             sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
-            p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+            p = _on(top_p, logits.device).unsqueeze(1)
             remove |= before >= p
             remove[:, 0] = False
             logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
         probs = logits.softmax(dim=-1)
         if any(m > 0 for m in min_p):
-            threshold = torch.tensor(min_p, device=logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            threshold = _on(min_p, logits.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs

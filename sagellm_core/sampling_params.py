@@ -66,6 +66,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def needs_filtering(self) -> bool:
+        """top-k, top-p or min-p restricts the candidates (a sort or a threshold over the vocabulary)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

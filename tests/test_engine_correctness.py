@@ -54,6 +54,13 @@ VARIANTS = {
     "pd_hybrid": {"scheduler": {"name": "pd", "options": {"mode": "hybrid"}, "max_num_batched_tokens": 12}},
     "priority": {"scheduler": {"name": "priority", "max_num_seqs": 3}},
 }
+ASYNC = {"async_scheduling": "on"}
+VARIANTS |= {
+    "async": {"scheduler": ASYNC},
+    "async_small_chunks": {"scheduler": {**ASYNC, "max_num_batched_tokens": 7}},
+    "async_preemption": {"kv_cache": {"num_blocks": 14}, "scheduler": {**ASYNC, "max_num_batched_tokens": 64}},
+    "async_pd_strict": {"scheduler": {**ASYNC, "name": "pd", "options": {"mode": "strict"}}},
+}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -73,13 +80,13 @@ def test_greedy_matches_transformers(arch: str, variant: str, tiny_models: dict[
     stats = engine.get_stats()
     for pool in engine.kv_pools:
         assert pool.stats().used_blocks == 0
-    if variant == "preemption":
+    if variant.endswith("preemption"):
         assert stats["num_preemptions"] > 0
     if variant == "default":
         assert stats["kv_pools"][0].prefix_hit_tokens > 0
     if variant == "no_prefix_reuse":
         assert stats["kv_pools"][0].prefix_hit_tokens == 0
-    if variant == "pd_strict":
+    if variant.endswith("pd_strict"):
         assert stats["scheduler"]["transferred_blocks"] > 0 and stats["scheduler"]["mixed_steps"] == 0
     if variant == "pd_time_share":
         assert stats["scheduler"]["mixed_steps"] == 0 and stats["scheduler"]["decode_steps"] > 0

@@ -98,8 +98,9 @@ def test_n_completions_are_distinct_and_seed_reproducible(tiny_models: dict[str,
     assert len({tuple(o.token_ids) for o in first.outputs}) > 1
 
 
-def test_stop_token_ids_end_generation(tiny_models: dict[str, Path]) -> None:
-    engine = LLMEngine(engine_config(tiny_models["llama"]))
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_stop_token_ids_end_generation(tiny_models: dict[str, Path], async_scheduling: str) -> None:
+    engine = LLMEngine(engine_config(tiny_models["llama"], scheduler={"async_scheduling": async_scheduling}))
     free = run_engine(engine, [[9, 8, 7]], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
     stop_at = free.outputs[0].token_ids[3]
     first = free.outputs[0].token_ids.index(stop_at)
@@ -122,12 +123,12 @@ def _stream(engine: LLMEngine, prompt: str, params: SamplingParams) -> tuple[str
     return streamed, final.outputs[0].text, final.outputs[0].finish_reason
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path, overlap: bool,
+@pytest.mark.parametrize("mode", ["sync", "overlap", "async"])
+def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path, mode: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    if overlap:
+    if mode == "overlap":
         monkeypatch.setattr("sagellm_core.engine.OVERLAP_MIN_BATCH", 1)
-    engine = LLMEngine(engine_config(tokenizer_model))
+    engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": "on" if mode == "async" else "off"}))
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     streamed, text, _ = _stream(engine, "Once upon a time", params)
     assert streamed == text and len(text) > 10

@@ -15,6 +15,7 @@ import torch
 
 from sagellm_core.attention_metadata import AttentionMetadata
 from sagellm_core.models import attention_hook
+from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.schedulers.base import SchedulerOutput
 
 
@@ -57,20 +58,19 @@ class DecodeGraphRunner:
                         for c in plan.chunks)
                 and max(len(b) for b in block_ids) <= self.max_blocks)
 
-    def run(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> torch.Tensor:
+    def run(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None) -> torch.Tensor:
         batch = len(plan.chunks)
         bucket = next(b for b in self.buckets if b >= batch)
-        self._fill(plan, block_ids, bucket)
         entry = self.graphs.get((plan.pool, bucket))
         if entry is None:
             entry = self.graphs[(plan.pool, bucket)] = self._capture(plan.pool, bucket)
-            self._fill(plan, block_ids, bucket)  # capture ran on padding inputs
+        self._fill(plan, block_ids, bucket, feed)
         replay, meta = entry
         meta.generation += 1
         self.num_replays += 1
         return replay()[:batch]
 
-    def _fill(self, plan: SchedulerOutput, block_ids: list[list[int]], bucket: int) -> None:
+    def _fill(self, plan: SchedulerOutput, block_ids: list[list[int]], bucket: int, feed: TokenFeed | None) -> None:
         bs = self.runner.block_size
         pad = bucket - len(plan.chunks)
         ids, positions, slots, lens = [], [], [], []
@@ -85,6 +85,7 @@ class DecodeGraphRunner:
         width = max(len(b) for b in block_ids)
         tables = [b + [0] * (width - len(b)) for b in block_ids] + [[0] * width] * pad
         self.ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        feed_pending(self.ids, ids, plan.chunks, list(range(len(ids))), feed)
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         self.seq_lens[:bucket].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)

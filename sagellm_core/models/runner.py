@@ -10,6 +10,7 @@ from sagellm_core.attention_metadata import AttentionMetadata
 from sagellm_core.backend import Backend
 from sagellm_core.models import attention_hook
 from sagellm_core.models.graphs import DecodeGraphRunner
+from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.schedulers.base import BlockTransfer, SchedulerOutput
 
 
@@ -67,15 +68,18 @@ class ModelRunner:
             self.kv_caches[t.dst_pool][:, :, dst] = self.kv_caches[t.src_pool][:, :, src]
 
     # ---- forward -------------------------------------------------------------------------------
-    def build_inputs(self, plan: SchedulerOutput, block_ids: list[list[int]]
+    def build_inputs(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flatten the plan: token ids, positions, attention metadata, and the rows whose logits to keep."""
+        """Flatten the plan: token ids, positions, attention metadata, and the rows whose logits to keep.
+
+        Pending tokens (sampled by the step in flight) are taken from ``feed`` on the device."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        last_inputs: list[int] = []
         bs = self.block_size
         num_decodes = 0
         for chunk, blocks in zip(plan.chunks, block_ids):
@@ -87,6 +91,7 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(start + n)
             num_decodes += n == 1
+            last_inputs.append(len(token_ids) - 1)
             if start + n == request.num_tokens:
                 sample_rows.append(len(token_ids) - 1)
         max_blocks = max(len(b) for b in block_ids)
@@ -106,21 +111,25 @@ class ModelRunner:
             block_size=bs,
         )
         ids = torch.tensor(token_ids, dtype=torch.int64).to(device, non_blocking=True)
+        feed_pending(ids, token_ids, plan.chunks, last_inputs, feed)
         pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
         return ids, pos, meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> torch.Tensor:
-        """Run the step; return float32 logits [num_sampled, vocab] for the chunks that complete."""
+    def execute(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None
+                ) -> torch.Tensor:
+        """Queue the step; return float32 logits [num_sampled, vocab] for the chunks that complete.
+
+        Nothing here waits for the device, so the host can prepare the next step meanwhile."""
         self.transfer(plan.transfers)
         if not plan.chunks:
             return torch.empty((0, 0))
         if self.graphs is not None and self.graphs.supports(plan, block_ids):
             self.num_forward_tokens += len(plan.chunks)
-            return self.graphs.run(plan, block_ids)
-        ids, pos, meta, sample_rows = self.build_inputs(plan, block_ids)
+            return self.graphs.run(plan, block_ids, feed)
+        ids, pos, meta, sample_rows = self.build_inputs(plan, block_ids, feed)
         self.num_forward_tokens += int(ids.shape[0])
-        keep = torch.tensor(sample_rows if sample_rows else [0], dtype=torch.int64, device=self.device)
+        keep = torch.tensor(sample_rows or [0], dtype=torch.int64).to(self.device, non_blocking=True)
         step = attention_hook.StepContext(meta=meta, kv_cache=self.kv_caches[plan.pool], op=self.op)
         out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=False, logits_to_keep=keep,
                          sagellm_step=step)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from sagellm_core.accelerator import TorchNamespaceBackend, backend_spec, module_available
 from sagellm_core.backend import PagedAttentionOp, ProbeResult
@@ -80,9 +80,25 @@ class CUDABackend(TorchNamespaceBackend):
     dist_backend = DIST_BACKEND
     visible_devices_env = VISIBLE_DEVICES_ENV
 
+    async_output = True
+
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self.attention_impl = "not built yet"
+
+    def start_host_copy(self, tensor: Any) -> Callable[[], list[Any]]:
+        """Copy into pinned host memory behind the queued work; an event marks when it has landed."""
+        torch = _import_torch()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+
+        def read() -> list[Any]:
+            done.synchronize()
+            return host.tolist()
+
+        return read
 
     def attention_op(self) -> PagedAttentionOp:
         """Triton paged attention when Triton imports, else the plain-torch reference op."""
@@ -117,6 +133,20 @@ class CUDABackend(TorchNamespaceBackend):
                 kind = entry.rsplit(": ", 1)[-1]
                 kinds[kind] = kinds.get(kind, 0) + 1
             logger.info("sagellm-cuda: fused kernels in %s", ", ".join(f"{n} {k}" for k, n in kinds.items()))
+
+    def fused_sampler(self) -> Any:
+        """`sagellm_cuda.sampling.gumbel_argmax` (one Triton pass per row) unless Triton is missing or
+        ``SAGELLM_FUSED_SAMPLING=0``."""
+        import os
+
+        if os.environ.get("SAGELLM_FUSED_SAMPLING", "1") == "0" or not module_available("triton"):
+            return None
+        try:
+            from sagellm_cuda.sampling import gumbel_argmax
+        except Exception as exc:  # a broken Triton install must degrade to the torch sampler, loudly
+            logger.warning("sagellm-cuda: fused sampler unavailable (%s: %s)", type(exc).__name__, exc)
+            return None
+        return gumbel_argmax
 
     def graph_capture(self) -> Any:
         """CUDA-graph capture for decode steps (`sagellm_cuda.graphs.CUDAGraphCapture`), or None.

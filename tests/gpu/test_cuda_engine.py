@@ -26,17 +26,23 @@ def _prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("graphs", [False, True])
-def test_fp32_greedy_matches_transformers_on_gpu(arch: str, graphs: bool, tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("schedule", ["sync", "async", "async_preemption"])
+def test_fp32_greedy_matches_transformers_on_gpu(arch: str, graphs: bool, schedule: str,
+                                                 tiny_models: dict[str, Path]) -> None:
     prompts = _prompts()
     expected = hf_greedy(tiny_models[arch], prompts, torch.float32, MAX_NEW)
     config = engine_config(tiny_models[arch], backend={"name": "cuda", "cuda_graphs": graphs},
-                           kv_cache={"block_size": 16, "num_blocks": 128})
+                           kv_cache={"block_size": 16, "num_blocks": 12 if schedule == "async_preemption" else 128},
+                           scheduler={"async_scheduling": "off" if schedule == "sync" else "auto"})
     engine = LLMEngine(config)
+    assert engine.async_scheduling == (schedule != "sync")  # auto: on for CUDA
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in run_engine(engine, prompts[:6], params) + run_engine(engine, prompts[6:], params)]
     assert got == expected
     if graphs:
         assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+    if schedule == "async_preemption":
+        assert engine.get_stats()["num_preemptions"] > 0
 
 
 
