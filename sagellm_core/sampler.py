@@ -123,10 +123,10 @@ class Sampler:
         logprob_info = self._logprob_source(logits, requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if not sampled:
-            chosen = logits.argmax(dim=-1)
-        elif self.fused is not None and not any(r.params.needs_filtering for r in requests):
+        if self.fused is not None and not any(r.params.needs_filtering for r in requests):
             chosen = self._fused_draw(self.fused, logits, requests)
+        elif not sampled:
+            chosen = logits.argmax(dim=-1)
         elif not greedy:
             chosen = self._draw(self._filtered_probs(logits, requests), requests)
         else:
@@ -147,18 +147,20 @@ class Sampler:
     def _fused_draw(self, fused: FusedSampler, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The backend's one-pass sampler. Seeded requests key each draw by seed and token position
         (batch-independent); the rest take consecutive keys after the engine seed."""
-        keys = []
-        for request in requests:
-            if request.params.seed is None:
-                self._fused_draws += 1
-                keys.append(_mix64(self.seed) ^ self._fused_draws)
-                continue
-            base = self._fused_keys.get(request.request_id)
-            if base is None:
-                base = self._fused_keys[request.request_id] = _mix64(request.params.seed + request.index)
-            keys.append(_mix64(base + request.num_output_tokens))
+        keys = [self._fused_key(request) for request in requests]
         inverse = [0.0 if r.params.greedy else 1.0 / r.params.temperature for r in requests]
         return fused(logits, _on(inverse, logits.device, torch.float32), _on(keys, logits.device, torch.int64))
+
+    def _fused_key(self, request: Request) -> int:
+        if request.params.greedy:
+            return 0  # unused: greedy rows take the plain argmax
+        if request.params.seed is None:
+            self._fused_draws += 1
+            return _mix64(self.seed) ^ self._fused_draws
+        base = self._fused_keys.get(request.request_id)
+        if base is None:
+            base = self._fused_keys[request.request_id] = _mix64(request.params.seed + request.index)
+        return _mix64(base + request.num_output_tokens)
 
     def _exp_noise(self, rows: int, cols: int, request: Request, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [rows, cols] from ``request``'s generator (numpy's on the CPU, torch's elsewhere)."""

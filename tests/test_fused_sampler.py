@@ -47,10 +47,11 @@ def test_routes_to_the_fused_sampler_only_without_filters() -> None:
     plain = [_request("a", SamplingParams(temperature=0.5)), _request("b", SamplingParams(temperature=0.0))]
     sampler.sample(logits, plain)
     assert len(fused.calls) == 1 and fused.calls[0][0] == [2.0, 0.0]
-    sampler.sample(logits, [_request("c", SamplingParams(temperature=0.0))] * 2)  # all greedy: plain argmax
+    greedy = sampler.sample(logits, [_request("c", SamplingParams(temperature=0.0))] * 2)
+    assert len(fused.calls) == 2 and greedy.token_ids == logits.argmax(dim=-1).tolist()
     for params in (SamplingParams(top_k=5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1)):
         sampler.sample(logits, [_request("d", params), plain[0]])
-    assert len(fused.calls) == 1
+    assert len(fused.calls) == 2
 
 
 def test_seeded_keys_depend_on_seed_and_position_not_on_the_batch() -> None:

@@ -99,6 +99,16 @@ def measure_bandwidth(device: torch.device, num_bytes: int | None = None, min_ti
     return {"bytes": num_bytes, "seconds": seconds, "bytes_per_s": 2.0 * num_bytes / seconds}
 
 
+def measure_read_bandwidth(device: torch.device, num_bytes: int | None = None, min_time: float = 1.0
+                           ) -> dict[str, Any]:
+    """Bytes/s of reading a large tensor once (a sum over it; only the read is counted)."""
+    num_bytes = num_bytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    seconds = _time_op(lambda: src.sum(), device, min_time)
+    del src
+    return {"bytes": num_bytes, "seconds": seconds, "bytes_per_s": num_bytes / seconds}
+
+
 def workload_flops(params: ParamCounts, forward_tokens: int, sampled_tokens: int) -> float:
     """Matmul FLOPs: 2 x body params per token through the model, 2 x LM head per sampled token."""
     return 2.0 * params.body * forward_tokens + 2.0 * params.lm_head * sampled_tokens

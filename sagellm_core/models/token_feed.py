@@ -48,6 +48,9 @@ def feed_pending(input_ids: torch.Tensor, host_ids: list[int], chunks: list[Sche
         raise RuntimeError("a step's inputs hold a pending token that no in-flight step provides")
     if not targets:
         return
+    if targets == sources == list(range(len(targets))):  # an unchanged decode batch: one device copy
+        input_ids[: len(targets)].copy_(feed.tokens[: len(targets)])
+        return
     device = input_ids.device
     target_rows = torch.tensor(targets, dtype=torch.int64).to(device, non_blocking=True)
     source_rows = torch.tensor(sources, dtype=torch.int64).to(device, non_blocking=True)
