@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh OUT_DIR [tests|smoke] [profile] [ab] [throughput] [latency] [prefix]
 # smoke: the engine and sampler GPU tests only; profile: bench/profile_engine.py A/B runs (synchronous
 # vs async scheduling, torch vs fused sampler) and kernel tables for both benchmark shapes; ab: batch-1
-# Llama-3-8B step time under the kernel switches (SAGELLM_DECODE_MERGE, SAGELLM_FUSED_RESIDUAL_GEMM).
+# Llama-3-8B step time under the kernel switches (SAGELLM_FUSED_RESIDUAL_GEMM, SAGELLM_FUSED).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [tests] [bench...]}
 shift
@@ -28,7 +28,7 @@ for name in "$@"; do
       2>&1 | tee "$out/gpu_smoke.log" | tail -15
   elif [ "$name" = ab ]; then
     # Llama-3-8B batch 1 under each kernel switch (A/B against the default build, same machine).
-    for switch in default SAGELLM_DECODE_MERGE=kernel SAGELLM_FUSED_RESIDUAL_GEMM=1; do
+    for switch in default SAGELLM_FUSED_RESIDUAL_GEMM=1 SAGELLM_FUSED=0; do
       echo "== $switch"
       env ${switch/default/} python3 bench/profile_engine.py --shape llama-3-8b --requests 1 --input-len 128 \
         --output-len 256 --temperature 0 --variants async+fused,async+fused $([ $switch = default ] && echo --kernels) \

@@ -277,7 +277,7 @@ def decode_bench(device, rows, label, n, ctx, hq, hkv, d, dtype, variants, layer
     kv_bytes = 2 * n * ctx * hkv * d * kv.element_size()
     out = torch.empty_like(query)
     for v in variants:
-        scratch = _alloc_scratch(n, hq, hkv, v.get("num_splits", 1), d, device)
+        scratch = _alloc_scratch(n, hq, v.get("num_splits", 1), d, device)
 
         def step(v=v, scratch=scratch):
             for layer in range(layers):

@@ -6,15 +6,15 @@ computes (see `sagellm_core.backend.PagedAttentionOp`), in three kinds of launch
 1. ``_write_kv_kernel``: one program per new token scatters its K and V rows (all KV heads) into the
    paged cache at ``slot_mapping[t]``, casting to the cache dtype. A negative slot is skipped
    (padding tokens of a CUDA-graph batch).
-2. ``_decode_kernel``: the first ``meta.num_decodes`` sequences, one query token each. One program
-   per (sequence, KV head, split) loads the ``Hq / Hkv`` query heads that share the KV head (padded
-   to 16 rows for ``tl.dot``), so each KV row is read from memory once. With few sequences the
-   context is split into ``num_splits`` parts (flash-decoding): each program writes a normalised
-   partial output and its log-sum-exp (fp32 scratch) and counts itself in with an atomic; the last
-   program of a (sequence, KV head) to arrive merges the splits that saw keys and resets the counter
-   (``SAGELLM_DECODE_MERGE=kernel``: a separate ``_decode_reduce_kernel`` launch instead). The split
-   boundaries are computed *inside* the kernel from ``seq_lens`` (device), so any split count is
-   correct for any context length.
+2. ``_decode_kernel`` (+ ``_decode_reduce_kernel``): the first ``meta.num_decodes`` sequences, one
+   query token each. One program per (sequence, KV head, split) loads the ``Hq / Hkv`` query heads
+   that share the KV head (padded to 16 rows for ``tl.dot``), so each KV row is read from memory once.
+   With few sequences the context is split into ``num_splits`` parts (flash-decoding): each program
+   writes a normalised partial output and its log-sum-exp (fp32 scratch), and the reduce kernel
+   merges the splits that saw keys. The split boundaries are computed *inside* both kernels from
+   ``seq_lens`` (device), so any split count is correct for any context length. (Merging in the last
+   program to finish, counted with an atomic, saved the second launch but measured 0.04 ms per
+   Llama-3-8B step slower on an H200, so it was dropped.)
 3. ``_prefill_kernel``: every other sequence (prefill or prefill chunk, possibly behind a cached
    prefix). One program per (tile of query tokens, sequence, KV head), heaviest tiles launched first;
    the tile's rows are (token, query head of the group) pairs, so again KV is read once per group. It
@@ -65,7 +65,6 @@ CUDA-graph contract (decode path, i.e. a step with ``num_decodes == num_seqs``):
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -75,9 +74,6 @@ import triton.language as tl
 __all__ = ["triton_paged_attention", "write_kv_cache", "decode_attention", "prefill_attention"]
 
 _LOG2E = 1.4426950408889634
-# Split-K decode merges its splits in the last program to finish (one launch) instead of a second
-# kernel; SAGELLM_DECODE_MERGE=kernel selects the two-launch version (A/B measurements).
-FUSED_SPLIT_MERGE = os.environ.get("SAGELLM_DECODE_MERGE", "fused") != "kernel"
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -160,33 +156,39 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _split_range(seq_len, window, num_splits, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, split_len): a sequence's keys [lo, seq_len) cut into ``num_splits`` parts of whole
+    BLOCK_N tiles; split s covers [lo + s * split_len, lo + (s + 1) * split_len)."""
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    else:
+        lo = seq_len * 0
+    return lo, tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+
+
 # Ints that vary with the step or the split count are not specialised on (no %16 / ==1 variants): one
 # compiled decode kernel serves every batch and split count (the partial-output strides are multiples of
 # D, so their %16 specialisation does not depend on the split count when D % 16 == 0).
-@triton.jit(do_not_specialize=["stride_bt", "window", "num_splits", "stride_ml_t", "stride_ml_h", "num_kv_heads"])
+@triton.jit(do_not_specialize=["stride_bt", "window", "num_splits", "stride_ml_t", "stride_ml_h"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, arrivals_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     seq_lens_ptr, block_tables_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_mo_t, stride_mo_h, stride_mo_s, stride_ml_t, stride_ml_h,
-    qk_scale, window, num_splits, num_kv_heads,
+    qk_scale, window, num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    if USE_WINDOW:
-        lo = tl.maximum(seq_len - window, 0)
-    else:
-        lo = seq_len * 0
-    # Split [lo, seq_len) into num_splits parts, each a whole number of BLOCK_N tiles. num_splits is a
-    # run-time value (one compiled kernel for every split count, so graph capture never compiles).
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    # num_splits is a run-time value (one compiled kernel for every split count, so graph capture
+    # never compiles).
+    lo, split_len = _split_range(seq_len, window, num_splits, USE_WINDOW, BLOCK_N)
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -216,32 +218,28 @@ def _decode_kernel(
     if num_splits == 1:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_mask)
-    else:
-        lse = m_i + tl.math.log2(l_i)  # -inf for an empty split
+    elif start < end:  # the merge reads only the splits that saw keys
+        lse = m_i + tl.math.log2(l_i)
         mo = mid_o_ptr + seq * stride_mo_t + heads[:, None] * stride_mo_h + split * stride_mo_s + offs_d[None, :]
         tl.store(mo, o, mask=row_mask)
         tl.store(mid_lse_ptr + seq * stride_ml_t + heads * stride_ml_h + split, lse, mask=offs_h < GROUP)
-        if FUSED_REDUCE:
-            # The program that finishes last merges the splits (no second launch). The barrier orders
-            # every thread's partial stores before the release of the arrival count.
-            tl.debug_barrier()
-            counter = arrivals_ptr + seq * num_kv_heads + kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                active = tl.cdiv(seq_len - lo, split_len)  # splits that saw keys
-                for h in tl.static_range(GROUP):
-                    _merge_splits(out_ptr, mid_o_ptr, mid_lse_ptr, seq, kvh * GROUP + h, active,
-                                  stride_ot, stride_oh, stride_mo_t, stride_mo_h, stride_mo_s, stride_ml_t,
-                                  stride_ml_h, S_CHUNK, HEAD_DIM, D_PAD)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
-@triton.jit
-def _merge_splits(out_ptr, mid_o_ptr, mid_lse_ptr, seq, head, active,
-                  stride_ot, stride_oh, stride_mo_t, stride_mo_h, stride_mo_s, stride_ml_t, stride_ml_h,
-                  S_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """out[seq, head] = the log-sum-exp weighted mean of the first ``active`` split outputs (read
-    through L2: other programs wrote them)."""
+@triton.jit(do_not_specialize=["window", "num_splits", "stride_ml_t", "stride_ml_h"])
+def _decode_reduce_kernel(
+    out_ptr, mid_o_ptr, mid_lse_ptr, seq_lens_ptr,
+    stride_ot, stride_oh, stride_mo_t, stride_mo_h, stride_mo_s, stride_ml_t, stride_ml_h,
+    window, num_splits, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+    S_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """out[seq, head] = the log-sum-exp weighted mean of the splits that saw keys (their count
+    follows from the sequence's length, so a graph sized for long contexts merges few partials for a
+    short one; a sequence without keys gets zeros)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo, split_len = _split_range(seq_len, window, num_splits, USE_WINDOW, BLOCK_N)
+    active = tl.cdiv(seq_len - lo, tl.maximum(split_len, 1))
     offs_s = tl.arange(0, S_CHUNK)
     offs_d = tl.arange(0, D_PAD)
     lse_row = mid_lse_ptr + seq * stride_ml_t + head * stride_ml_h
@@ -251,53 +249,19 @@ def _merge_splits(out_ptr, mid_o_ptr, mid_lse_ptr, seq, head, active,
     total = tl.sum(tl.zeros([S_CHUNK], dtype=tl.float32), 0)
     for s0 in range(0, active, S_CHUNK):
         s_mask = s0 + offs_s < active
-        lse = tl.load(lse_row + s0 + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.load(lse_row + s0 + offs_s, mask=s_mask, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         rescale = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)  # 0 for an empty split
+        w = tl.math.exp2(lse - m_safe)
         mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(o_row + (s0 + offs_s)[:, None] * stride_mo_s + offs_d[None, :], mask=mask, other=0.0,
-                    cache_modifier=".cg")
+        o = tl.load(o_row + (s0 + offs_s)[:, None] * stride_mo_s + offs_d[None, :], mask=mask, other=0.0)
         acc = acc * rescale + tl.sum(o * w[:, None], 0)
         total = total * rescale + tl.sum(w, 0)
         m = m_new
     total = tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
              (acc / total).to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(
-    out_ptr, mid_o_ptr, mid_lse_ptr,
-    stride_ot, stride_oh, stride_mo_t, stride_mo_h, stride_mo_s, stride_ml_t, stride_ml_h,
-    num_splits, S_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, S_CHUNK)
-    offs_d = tl.arange(0, D_PAD)
-    lse_row = mid_lse_ptr + seq * stride_ml_t + head * stride_ml_h
-    o_row = mid_o_ptr + seq * stride_mo_t + head * stride_mo_h
-    m = tl.max(tl.full([S_CHUNK], float("-inf"), dtype=tl.float32), 0)
-    for s0 in range(0, num_splits, S_CHUNK):
-        lse = tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse, 0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([D_PAD], dtype=tl.float32)
-    total = tl.sum(tl.zeros([S_CHUNK], dtype=tl.float32), 0)
-    for s0 in range(0, num_splits, S_CHUNK):
-        s_mask = s0 + offs_s < num_splits
-        lse = tl.load(lse_row + s0 + offs_s, mask=s_mask, other=float("-inf"))
-        w = tl.math.exp2(lse - m_safe)  # 0 for empty splits
-        mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(o_row + (s0 + offs_s)[:, None] * stride_mo_s + offs_d[None, :], mask=mask, other=0.0)
-        acc += tl.sum(o * w[:, None], 0)
-        total += tl.sum(w, 0)
-    total = tl.where(total == 0.0, 1.0, total)
-    res = acc / total
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "window", "seq_offset"])
@@ -446,7 +410,7 @@ def decode_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, scale: float,
     sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Attention of query rows [0, num_decodes) (one token per sequence) into ``out`` rows."""
     if num_decodes == 0:
@@ -466,42 +430,37 @@ def decode_attention(
         num_stages = 2 if query.dtype == torch.float32 else 3
     block_n = max(block_n, 16)
     if scratch is None:
-        scratch = _alloc_scratch(num_decodes, num_heads, num_kv_heads, num_splits, head_dim, query.device)
-    mid_o, mid_lse, arrivals = scratch  # fp32 even when unused: one compiled kernel serves every split count
+        scratch = _alloc_scratch(num_decodes, num_heads, num_splits, head_dim, query.device)
+    mid_o, mid_lse = scratch  # fp32 even when unused, so one compiled kernel serves every split count
     mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if num_splits > 1 else (0, 0, 0)
     ml_strides = (mid_lse.stride(0), mid_lse.stride(1)) if num_splits > 1 else (0, 0)
     window = int(sliding_window) if sliding_window is not None else 0
     _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, out, mid_o, mid_lse, arrivals, seq_lens, block_tables,
+        query, k_cache, v_cache, out, mid_o, mid_lse, seq_lens, block_tables,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), *mo_strides, *ml_strides,
-        scale * _LOG2E, window, num_splits, num_kv_heads,
+        scale * _LOG2E, window, num_splits,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(query.dtype), FUSED_REDUCE=FUSED_SPLIT_MERGE, S_CHUNK=16,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1 and not FUSED_SPLIT_MERGE:
+    if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
-            out, mid_o, mid_lse, out.stride(0), out.stride(1), *mo_strides, *ml_strides,
-            num_splits, S_CHUNK=16, HEAD_DIM=head_dim, D_PAD=d_pad,
-            num_warps=4 if d_pad >= 128 else 2,
+            out, mid_o, mid_lse, seq_lens, out.stride(0), out.stride(1), *mo_strides, *ml_strides,
+            window, num_splits, USE_WINDOW=sliding_window is not None, BLOCK_N=block_n,
+            S_CHUNK=16, HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4 if d_pad >= 128 else 2,
         )
 
 
-def _alloc_scratch(num_decodes: int, num_heads: int, num_kv_heads: int, num_splits: int, head_dim: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split outputs, their log-sum-exps, and the per-(sequence, KV head) arrival counters of the
-    fused merge (zero between launches: the merging program resets its counter)."""
-    if num_splits == 1:  # unused by the kernel: 1-element placeholders of the right dtypes
-        return (torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.float32, device=device),
-                torch.zeros(1, dtype=torch.int32, device=device))
+def _alloc_scratch(num_decodes: int, num_heads: int, num_splits: int, head_dim: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if num_splits == 1:  # unused by the kernel: two 1-element placeholders of the right dtype
+        return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.float32, device=device)
     mid_o = torch.empty((num_decodes, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
     mid_lse = torch.empty((num_decodes, num_heads, num_splits), dtype=torch.float32, device=device)
-    arrivals = torch.zeros(num_decodes * num_kv_heads, dtype=torch.int32, device=device)
-    return mid_o, mid_lse, arrivals
+    return mid_o, mid_lse
 
 
 def _prefill_config(dtype: torch.dtype, d_pad: int, group_pad: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -572,8 +531,7 @@ def _plan(meta: Any, query: torch.Tensor, k_cache: torch.Tensor, sliding_window:
         scratch_key = ("triton_scratch", n_dec, num_heads, num_splits, head_dim)
         scratch = meta.extras.get(scratch_key)
         if scratch is None:
-            scratch = meta.extras[scratch_key] = _alloc_scratch(n_dec, num_heads, num_kv_heads, num_splits, head_dim,
-                                                                query.device)
+            scratch = meta.extras[scratch_key] = _alloc_scratch(n_dec, num_heads, num_splits, head_dim, query.device)
     prefill_lens = meta.query_lens_host[n_dec:]
     plan = {
         "num_splits": num_splits,

@@ -89,8 +89,9 @@ _DECODER_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"
 _MAX_NORM_WIDTH = 32768
 # Decoder layers let down_proj's GEMM add the residual (``addmm_``) instead of a separate add kernel.
 # Off by default: the GEMM adds in fp32 before its one rounding, transformers rounds the product first,
-# so the outputs stop being bit-comparable (measured gain on an H200: ~1 us per layer at batch 1,
-# 13 us per Llama-3-8B layer at 256 tokens).
+# so the outputs stop being bit-comparable. Kernel-level gain on an H200: ~1 us per layer at batch 1,
+# 13 us per Llama-3-8B layer at 256 tokens; but the whole batch-1 Llama-3-8B step went 4.68 -> 4.78 ms
+# with it on (cuBLAS picks a slower GEMV for addmm; bench/gpu_session.sh ab, same machine).
 RESIDUAL_GEMM = os.environ.get("SAGELLM_FUSED_RESIDUAL_GEMM", "0") == "1"
 
 
