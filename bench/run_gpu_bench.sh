@@ -5,7 +5,7 @@
 #
 #   throughput  Qwen3-0.6B shape (random weights), bf16, nano-vllm's workload (256 requests, prompt and
 #               output lengths 100..1024, seed 0) and nano-vllm's engine budgets (512 seqs, 16384
-#               batched tokens); peers: transformers generate (static batches of 32) and transformers
+#               batched tokens); peers: transformers generate (static batches of 128) and transformers
 #               continuous batching, same weights, same run.
 #   latency     Llama-3-8B shape (random weights), bf16, batch 1, 128 prompt + 256 output tokens;
 #               peer: transformers generate batch 1; weight-read floor from measured bandwidth.
@@ -54,7 +54,7 @@ for bench in "${benches[@]}"; do
     case $bench in
         throughput)
             run_bench throughput bench throughput --model-shape qwen3-0.6b "${common[@]}" "${budgets[@]}" \
-                "${peers[@]}" "${continuous[@]}" --hf-batch-size 32 || failed+=(throughput) ;;
+                "${peers[@]}" "${continuous[@]}" --hf-batch-size 128 || failed+=(throughput) ;;
         latency)
             run_bench latency bench latency --model-shape llama-3-8b "${common[@]}" \
                 --input-len 128 --output-len 256 "${peers[@]}" || failed+=(latency) ;;
