@@ -102,6 +102,7 @@ class LLMEngine:
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.backend.async_output)
         self._inflight: InflightStep | None = None
+        self._carried: tuple[SchedulerOutput, list[list[int]]] | None = None
         self._deferred: list[SampledToken] = []
         self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
         self._pending: dict[str, RequestGroup] = {}
@@ -209,6 +210,7 @@ class LLMEngine:
             self.abort(request_id)
         self._deferred = []
         self._inflight = None
+        self._carried = None
         self._finalize(dict(self._pending))
         self._pending.clear()
 
@@ -218,7 +220,7 @@ class LLMEngine:
         self.runner.graphs = None
 
     def has_unfinished(self) -> bool:
-        return bool(self.groups) or bool(self._pending) or bool(self._deferred) or self._inflight is not None
+        return bool(self.groups) or bool(self._pending) or bool(self._deferred) or self._inflight is not None or self._carried is not None
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -233,23 +235,35 @@ class LLMEngine:
         the device computes; the next step's inputs take those tokens from device memory. Without
         it, ``scheduler.overlap_output`` and a batch of at least ``OVERLAP_MIN_BATCH`` sequences
         defer the slow half to the next step instead. Either way outputs arrive one step later,
-        and a request that ends meanwhile has the token computed for it dropped.
+        and a request that ends meanwhile has the token computed for it dropped. On a backend with
+        captured graphs, a step that must run eagerly (prefill) is not launched behind a step in
+        flight: that call returns the in-flight step's outputs and the next call runs the plan.
         """
         start = time.monotonic()
         phases = self.phase_seconds
         tick = time.perf_counter()
-        try:
-            plan = self.scheduler.schedule()
-        except Exception as exc:
-            raise PluginError(f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
+        if self._carried is not None:
+            plan, block_ids = self._carried
+            self._carried = None
+        else:
+            try:
+                plan = self.scheduler.schedule()
+            except Exception as exc:
+                raise PluginError(
+                    f"scheduler {self.config.scheduler.name!r} raised {type(exc).__name__}: {exc}") from exc
+            # before any read below frees the blocks of a request that turns out finished
+            block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         tock = time.perf_counter()
         phases["schedule"] += tock - tick
+        if self._inflight is not None and not plan.is_empty and self.runner.runs_eagerly_beside_graphs(plan, block_ids):
+            # Launching an eager step (prefill) keeps the host busy for milliseconds: hand out the
+            # step in flight first and run this plan in the next call.
+            self._carried = (plan, block_ids)
+            return self._read_inflight()
         samplers = [c.request for c in plan.chunks
                     if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
         pipelined = self.async_scheduling and not plan.is_empty and not any(
             r.params.needs_penalties or r.params.logprobs is not None for r in samplers)
-        # before any read below frees the blocks of a request that turns out finished
-        block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         outputs = [] if pipelined else self._read_inflight()
         if plan.is_empty:
             touched = self._render(self._take_deferred())

@@ -120,3 +120,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
+
+
+class DecodeOnlyGraphs:
+    """Stands in for captured decode graphs (as on CUDA): replays decode-only steps (through the
+    eager path here), so prefill steps are the eager ones."""
+
+    def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]
+        self.runner = runner
+        self.replays = 0
+
+    def supports(self, plan, block_ids) -> bool:  # type: ignore[no-untyped-def]
+        return all(c.num_tokens == 1 and c.request.num_computed_tokens + 1 == c.request.num_tokens
+                   for c in plan.chunks)
+
+    def run(self, plan, block_ids, feed):  # type: ignore[no-untyped-def]
+        self.replays += 1
+        return self.runner.run_eager(plan, block_ids, feed)

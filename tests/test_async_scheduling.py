@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import engine_config, run_engine
+from conftest import DecodeOnlyGraphs, engine_config, run_engine
 from sagellm_core.engine import LLMEngine
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.request import PENDING_TOKEN
@@ -86,3 +86,22 @@ def test_feed_overwrites_only_pending_last_inputs(tiny_engine_dir: Path) -> None
     ids = torch.tensor([7, 99, PENDING_TOKEN])
     feed_pending(ids, [7, 99, PENDING_TOKEN], [ScheduledChunk(request, 1)], [2], feed)
     assert ids.tolist() == [7, 99, 41]
+
+
+def test_an_eager_step_is_not_launched_behind_a_step_in_flight(tiny_engine_dir: Path) -> None:
+    expected = run_engine(async_engine(tiny_engine_dir, "off"), [[5, 6, 7], [8, 9]], GREEDY)
+    engine = async_engine(tiny_engine_dir)
+    engine.runner.graphs = DecodeOnlyGraphs(engine.runner)
+    engine.add_request([5, 6, 7], GREEDY, request_id="a")
+    engine.step()  # prefill of a (nothing in flight before it)
+    engine.step()  # decode of a ("replayed"), prefill's token read
+    engine.add_request([8, 9], GREEDY, request_id="b")
+    forward_tokens = engine.runner.num_forward_tokens
+    (out,) = engine.step()  # b's prefill would run eagerly: only the step in flight is handed out
+    assert out.request_id == "a" and engine.runner.num_forward_tokens == forward_tokens
+    assert engine._inflight is None and engine._carried is not None
+    finals = {}
+    while engine.has_unfinished():
+        finals |= {o.request_id: o for o in engine.step() if o.finished}
+    assert [finals[r].outputs[0].token_ids for r in "ab"] == [o.outputs[0].token_ids for o in expected]
+    assert engine.runner.graphs.replays > 0 and engine.kv_pools[0].stats().used_blocks == 0

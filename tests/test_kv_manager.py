@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import engine_config  # tests/conftest.py (imported at collection, before plugins/)
+from conftest import DecodeOnlyGraphs, engine_config  # tests/conftest.py (imported at collection, before plugins/)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,10 +179,11 @@ def test_randomized_workloads_leak_nothing(scheduler_name: str, num_blocks: int,
     scheduler=st.sampled_from(["fcfs", "priority", "pd"]),
     mode=st.sampled_from(["strict", "time_share", "hybrid"]),
     async_scheduling=st.sampled_from(["on", "off"]),
+    decode_graphs=st.booleans(),
 )
 def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, seed: int, num_blocks: int,
                                                               overlap_batch: int, scheduler: str, mode: str,
-                                                              async_scheduling: str) -> None:
+                                                              async_scheduling: str, decode_graphs: bool) -> None:
     """The real engine with a tiny model: random prompts sharing prefixes, random aborts, stop ids, a
     small KV pool (preemption): every request ends exactly once and every block ends free."""
     import sagellm_core.engine as engine_module
@@ -194,6 +195,8 @@ def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, s
     engine = LLMEngine(engine_config(tiny_engine_dir, kv_cache={"num_blocks": num_blocks},
                                      scheduler={"name": scheduler, "options": options, "max_num_batched_tokens": 24,
                                                 "async_scheduling": async_scheduling}))
+    if decode_graphs:  # as on CUDA: prefill steps run eagerly and are not launched behind a step in flight
+        engine.runner.graphs = DecodeOnlyGraphs(engine.runner)
     saved = engine_module.OVERLAP_MIN_BATCH
     engine_module.OVERLAP_MIN_BATCH = overlap_batch
     try:

@@ -115,6 +115,11 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
         return ids, pos, meta, sample_rows
 
+    def runs_eagerly_beside_graphs(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> bool:
+        """True for a step that cannot replay a captured graph on a backend that has them (a prefill
+        or mixed step): its launch is Python-bound, milliseconds of host time."""
+        return self.graphs is not None and not self.graphs.supports(plan, block_ids)
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None
                 ) -> torch.Tensor:
@@ -127,6 +132,12 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.supports(plan, block_ids):
             self.num_forward_tokens += len(plan.chunks)
             return self.graphs.run(plan, block_ids, feed)
+        return self.run_eager(plan, block_ids, feed)
+
+    @torch.inference_mode()
+    def run_eager(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None
+                  ) -> torch.Tensor:
+        """The step through the model's Python forward (any mix of prefill and decode)."""
         ids, pos, meta, sample_rows = self.build_inputs(plan, block_ids, feed)
         self.num_forward_tokens += int(ids.shape[0])
         keep = torch.tensor(sample_rows or [0], dtype=torch.int64).to(self.device, non_blocking=True)
