@@ -137,3 +137,23 @@ class DecodeOnlyGraphs:
     def run(self, plan, block_ids, feed):  # type: ignore[no-untyped-def]
         self.replays += 1
         return self.runner.run_eager(plan, block_ids, feed)
+
+
+def assert_seeded_request_ignores_its_batch(alone: Any, batched: Any, seeded: Any) -> None:
+    """A seeded request run alone on ``alone`` and amid unseeded ones on ``batched`` (both engines)
+    yields the same tokens; the unseeded requests do differ from each other."""
+    import random
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(1, 256) for _ in range(7)]
+    expected = run_engine(alone, [prompt], seeded)[0].outputs[0].token_ids
+    others = [[rng.randrange(1, 256) for _ in range(rng.randint(1, 20))] for _ in range(5)]
+    noisy = seeded.replace(seed=None, top_p=1.0, max_tokens=15)
+    ids = [batched.add_request(p, noisy) for p in others[:3]]
+    target = batched.add_request(prompt, seeded)
+    ids += [batched.add_request(p, noisy) for p in others[3:]]
+    finals = {}
+    while batched.has_unfinished():
+        finals.update({o.request_id: o for o in batched.step() if o.finished})
+    assert finals[target].outputs[0].token_ids == expected
+    assert len({tuple(finals[i].outputs[0].token_ids) for i in ids}) > 1

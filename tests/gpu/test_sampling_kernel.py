@@ -3,13 +3,12 @@ sampling through it in the engine."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import engine_config, run_engine
+from conftest import assert_seeded_request_ignores_its_batch, engine_config
 from sagellm_core.engine import LLMEngine
 from sagellm_core.sampling_params import SamplingParams
 
@@ -51,21 +50,8 @@ def test_draws_follow_the_tempered_softmax(gumbel_argmax) -> None:  # type: igno
 
 
 def test_seeded_requests_through_the_fused_sampler_are_batch_independent(tiny_models: dict[str, Path]) -> None:
-    rng = random.Random(0)
-    prompt = [rng.randrange(1, 256) for _ in range(7)]
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
     config = engine_config(tiny_models["qwen2"], backend={"name": "cuda"}, kv_cache={"block_size": 16, "num_blocks": 64})
-    alone_engine = LLMEngine(config)
-    assert alone_engine.sampler.fused is not None
-    alone = run_engine(alone_engine, [prompt], seeded)[0]
-    engine = LLMEngine(config)
-    noisy = SamplingParams(temperature=1.0, max_tokens=15, ignore_eos=True)
-    others = [[rng.randrange(1, 256) for _ in range(rng.randint(1, 20))] for _ in range(5)]
-    ids = [engine.add_request(p, noisy) for p in others[:3]]
-    target = engine.add_request(prompt, seeded)
-    ids += [engine.add_request(p, noisy) for p in others[3:]]
-    finals = {}
-    while engine.has_unfinished():
-        finals.update({o.request_id: o for o in engine.step() if o.finished})
-    assert finals[target].outputs[0].token_ids == alone.outputs[0].token_ids
-    assert len({tuple(finals[i].outputs[0].token_ids) for i in ids}) > 1
+    alone = LLMEngine(config)
+    assert alone.sampler.fused is not None
+    assert_seeded_request_ignores_its_batch(alone, LLMEngine(config), seeded)
