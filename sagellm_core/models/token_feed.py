@@ -38,7 +38,6 @@ class TokenFeed:
         return targets, sources
 
 
-
 def feed_pending(input_ids: torch.Tensor, host_ids: list[int], chunks: list[ScheduledChunk],
                  last_inputs: list[int], feed: TokenFeed | None) -> None:
     """Overwrite the pending rows of the flat device ``input_ids`` (built from ``host_ids``) from
