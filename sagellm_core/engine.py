@@ -103,6 +103,7 @@ class LLMEngine:
         self.async_scheduling = mode == "on" or (mode == "auto" and self.backend.async_output)
         self._inflight: InflightStep | None = None
         self._carried: tuple[SchedulerOutput, list[list[int]]] | None = None
+        self._tokens_since_step = 0  # tokens accepted since the last StepEvent
         self._deferred: list[SampledToken] = []
         self._by_request: dict[str, tuple[RequestGroup, CompletionState]] = {}
         self._pending: dict[str, RequestGroup] = {}
@@ -268,7 +269,7 @@ class LLMEngine:
         if plan.is_empty:
             touched = self._render(self._take_deferred())
             if touched:  # aborts or finishes changed the queues: let gauges see it
-                self._emit_step(plan, start, time.monotonic(), 0)
+                self._emit_step(plan, start, time.monotonic())
             return outputs + self._finalize(touched)
         feed = self._inflight.feed if self._inflight is not None else None
         pending = self.sampler.launch(self.runner.execute(plan, block_ids, feed), samplers)
@@ -287,7 +288,7 @@ class LLMEngine:
         self.scheduler.after_step(plan)
         if pipelined:
             self._inflight = self._hold(pending)
-            self._emit_step(plan, start, time.monotonic(), len(samplers))
+            self._emit_step(plan, start, time.monotonic())
             return outputs
         result = self.sampler.collect(pending)  # waits for the device
         tick = time.perf_counter()
@@ -301,7 +302,7 @@ class LLMEngine:
             item = self._accept_token(entry[0], entry[1], token_id, logprob, now)
             if item is not None:
                 accepted.append(item)
-        self._emit_step(plan, start, now, len(samplers))
+        self._emit_step(plan, start, now)
         if self.overlap_output and len(accepted) >= OVERLAP_MIN_BATCH:
             self._deferred = accepted
         else:
@@ -355,6 +356,7 @@ class LLMEngine:
         request, params = state.request, group.params
         if not placed:
             request.output_token_ids.append(token_id)
+        self._tokens_since_step += 1
         state.token_times.append(now)
         if group.metrics.first_token_time is None:
             group.metrics.first_token_time = now
@@ -439,13 +441,14 @@ class LLMEngine:
         return outputs
 
     # ---- metrics -------------------------------------------------------------------------------
-    def _emit_step(self, plan: SchedulerOutput, start: float, end: float, num_sampled: int) -> None:
+    def _emit_step(self, plan: SchedulerOutput, start: float, end: float) -> None:
         self.step_counter += 1
+        num_output_tokens, self._tokens_since_step = self._tokens_since_step, 0
         decode_tokens = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.request.num_output_tokens > 1)
         event = StepEvent(
             step=self.step_counter, start_time=start, end_time=end, num_seqs=len(plan.chunks),
             num_decode_tokens=decode_tokens, num_prefill_tokens=plan.num_tokens - decode_tokens,
-            num_output_tokens=num_sampled, num_waiting=len(self.scheduler.waiting),
+            num_output_tokens=num_output_tokens, num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running), num_preempted=len(plan.preempted),
             kv=tuple(pool.stats() for pool in self.kv_pools),
         )

@@ -17,9 +17,10 @@ from sagellm_core.plugin_manager import create_plugin_manager
 from sagellm_core.sampling_params import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm(tokenizer_model: Path):
-    with LLM(config=engine_config(tokenizer_model)) as engine:
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def llm(tokenizer_model: Path, request: pytest.FixtureRequest):
+    """The library API over a synchronous and an async-scheduling engine (the CUDA default)."""
+    with LLM(config=engine_config(tokenizer_model, scheduler={"async_scheduling": request.param})) as engine:
         yield engine
 
 

@@ -29,14 +29,16 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[LLM]:
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def llm(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, request: pytest.FixtureRequest
+        ) -> Iterator[LLM]:
+    """The served engine, synchronous and with async scheduling (the CUDA default)."""
     model_dir = save_tiny_llama(tmp_path_factory.mktemp("server-model") / "llama", default_model_dir)
     config = EngineConfig.from_dict({
         "model": {"path": str(model_dir), "dtype": "float32"},
         "backend": {"name": "cpu"},
         "kv_cache": {"block_size": 16, "num_blocks": 256},
-        "scheduler": {"name": "fcfs", "max_waiting": MAX_WAITING},
+        "scheduler": {"name": "fcfs", "max_waiting": MAX_WAITING, "async_scheduling": request.param},
     })
     engine = LLM(config=server_engine_config(config))
     yield engine
@@ -289,6 +291,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_endpoint_counts_requests(url: str, client: openai.OpenAI, llm: LLM) -> None:
+    client.completions.create(model=MODEL, prompt="Warm", max_tokens=2, extra_body=NO_EOS)  # gauges get labels
     wait_idle(llm)
     before = scrape(url)
     for name in ("sagellm_time_to_first_token_seconds_count", "sagellm_inter_token_latency_seconds_count",

@@ -11,6 +11,10 @@ from sagellm_core.kv.manager import KVStats
 
 @attrs.frozen
 class StepEvent:
+    """One engine step. ``num_output_tokens`` counts the tokens that reached their requests during
+    the step (with async scheduling: those the previous step sampled; a token computed for a request
+    that had already ended is not counted)."""
+
     step: int
     start_time: float
     end_time: float
