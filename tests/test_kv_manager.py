@@ -206,7 +206,8 @@ def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, s
             prompt = base[: rng.randint(0, 20)] + [rng.randrange(1, 256) for _ in range(rng.randint(1, 12))]
             params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 8), seed=i,
                                     stop_token_ids=[rng.randrange(1, 256)], n=rng.choice([1, 1, 2]),
-                                    logprobs=rng.choice([None, None, None, 1]))
+                                    logprobs=rng.choice([None, None, None, 1]),
+                                    repetition_penalty=rng.choice([1.0, 1.0, 1.0, 1.2]))
             try:
                 ids.append(engine.add_request(prompt, params, priority=rng.randint(0, 3)))
             except PromptTooLongError:
