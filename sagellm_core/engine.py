@@ -26,9 +26,9 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.metrics.base import RequestEvent, StepEvent
 from sagellm_core.models import loader
 from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_config
+from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
-from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.request import PENDING_TOKEN, Request, RequestStatus
 from sagellm_core.request_state import (
     CompletionState,
@@ -198,8 +198,7 @@ class LLMEngine:
             return False
         for state in group.completions:
             if state.finish_reason is None:
-                if state.request.has_pending_token:
-                    state.request.output_token_ids.pop()  # its step is in flight; the token is dropped
+                state.request.drop_pending_token()  # its step is in flight; the token is dropped
                 finish(state, RequestStatus.FINISHED_ABORTED)
                 self._release(group, state)
         self._pending[request_id] = group
@@ -221,7 +220,8 @@ class LLMEngine:
         self.runner.graphs = None
 
     def has_unfinished(self) -> bool:
-        return bool(self.groups) or bool(self._pending) or bool(self._deferred) or self._inflight is not None or self._carried is not None
+        return (bool(self.groups) or bool(self._pending) or bool(self._deferred)
+                or self._inflight is not None or self._carried is not None)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -256,7 +256,8 @@ class LLMEngine:
             block_ids = [self.kv_pools[plan.pool].block_ids(c.request.request_id) for c in plan.chunks]
         tock = time.perf_counter()
         phases["schedule"] += tock - tick
-        if self._inflight is not None and not plan.is_empty and self.runner.runs_eagerly_beside_graphs(plan, block_ids):
+        replay = not plan.is_empty and self.runner.replays_graph(plan, block_ids)
+        if self._inflight is not None and not plan.is_empty and self.runner.graphs is not None and not replay:
             # Launching an eager step (prefill) keeps the host busy for milliseconds: hand out the
             # step in flight first and run this plan in the next call.
             self._carried = (plan, block_ids)
@@ -272,7 +273,7 @@ class LLMEngine:
                 self._emit_step(plan, start, time.monotonic())
             return outputs + self._finalize(touched)
         feed = self._inflight.feed if self._inflight is not None else None
-        pending = self.sampler.launch(self.runner.execute(plan, block_ids, feed), samplers)
+        pending = self.sampler.launch(self.runner.execute(plan, block_ids, feed, replay=replay), samplers)
         tick = time.perf_counter()
         phases["execute"] += tick - tock
         # the device is busy with this step: process the previous one meanwhile
@@ -294,14 +295,7 @@ class LLMEngine:
         tick = time.perf_counter()
         phases["sample"] += tick - tock
         now = time.monotonic()
-        accepted = []
-        for request, token_id, logprob in zip(samplers, result.token_ids, result.logprobs):
-            entry = self._by_request.get(request.request_id)
-            if entry is None:
-                continue  # finished and reported while this step ran (late stop string)
-            item = self._accept_token(entry[0], entry[1], token_id, logprob, now)
-            if item is not None:
-                accepted.append(item)
+        accepted = self._accept_all(samplers, result.token_ids, result.logprobs, now)
         self._emit_step(plan, start, now)
         if self.overlap_output and len(accepted) >= OVERLAP_MIN_BATCH:
             self._deferred = accepted
@@ -328,33 +322,38 @@ class LLMEngine:
         tick = time.perf_counter()
         token_ids = inflight.read()
         self.phase_seconds["sample"] += time.perf_counter() - tick
-        now = time.monotonic()
+        accepted = self._accept_all(inflight.requests, token_ids, [None] * len(token_ids), time.monotonic())
+        return self._finalize(self._render(self._take_deferred() + accepted))
+
+    def _accept_all(self, requests: list[Request], token_ids: list[int], logprobs: list[Any], now: float
+                    ) -> list[SampledToken]:
+        """The fast half for each sampled request that is still known to the engine."""
         accepted = []
-        for request, token_id in zip(inflight.requests, token_ids):
-            if not request.has_pending_token:
-                continue  # aborted meanwhile (abort drops the placeholder)
+        for request, token_id, logprob in zip(requests, token_ids, logprobs):
             entry = self._by_request.get(request.request_id)
-            if entry is None or entry[1].finish_reason is not None:
-                request.output_token_ids.pop()
+            if entry is None:  # finished and reported while this step ran (late stop string)
+                request.drop_pending_token()
                 continue
-            request.output_token_ids[-1] = token_id
-            item = self._accept_token(entry[0], entry[1], token_id, None, now, placed=True)
+            item = self._accept_token(entry[0], entry[1], token_id, logprob, now)
             if item is not None:
                 accepted.append(item)
-        return self._finalize(self._render(self._take_deferred() + accepted))
+        return accepted
 
     def _take_deferred(self) -> list[SampledToken]:
         items, self._deferred = self._deferred, []
         return items
 
     def _accept_token(self, group: RequestGroup, state: CompletionState, token_id: int, logprob: Any,
-                      now: float, placed: bool = False) -> SampledToken | None:
-        """Fast half: record the token (unless ``placed`` already) and finish on what needs no text
-        (EOS, stop ids, length)."""
-        if state.finish_reason is not None:
-            return None  # ended meanwhile (abort, or a stop string found one step late): drop
+                      now: float) -> SampledToken | None:
+        """Fast half: record the token (in place of its placeholder under async scheduling) and finish
+        on what needs no text (EOS, stop ids, length)."""
         request, params = state.request, group.params
-        if not placed:
+        if state.finish_reason is not None:  # ended meanwhile (abort, or a stop string one step late): drop
+            request.drop_pending_token()
+            return None
+        if request.has_pending_token:
+            request.output_token_ids[-1] = token_id
+        else:
             request.output_token_ids.append(token_id)
         self._tokens_since_step += 1
         state.token_times.append(now)

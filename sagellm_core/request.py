@@ -81,6 +81,11 @@ class Request:
     def has_pending_token(self) -> bool:
         return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING_TOKEN
 
+    def drop_pending_token(self) -> None:
+        """Forget the placeholder of a token that will not be accepted (the request ended meanwhile)."""
+        if self.has_pending_token:
+            self.output_token_ids.pop()
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)

@@ -138,10 +138,9 @@ class Sampler:
             chosen[rows] = self._draw(probs, [requests[i] for i in sampled])
         return PendingSample(requests, chosen, logprob_info)
 
-    def collect(self, pending: PendingSample, token_ids: list[int] | None = None) -> SampleResult:
-        """Read a launched sample (``token_ids`` if the caller already copied them to the host)."""
-        if token_ids is None:
-            token_ids = pending.token_ids.tolist()
+    def collect(self, pending: PendingSample) -> SampleResult:
+        """Read a launched sample: token ids and logprobs on the host (waits for the device)."""
+        token_ids = pending.token_ids.tolist()
         return SampleResult(token_ids, self._logprobs(pending.logprob_source, pending.requests, token_ids))
 
     def _fused_draw(self, fused: FusedSampler, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -115,21 +115,24 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
         return ids, pos, meta, sample_rows
 
-    def runs_eagerly_beside_graphs(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> bool:
-        """True for a step that cannot replay a captured graph on a backend that has them (a prefill
-        or mixed step): its launch is Python-bound, milliseconds of host time."""
-        return self.graphs is not None and not self.graphs.supports(plan, block_ids)
+    def replays_graph(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> bool:
+        """Whether the step replays a captured graph (else its launch is the model's Python forward,
+        milliseconds of host time)."""
+        return self.graphs is not None and self.graphs.supports(plan, block_ids)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None
-                ) -> torch.Tensor:
+    def execute(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None,
+                replay: bool | None = None) -> torch.Tensor:
         """Queue the step; return float32 logits [num_sampled, vocab] for the chunks that complete.
+        ``replay``: `replays_graph` if the caller has asked it already.
 
         Nothing here waits for the device, so the host can prepare the next step meanwhile."""
         self.transfer(plan.transfers)
         if not plan.chunks:
             return torch.empty((0, 0))
-        if self.graphs is not None and self.graphs.supports(plan, block_ids):
+        if replay is None:
+            replay = self.replays_graph(plan, block_ids)
+        if replay and self.graphs is not None:
             self.num_forward_tokens += len(plan.chunks)
             return self.graphs.run(plan, block_ids, feed)
         return self.run_eager(plan, block_ids, feed)

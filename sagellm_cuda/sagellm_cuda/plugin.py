@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from types import ModuleType
 from typing import Any, Callable
 
@@ -72,6 +73,18 @@ def load_triton_attention() -> tuple[PagedAttentionOp | None, str]:
     return triton_paged_attention, "triton"
 
 
+def load_optional_kernel(switch: str, module: str, name: str, what: str) -> Any:
+    """``module.name``, or None when ``<switch>=0`` is set in the environment (A/B measurements) or
+    Triton is missing or broken (logged: the backend then keeps the plain-torch path)."""
+    if os.environ.get(switch, "1") == "0" or not module_available("triton"):
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as exc:  # a broken Triton install must degrade to the plain path, loudly
+        logger.warning("sagellm-cuda: %s unavailable (%s: %s)", what, type(exc).__name__, exc)
+        return None
+
+
 class CUDABackend(TorchNamespaceBackend):
     """A selected NVIDIA GPU: ``cuda:<device_index>``, NCCL, Triton paged attention."""
 
@@ -116,15 +129,9 @@ class CUDABackend(TorchNamespaceBackend):
         ``SAGELLM_FUSED=0`` in the environment turns it off (A/B measurements). The patched module
         names are kept in ``self.fused_modules``.
         """
-        import os
-
         self.fused_modules: list[str] = []
-        if os.environ.get("SAGELLM_FUSED", "1") == "0" or not module_available("triton"):
-            return
-        try:
-            from sagellm_cuda.fused import patch_model
-        except Exception as exc:  # a broken Triton install must degrade to the unfused model, loudly
-            logger.warning("sagellm-cuda: fused kernels unavailable (%s: %s)", type(exc).__name__, exc)
+        patch_model = load_optional_kernel("SAGELLM_FUSED", "sagellm_cuda.fused", "patch_model", "fused kernels")
+        if patch_model is None:
             return
         self.fused_modules = patch_model(model, dtype)
         if self.fused_modules:
@@ -137,16 +144,8 @@ class CUDABackend(TorchNamespaceBackend):
     def fused_sampler(self) -> Any:
         """`sagellm_cuda.sampling.gumbel_argmax` (one Triton pass per row) unless Triton is missing or
         ``SAGELLM_FUSED_SAMPLING=0``."""
-        import os
-
-        if os.environ.get("SAGELLM_FUSED_SAMPLING", "1") == "0" or not module_available("triton"):
-            return None
-        try:
-            from sagellm_cuda.sampling import gumbel_argmax
-        except Exception as exc:  # a broken Triton install must degrade to the torch sampler, loudly
-            logger.warning("sagellm-cuda: fused sampler unavailable (%s: %s)", type(exc).__name__, exc)
-            return None
-        return gumbel_argmax
+        return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.sampling", "gumbel_argmax",
+                                    "fused sampler")
 
     def graph_capture(self) -> Any:
         """CUDA-graph capture for decode steps (`sagellm_cuda.graphs.CUDAGraphCapture`), or None.
