@@ -10,7 +10,7 @@ import attrs
 if TYPE_CHECKING:
     import torch
 
-    from sagellm_core.attention_metadata import AttentionMetadata
+    from sagellm_core.attention.metadata import AttentionMetadata
 
 
 @attrs.frozen
@@ -102,7 +102,7 @@ class Backend:
         )
 
     def attention_op(self) -> PagedAttentionOp:
-        from sagellm_core.attention_reference import reference_paged_attention
+        from sagellm_core.attention.reference import reference_paged_attention
 
         return reference_paged_attention
 

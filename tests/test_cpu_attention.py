@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from sagellm_core.attention_metadata import AttentionMetadata
-from sagellm_core.attention_reference import reference_paged_attention
-from sagellm_core.builtin import cpu_attention
-from sagellm_core.builtin.cpu_attention import CPUPagedAttention, cpu_paged_attention
+from sagellm_core.attention.metadata import AttentionMetadata
+from sagellm_core.attention.reference import reference_paged_attention
+from sagellm_core.attention import cpu as cpu_attention
+from sagellm_core.attention.cpu import CPUPagedAttention, cpu_paged_attention
 from sagellm_core.builtin.cpu_backend import CPUBackend
 
 HEAD_DIM = 16

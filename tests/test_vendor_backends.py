@@ -19,7 +19,7 @@ import sagellm_cambricon.plugin as cambricon
 import sagellm_cuda.plugin as cuda
 import sagellm_hygon.plugin as hygon
 from sagellm_core import PLUGIN_API_VERSION
-from sagellm_core.attention_reference import reference_paged_attention
+from sagellm_core.attention.reference import reference_paged_attention
 from sagellm_core.config import BackendConfig
 from sagellm_core.plugin_manager import create_plugin_manager
 

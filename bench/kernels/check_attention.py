@@ -40,8 +40,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     _interp._patch_lang_tensor = _patch_lang_tensor
 
-from sagellm_core.attention_metadata import AttentionMetadata  # noqa: E402
-from sagellm_core.attention_reference import reference_paged_attention
+from sagellm_core.attention.metadata import AttentionMetadata  # noqa: E402
+from sagellm_core.attention.reference import reference_paged_attention
 from sagellm_cuda.attention import (  # noqa: E402
     _alloc_scratch,
     decode_attention,
@@ -373,7 +373,7 @@ def prefill_bench(device, rows, label, n, q_len, prefix, hq, hkv, d, dtype, conf
 
 
 def write_bench(device, rows, t, hkv, d, dtype):
-    from sagellm_core.attention_reference import write_kv
+    from sagellm_core.attention.reference import write_kv
 
     case = make_case([], [(0, t)], 16, hkv, d, 16, dtype, device, seed=3, extra_blocks=4096, layers=1)
     _, key, value, k_cache, v_cache, meta = case

@@ -22,7 +22,7 @@ class CPUBackend(Backend):
     def attention_op(self) -> PagedAttentionOp:
         """`cpu_attention.CPUPagedAttention` (one per model runner: it owns scratch buffers); the
         reference op stays the oracle that tests compare it with."""
-        from sagellm_core.builtin.cpu_attention import CPUPagedAttention
+        from sagellm_core.attention.cpu import CPUPagedAttention
 
         return CPUPagedAttention()
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sagellm_core.attention_metadata import AttentionMetadata
-from sagellm_core.models import attention_hook
+from sagellm_core.attention.metadata import AttentionMetadata
+from sagellm_core.attention import hook as attention_hook
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.schedulers.base import SchedulerOutput
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from sagellm_core.attention_metadata import AttentionMetadata
+from sagellm_core.attention.metadata import AttentionMetadata
 from sagellm_core.backend import Backend
-from sagellm_core.models import attention_hook
+from sagellm_core.attention import hook as attention_hook
 from sagellm_core.models.graphs import DecodeGraphRunner
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.schedulers.base import BlockTransfer, SchedulerOutput

@@ -1,6 +1,6 @@
 """Triton paged attention for the CUDA backend.
 
-`triton_paged_attention` computes exactly what `sagellm_core.attention_reference.reference_paged_attention`
+`triton_paged_attention` computes exactly what `sagellm_core.attention.reference.reference_paged_attention`
 computes (see `sagellm_core.backend.PagedAttentionOp`), in three kinds of launch:
 
 1. ``_write_kv_kernel``: one program per new token scatters its K and V rows (all KV heads) into the

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sagellm_core.attention_metadata import AttentionMetadata
-from sagellm_core.attention_reference import reference_paged_attention
+from sagellm_core.attention.metadata import AttentionMetadata
+from sagellm_core.attention.reference import reference_paged_attention
 
 pytestmark = [
     pytest.mark.gpu,

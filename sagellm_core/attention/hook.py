@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import torch
 
-from sagellm_core.attention_metadata import AttentionMetadata
+from sagellm_core.attention.metadata import AttentionMetadata
 
 ATTN_IMPLEMENTATION = "sagellm_paged"
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sagellm_core.attention_metadata import AttentionMetadata
+from sagellm_core.attention.metadata import AttentionMetadata
 
 # Context tokens per decode chunk: the chunk's gathered K takes CHUNK_TOKENS * Hkv * D * 4 bytes in
 # fp32 (6 MB for 3 KV heads of 64). Smaller chunks stay in faster caches but cost more calls; on a
