@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sagellm_core.bench.stats import RequestTiming, percentile, summarize
-from sagellm_core.bench.workloads import poisson_arrivals, random_workload, shared_prefix_workload
+from sagellm_bench.stats import RequestTiming, percentile, summarize
+from sagellm_bench.workloads import poisson_arrivals, random_workload, shared_prefix_workload
 from sagellm_core.cli import main
 
 ENGINE_ARGS = ["--backend", "cpu", "--dtype", "float32", "--num-kv-blocks", "256"]
@@ -123,7 +123,7 @@ def test_serve_client_against_fake_server(tmp_path: Path) -> None:
 
     import httpx
 
-    from sagellm_core.bench import serve
+    from sagellm_bench import serve
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = json.loads((await receive())["body"])
@@ -155,9 +155,9 @@ def test_model_shapes_match_the_real_parameter_counts(shape: str, total: int, ti
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sagellm_core.bench.floors import param_counts
-    from sagellm_core.bench.shapes import write_shape
-    from sagellm_core.cli.bench_cmd import SHAPE_NAMES
+    from sagellm_bench.floors import param_counts
+    from sagellm_bench.shapes import write_shape
+    from sagellm_bench.cli import SHAPE_NAMES
 
     assert shape in SHAPE_NAMES
     config = AutoConfig.from_pretrained(str(write_shape(shape, tmp_path / shape)))

@@ -4,5 +4,5 @@ One module per workload (`throughput`, `latency`, `serve`, `prefix`, `pd`); shar
 `workloads` (seeded request generation), `environment` (hardware / versions report), `hf_peer`
 (transformers on the same weights), `floors` (measured matmul FLOP/s and memory bandwidth, and the
 time floors they imply), `offline` (running sageLLM over a workload), `stats` (summaries) and
-`report` (JSON, markdown and PNG outputs). `sagellm_core.cli.bench_cmd` wires them to argparse.
+`report` (JSON, markdown and PNG outputs). `sagellm_bench.cli` wires them to argparse.
 """
