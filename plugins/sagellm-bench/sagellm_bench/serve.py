@@ -217,7 +217,7 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
              "output_len": f"{options.output_len[0]}..{options.output_len[1]}",
              "max_concurrency": options.max_concurrency or "unlimited",
              "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed,
-             "server_command": shlex.join(["sagellm", "serve", "--port", "<free port>", *options.launch_args])
+             "server_command": shlex.join(["sagellm", "serve", "--port", "PORT", *options.launch_args])
              if options.launch else "not launched by this run",
              "server_config": server_config or "unknown: the server was not launched by this run"}
     report = BenchReport("serve", env, setup, results, _tables(results, server_config), _comparisons(results),
