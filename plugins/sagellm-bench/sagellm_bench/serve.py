@@ -26,8 +26,9 @@ from typing import Any
 import attrs
 
 from sagellm_bench.environment import environment, visible_accelerators
-from sagellm_bench.offline import engine_session, rate_label, run_with_arrivals, warmup
+from sagellm_bench.offline import rate_label
 from sagellm_bench.report import BenchReport, Table, line_chart, write_report
+from sagellm_bench.serve_offline import offline_comparison, offline_table, ratios, run_offline_peer, three
 from sagellm_bench.server_launch import effective_server_config, flatten, launched_server
 from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
 from sagellm_bench.workloads import BenchRequest, Workload, poisson_arrivals, random_text, random_workload
@@ -208,7 +209,10 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
                                                            Path(options.output_dir) / "serve_server.log"))
         results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
     if options.compare_offline:  # after the launched server stopped: the device is free again
-        for rate, offline in run_offline_peer(config, options).items():
+        workload = serve_workload(options)
+        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
+                   for rate in options.request_rates}
+        for rate, offline in run_offline_peer(config, workload, offsets, options.temperature).items():
             results[rate]["offline"] = offline
             results[rate]["server_over_offline"] = ratios(results[rate], offline)
     setup = {"base_url": base_url, "launched": options.launch, "model": model, "prompt_kind": options.prompt_kind,
@@ -226,31 +230,6 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
     return report
 
 
-def run_offline_peer(config: EngineConfig, options: ServeOptions) -> dict[str, Any]:
-    """The engine in-process (`LLM`) on the server's requests and arrival times, rate by rate."""
-    workload = serve_workload(options)
-    results: dict[str, Any] = {}
-    with engine_session(config) as llm:
-        warmup(llm, llm.engine.vocab_size)
-        for rate in options.request_rates:
-            offsets = poisson_arrivals(len(workload.requests), rate, options.seed)
-            timings, elapsed = run_with_arrivals(llm, workload, offsets, options.temperature,
-                                                 f"offline rate {rate_label(rate)}")
-            results[rate_label(rate)] = {**throughput_summary(timings, elapsed), **latency_summary(timings)}
-    return results
-
-
-def ratios(server: dict[str, Any], offline: dict[str, Any]) -> dict[str, float | None]:
-    """Server / offline for throughput (below 1: the server is slower) and latencies (above 1: slower)."""
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    out = {"output_tokens_per_s": ratio(server["output_tokens_per_s"], offline["output_tokens_per_s"])}
-    for metric, stat in (("ttft_ms", "mean"), ("ttft_ms", "p99"), ("tpot_ms", "mean"), ("tpot_ms", "p99")):
-        out[f"{metric.removesuffix('_ms')}_{stat}"] = ratio(server[metric].get(stat), offline[metric].get(stat))
-    return out
-
-
 # ---- report --------------------------------------------------------------------------------------
 def _tables(results: dict[str, Any], server_config: dict[str, Any] | None) -> list[Table]:
     table = Table("Online serving", ["rate req/s", "done/failed", "req/s", "output tok/s", "TTFT mean/med/p99 ms",
@@ -258,35 +237,18 @@ def _tables(results: dict[str, Any], server_config: dict[str, Any] | None) -> li
     for rate, r in results.items():
         itl = r["itl_ms"]
         table.rows.append([rate, f"{r['completed']}/{r['failed']}", r["requests_per_s"], r["output_tokens_per_s"],
-                           _three(r["ttft_ms"]), _three(r["tpot_ms"]),
+                           three(r["ttft_ms"]), three(r["tpot_ms"]),
                            f"{itl['mean']:.1f}/{itl['p99']:.1f}" if itl.get("count") else "-",
                            r["e2e_ms"].get("median"), r["goodput_requests_per_s"]])
     tables = [table]
     if any("offline" in r for r in results.values()):
-        tables.append(_offline_table(results))
+        tables.append(offline_table(results))
     if server_config is not None:
         config = Table("Server configuration (as `sagellm serve` resolves the forwarded options)",
                        ["setting", "value"])
         config.rows = [[key, value] for key, value in flatten(server_config).items()]
         tables.append(config)
     return tables
-
-
-def _three(summary: dict[str, float]) -> str:
-    return "/".join(f"{summary[k]:.1f}" for k in ("mean", "median", "p99")) if summary.get("count") else "-"
-
-
-def _offline_table(results: dict[str, Any]) -> Table:
-    table = Table("Server vs the offline engine (same requests, same arrival times)",
-                  ["rate req/s", "server output tok/s", "offline output tok/s", "server / offline",
-                   "TTFT mean/med/p99 ms offline", "TPOT mean/med/p99 ms offline", "TTFT p99 ratio",
-                   "TPOT mean ratio"])
-    for rate, r in results.items():
-        offline, ratio = r["offline"], r["server_over_offline"]
-        table.rows.append([rate, r["output_tokens_per_s"], offline["output_tokens_per_s"],
-                           ratio["output_tokens_per_s"], _three(offline["ttft_ms"]), _three(offline["tpot_ms"]),
-                           ratio["ttft_p99"], ratio["tpot_mean"]])
-    return table
 
 
 def _comparisons(results: dict[str, Any]) -> list[str]:
@@ -296,17 +258,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
             lines.append(f"rate {rate}: achieved {r['requests_per_s']:.2f} req/s of {float(rate):.2f} offered "
                          f"({r['requests_per_s'] / float(rate):.2f}x)")
         if "offline" in r:
-            lines.append(f"rate {rate}: server / offline engine = {_x(r['server_over_offline']['output_tokens_per_s'])}"
-                         f" output tok/s ({r['output_tokens_per_s']:.1f} vs {r['offline']['output_tokens_per_s']:.1f})"
-                         f"; TTFT p99 {_x(r['server_over_offline']['ttft_p99'])}, "
-                         f"TPOT mean {_x(r['server_over_offline']['tpot_mean'])}")
+            lines.append(offline_comparison(rate, r))
     if not any("offline" in r for r in results.values()):
         lines.append("no offline peer measured in this run (pass --compare offline)")
     return lines
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def _notes(options: ServeOptions) -> list[str]:
