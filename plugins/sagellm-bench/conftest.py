@@ -5,9 +5,20 @@ distribution installed, since its entry point adds ``sagellm bench``:
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_plugin_installed() -> None:
+    """Fail with the fix, not with "invalid choice: 'bench'", where the distribution is missing."""
+    try:
+        metadata.distribution("sagellm-bench")
+    except metadata.PackageNotFoundError:
+        pytest.fail("the sagellm-bench distribution is not installed (its entry point adds `sagellm bench`): "
+                    "run scripts/setup.sh, or pip install --no-deps -e plugins/sagellm-bench", pytrace=False)
 
 
 @pytest.fixture(scope="session")
