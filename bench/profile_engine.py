@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 
-from sagellm_core.bench.shapes import write_shape
+from sagellm_bench.shapes import write_shape  # the sagellm-bench plugin (scripts/setup.sh installs it)
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
 from sagellm_core.sampling_params import SamplingParams

@@ -12,8 +12,9 @@
 #   prefix      Qwen3-0.6B shape, bf16, 8 shared 512-token system prompts x 8 requests, prefix_lru vs no_reuse.
 #
 # With no bench names, all three run. Each writes <name>.json / .md / _*.png under OUTPUT_DIR/<bench>/
-# and its console output to OUTPUT_DIR/<bench>.log. Needs a CUDA build of torch and sagellm-cuda
-# installed (the backend is forced to `cuda`, so a missing plugin fails loudly instead of running on CPU).
+# and its console output to OUTPUT_DIR/<bench>.log. Needs a CUDA build of torch, sagellm-cuda and the
+# bench plugin (plugins/sagellm-bench, which adds `sagellm bench`) installed (the backend is forced to
+# `cuda`, so a missing plugin fails loudly instead of running on CPU).
 # Environment overrides: PYTHON (interpreter), MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, NO_PEERS=1 (sageLLM only),
 # HF_CONTINUOUS=on|off|auto (transformers' continuous batching as a second throughput peer).
 set -uo pipefail

@@ -80,3 +80,23 @@ def sagellm_configure(config: Any) -> None:
 
     Use it to read configuration; do not mutate it (it is frozen).
     """
+
+
+@hookspec
+def sagellm_register_commands(register: Callable[..., None]) -> None:
+    """Register sub-commands of the ``sagellm`` command line (as simonw/llm's ``register_commands``).
+
+    Call ``register(name, add_arguments, run, help="one line for sagellm --help")``. The CLI creates
+    the argparse sub-parser ``sagellm <name>``, hands it to ``add_arguments(parser)`` to declare the
+    command's options (and nested sub-commands, if any), and when the user runs the command calls
+    ``run(args)`` with the parsed `argparse.Namespace`; ``run`` returns the exit status (None means 0)
+    and raises `sagellm_core.errors.SageLLMError` for an error the user should read (exit status 2).
+    A command that builds an engine adds the shared engine options with
+    `sagellm_core.cli.common.add_engine_options` and turns them into an `EngineConfig` with
+    `sagellm_core.cli.common.engine_config`. ``args.argv`` holds the command line as typed.
+
+    ``name`` is lower-case letters, digits and dashes. A name taken by a built-in command is refused
+    with a warning; two plugins registering one name is a clash (the later plugin is marked failed).
+    The hook runs every time ``sagellm`` starts: import heavy modules inside ``run``, not at the top
+    of the plugin module. See `sagellm_core.commands.CommandSpec`.
+    """

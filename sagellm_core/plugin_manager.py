@@ -20,6 +20,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from sagellm_core import PLUGIN_API_VERSION, hookspecs
+from sagellm_core.commands import CommandSpec
 from sagellm_core.errors import PluginError
 from sagellm_core.registry import Registration, Registry
 
@@ -35,6 +36,7 @@ HOOK_FAMILY = {
     "sagellm_register_kv_policies": "kv_policy",
     "sagellm_register_schedulers": "scheduler",
     "sagellm_register_metrics": "metric",
+    "sagellm_register_commands": "command",
 }
 
 
@@ -186,6 +188,15 @@ def _make_register(family: str, plugin_name: str, staged: list[Registration]) ->
         def register_backend(spec: Any) -> None:
             staged.append(Registration(family, spec.name, spec.create, plugin_name, spec=spec))
         return register_backend
+    if family == "command":
+        def register_command(name: str, add_arguments: Callable[..., Any], run: Callable[..., Any],
+                             help: str = "") -> None:
+            try:
+                spec = CommandSpec(name, add_arguments, run, help)
+            except ValueError as exc:
+                raise PluginError(f"plugin {plugin_name!r}: {exc}") from None
+            staged.append(Registration(family, name, run, plugin_name, spec=spec))
+        return register_command
 
     def register(name: str, factory: Callable[..., Any], options: type | None = None) -> None:
         if not isinstance(name, str) or not name:

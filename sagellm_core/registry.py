@@ -1,4 +1,4 @@
-"""What the plugins registered: backends, KV policies, schedulers and metric sinks, by name."""
+"""What the plugins registered: backends, KV policies, schedulers, metric sinks and CLI commands, by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import attrs
 
 from sagellm_core.errors import PluginError
 
-FAMILIES = ("backend", "kv_policy", "scheduler", "metric")
+FAMILIES = ("backend", "kv_policy", "scheduler", "metric", "command")
 
 
 @attrs.frozen
@@ -20,7 +20,7 @@ class Registration:
     factory: Callable[..., Any]
     plugin: str
     options: type | None = None
-    spec: Any = None  # the BackendSpec for backends
+    spec: Any = None  # the BackendSpec for backends, the CommandSpec for commands
 
 
 @attrs.define

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from sagellm_core.hookspecs import hookimpl
-from sagellm_core.metrics.base import RequestEvent, StepEvent, percentiles
+from sagellm_core.metrics.base import RequestEvent, StepEvent
+from sagellm_core.metrics.latency import percentiles
 from sagellm_core.metrics.prometheus import PrometheusSink
 
 

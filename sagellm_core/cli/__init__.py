@@ -1,4 +1,5 @@
-"""The `sagellm` command line. Each sub-command lives in its own module exposing ``add_parser(subparsers)``."""
+"""The `sagellm` command line. Each built-in sub-command lives in its own module exposing
+``add_parser(subparsers)``; plugins add more through the ``sagellm_register_commands`` hook."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 import importlib
 import sys
 
+from sagellm_core.cli.plugin_commands import add_plugin_commands
 from sagellm_core.errors import SageLLMError
 
 COMMAND_MODULES = (
     "sagellm_core.cli.generate_cmd",
     "sagellm_core.cli.chat_cmd",
     "sagellm_core.cli.serve_cmd",
-    "sagellm_core.cli.bench_cmd",
     "sagellm_core.cli.plugins_cmd",
     "sagellm_core.cli.config_cmd",
 )
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # sub-command not built yet
             raise
         module.add_parser(subparsers)
+    add_plugin_commands(subparsers, taken=subparsers.choices)
     return parser
 
 

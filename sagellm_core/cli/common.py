@@ -20,6 +20,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default=None, help="KV policy plugin name (prefix_lru, no_reuse)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
 
 
@@ -31,7 +33,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         (args.model, "model", "path"), (args.dtype, "model", "dtype"), (args.max_model_len, "model", "max_model_len"),
         (args.load_format, "model", "load_format"), (args.backend, "backend", "name"),
         (args.scheduler, "scheduler", "name"), (args.kv_policy, "kv_cache", "policy"),
-        (args.num_kv_blocks, "kv_cache", "num_blocks"),
+        (args.num_kv_blocks, "kv_cache", "num_blocks"), (args.max_num_seqs, "scheduler", "max_num_seqs"),
+        (args.max_num_batched_tokens, "scheduler", "max_num_batched_tokens"),
     ):
         if value is not None:
             sections[section][key] = value

@@ -7,6 +7,10 @@ from typing import Any, Protocol
 import attrs
 
 from sagellm_core.kv.manager import KVStats
+from sagellm_core.metrics import latency
+from sagellm_core.metrics.latency import percentiles
+
+__all__ = ["MetricSink", "RequestEvent", "StepEvent", "percentiles"]  # percentiles: kept importable from here
 
 
 @attrs.frozen
@@ -44,24 +48,22 @@ class RequestEvent:
     num_cached_tokens: int
     finish_reason: str
 
+    # The definitions live in `sagellm_core.metrics.latency` (shared with the benchmark harness).
     @property
     def ttft(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        return latency.ttft(self.arrival_time, self.first_token_time)
 
     @property
     def e2e(self) -> float:
-        return self.finished_time - self.arrival_time
+        return latency.e2e(self.arrival_time, self.finished_time)
 
     @property
     def tpot(self) -> float | None:
-        if self.first_token_time is None or self.num_output_tokens < 2:
-            return None
-        return (self.finished_time - self.first_token_time) / (self.num_output_tokens - 1)
+        return latency.tpot(self.first_token_time, self.finished_time, self.num_output_tokens)
 
     @property
     def itls(self) -> list[float]:
-        times = self.token_times
-        return [b - a for a, b in zip(times, times[1:])]
+        return latency.itls(self.token_times)
 
 
 class MetricSink(Protocol):
@@ -72,15 +74,3 @@ class MetricSink(Protocol):
     def on_request_finished(self, event: RequestEvent) -> None: ...
 
     def snapshot(self) -> dict[str, Any]: ...
-
-
-def percentiles(values: list[float], points: list[float]) -> dict[str, float]:
-    """mean plus the requested percentiles (nearest-rank on the sorted values); empty -> {}."""
-    if not values:
-        return {}
-    ordered = sorted(values)
-    out = {"mean": sum(ordered) / len(ordered)}
-    for point in points:
-        rank = min(len(ordered) - 1, max(0, round(point / 100.0 * (len(ordered) - 1))))
-        out[f"p{point:g}"] = ordered[rank]
-    return out

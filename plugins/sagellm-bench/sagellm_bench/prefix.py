@@ -8,8 +8,8 @@ from typing import Any
 
 import attrs
 
-from sagellm_core.bench.environment import environment, gpu_info
-from sagellm_core.bench.offline import (
+from sagellm_bench.environment import device_info, environment
+from sagellm_bench.offline import (
     describe_engine,
     engine_session,
     rate_label,
@@ -17,9 +17,9 @@ from sagellm_core.bench.offline import (
     run_with_arrivals,
     warmup,
 )
-from sagellm_core.bench.report import BenchReport, Table, panel_bars, write_report
-from sagellm_core.bench.stats import RequestTiming, latency_summary, throughput_summary
-from sagellm_core.bench.workloads import Workload, poisson_arrivals, shared_prefix_workload
+from sagellm_bench.report import BenchReport, Table, panel_bars, write_report
+from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
+from sagellm_bench.workloads import Workload, poisson_arrivals, shared_prefix_workload
 from sagellm_core.config import EngineConfig
 from sagellm_core.llm import LLM
 
@@ -59,7 +59,7 @@ def run(config: EngineConfig, options: PrefixOptions, args: argparse.Namespace |
                                "prefix_query_tokens": queried, "cumulative_hit_rate": after.hit_rate,
                                **throughput_summary(timings, elapsed), **latency_summary(timings)}
             setup = {**describe_engine(llm), "kv_policy": "prefix_lru vs no_reuse"}
-            env["gpus"] = gpu_info(llm.engine.backend.device().type)
+            env["gpus"] = device_info(llm.engine.backend)
     setup.update(workload=workload.describe(), request_rate=rate_label(options.request_rate),
                  workload_params=workload.params)
     report = BenchReport("prefix", env, setup, results, _tables(results), _comparisons(results), _notes())

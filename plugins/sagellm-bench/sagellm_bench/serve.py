@@ -2,7 +2,9 @@
 
 Per request rate: TTFT, TPOT, ITL and E2E (mean / median / p99), request and token throughput, and
 goodput (requests per second meeting every given SLO). ``--launch`` starts ``sagellm serve`` as a
-subprocess with the engine options, waits for ``/health``, and stops it at the end.
+subprocess with every engine option given (`server_launch`) and reports the configuration it runs
+with. ``--compare offline`` then runs the engine in-process on the same requests and arrival times and
+reports server / offline ratios.
 
 Requests use the vLLM extensions ``ignore_eos`` and token-id prompts (``prompt`` as a list of ints),
 and ask for ``stream_options.include_usage`` so the output token count comes from the server.
@@ -16,21 +18,21 @@ import contextlib
 import json
 import math
 import random
-import socket
-import subprocess
-import sys
+import shlex
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 
-from sagellm_core.bench.environment import environment
-from sagellm_core.bench.offline import rate_label
-from sagellm_core.bench.report import BenchReport, Table, line_chart, write_report
-from sagellm_core.bench.stats import RequestTiming, latency_summary, throughput_summary
-from sagellm_core.bench.workloads import poisson_arrivals, random_text, random_workload
-from sagellm_core.errors import SageLLMError
+from sagellm_bench.environment import environment, visible_accelerators
+from sagellm_bench.offline import rate_label
+from sagellm_bench.report import BenchReport, Table, line_chart, write_report
+from sagellm_bench.serve_offline import offline_comparison, offline_table, ratios, run_offline_peer, three
+from sagellm_bench.server_launch import effective_server_config, flatten, launched_server
+from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
+from sagellm_bench.workloads import BenchRequest, Workload, poisson_arrivals, random_text, random_workload
+from sagellm_core.config import EngineConfig
 
 
 @attrs.frozen
@@ -49,6 +51,7 @@ class ServeOptions:
     model_name: str | None = None
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    compare_offline: bool = False
     seed: int = 0
     temperature: float = 0.0
     output_dir: str = "bench_results"
@@ -63,20 +66,25 @@ class Payload:
     output_len: int
 
 
+def serve_workload(options: ServeOptions) -> Workload:
+    """The seeded requests every rate (and the offline peer) runs."""
+    return random_workload(options.num_requests, options.input_len, options.output_len, options.vocab_size,
+                           options.seed)
+
+
 def build_payloads(options: ServeOptions, model_name: str) -> list[Payload]:
     """Seeded prompts: random token ids, or random words with about one word per requested token."""
-    workload = random_workload(options.num_requests, options.input_len, options.output_len, options.vocab_size,
-                               options.seed)
     rng = random.Random(options.seed + 1)
-    payloads = []
-    for request in workload.requests:
-        prompt: Any = request.prompt_token_ids
-        if options.prompt_kind == "text":
-            prompt = random_text(request.prompt_len, rng)
-        body = {"model": model_name, "prompt": prompt, "max_tokens": request.output_len, "ignore_eos": True,
-                "temperature": options.temperature, "stream": True, "stream_options": {"include_usage": True}}
-        payloads.append(Payload(body, request.prompt_len, request.output_len))
-    return payloads
+    return [_payload(request, options, model_name, rng) for request in serve_workload(options).requests]
+
+
+def _payload(request: BenchRequest, options: ServeOptions, model_name: str, rng: random.Random) -> Payload:
+    prompt: Any = request.prompt_token_ids
+    if options.prompt_kind == "text":
+        prompt = random_text(request.prompt_len, rng)
+    body = {"model": model_name, "prompt": prompt, "max_tokens": request.output_len, "ignore_eos": True,
+            "temperature": options.temperature, "stream": True, "stream_options": {"include_usage": True}}
+    return Payload(body, request.prompt_len, request.output_len)
 
 
 def _token_event(chunk: dict[str, Any]) -> bool:
@@ -172,6 +180,9 @@ async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any]
         model = options.model_name or await _model_name(client, base_url)
         payloads = build_payloads(options, model)
         url = f"{base_url}/v1/completions"
+        warm = _payload(BenchRequest([(7 * i + 3) % options.vocab_size for i in range(16)], 4), options, model,
+                        random.Random(0))
+        await send_request(client, url, warm)  # first-call costs stay out of the timings, as offline
         for rate in options.request_rates:
             timings, elapsed = await run_rate(client, url, payloads, rate, options.max_concurrency, options.seed)
             results[rate_label(rate)] = {
@@ -182,88 +193,62 @@ async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any]
     return results, model
 
 
-def run(options: ServeOptions, args: argparse.Namespace | None = None) -> BenchReport:
-    """Benchmark the server (launching one if asked), write the files, return the report."""
-    env = environment(args, "cuda")  # this machine's GPUs (the server's, with --launch)
+def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | None = None) -> BenchReport:
+    """Benchmark the server (launching one if asked), then the offline peer if asked; write the files.
+
+    ``config`` is the engine configuration of this command's options: the one forwarded to a launched
+    server, and the one the offline peer runs.
+    """
+    env = environment(args)
+    env["gpus"] = visible_accelerators()  # this machine's (the server's, with --launch)
+    server_config = effective_server_config(list(options.launch_args)) if options.launch else None
     with contextlib.ExitStack() as stack:
         base_url = options.base_url
         if options.launch:
             base_url = stack.enter_context(launched_server(list(options.launch_args), options.launch_timeout_s,
                                                            Path(options.output_dir) / "serve_server.log"))
         results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
+    if options.compare_offline:  # after the launched server stopped: the device is free again
+        workload = serve_workload(options)
+        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
+                   for rate in options.request_rates}
+        for rate, offline in run_offline_peer(config, workload, offsets, options.temperature).items():
+            results[rate]["offline"] = offline
+            results[rate]["server_over_offline"] = ratios(results[rate], offline)
     setup = {"base_url": base_url, "launched": options.launch, "model": model, "prompt_kind": options.prompt_kind,
              "num_requests_per_rate": options.num_requests,
              "input_len": f"{options.input_len[0]}..{options.input_len[1]}",
              "output_len": f"{options.output_len[0]}..{options.output_len[1]}",
              "max_concurrency": options.max_concurrency or "unlimited",
-             "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed}
-    report = BenchReport("serve", env, setup, results, _tables(results), _comparisons(results), _notes(options))
+             "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed,
+             "server_command": shlex.join(["sagellm", "serve", "--port", "PORT", *options.launch_args])
+             if options.launch else "not launched by this run",
+             "server_config": server_config or "unknown: the server was not launched by this run"}
+    report = BenchReport("serve", env, setup, results, _tables(results, server_config), _comparisons(results),
+                         _notes(options))
     write_report(report, options.output_dir, _figures(results))
     return report
 
 
-# ---- launching a server ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-            raise SageLLMError(f"`sagellm serve` exited with code {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SageLLMError(f"`sagellm serve` did not report healthy at {url}/health within {timeout_s:.0f} s "
-                       f"(log: {log_path})")
-
-
-@contextlib.contextmanager
-def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) -> Iterator[str]:
-    """Start ``sagellm serve --port P <engine args>``; yield its base URL; stop it on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "sagellm_core", "serve", "--port", str(port), *engine_args]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w", encoding="utf-8") as log:
-        print(f"launching: {' '.join(command)} (log: {log_path})", flush=True)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_healthy(url, process, timeout_s, log_path)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 # ---- report --------------------------------------------------------------------------------------
-def _tables(results: dict[str, Any]) -> list[Table]:
+def _tables(results: dict[str, Any], server_config: dict[str, Any] | None) -> list[Table]:
     table = Table("Online serving", ["rate req/s", "done/failed", "req/s", "output tok/s", "TTFT mean/med/p99 ms",
                                      "TPOT mean/med/p99 ms", "ITL mean/p99 ms", "E2E median ms", "goodput req/s"])
-
-    def three(s: dict[str, float]) -> str:
-        return "/".join(f"{s[k]:.1f}" for k in ("mean", "median", "p99")) if s.get("count") else "-"
-
     for rate, r in results.items():
         itl = r["itl_ms"]
         table.rows.append([rate, f"{r['completed']}/{r['failed']}", r["requests_per_s"], r["output_tokens_per_s"],
                            three(r["ttft_ms"]), three(r["tpot_ms"]),
                            f"{itl['mean']:.1f}/{itl['p99']:.1f}" if itl.get("count") else "-",
                            r["e2e_ms"].get("median"), r["goodput_requests_per_s"]])
-    return [table]
+    tables = [table]
+    if any("offline" in r for r in results.values()):
+        tables.append(offline_table(results))
+    if server_config is not None:
+        config = Table("Server configuration (as `sagellm serve` resolves the forwarded options)",
+                       ["setting", "value"])
+        config.rows = [[key, value] for key, value in flatten(server_config).items()]
+        tables.append(config)
+    return tables
 
 
 def _comparisons(results: dict[str, Any]) -> list[str]:
@@ -272,14 +257,20 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
         if rate != "inf":
             lines.append(f"rate {rate}: achieved {r['requests_per_s']:.2f} req/s of {float(rate):.2f} offered "
                          f"({r['requests_per_s'] / float(rate):.2f}x)")
-    lines.append("no peer server measured in this run (the rates are compared with each other)")
+        if "offline" in r:
+            lines.append(offline_comparison(rate, r))
+    if not any("offline" in r for r in results.values()):
+        lines.append("no offline peer measured in this run (pass --compare offline)")
     return lines
 
 
 def _notes(options: ServeOptions) -> list[str]:
     return ["TTFT from sending the request to the first token-carrying SSE chunk; TPOT = (last - first chunk) / "
             "(completion tokens - 1), completion tokens from the server's usage chunk when present",
-            f"prompts: {options.prompt_kind}; EOS ignored (ignore_eos) so every request generates its full length"]
+            f"prompts: {options.prompt_kind}; EOS ignored (ignore_eos) so every request generates its full length",
+            "one short warm-up request goes to the server before the timed rates (the offline engine warms up too)",
+            "offline peer (--compare offline): `LLM` in this process with the same engine options, after the "
+            "launched server stopped; TTFT from submission; no concurrency limit"]
 
 
 def _figures(results: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 - weight-read floor of one decode step at batch 1: the bytes of every weight matrix the step reads
   over the measured copy bandwidth.
 
-Both ignore attention FLOPs/bytes (small at the benchmark lengths) and use the model's own dtype.
+Both ignore attention FLOPs/bytes (small at the benchmark lengths) and use the model's own dtype. Timings
+wait for the device through the engine's backend (``Backend.synchronize``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Callable
 
 import attrs
 import torch
+
+from sagellm_core.backend import Backend
 
 
 @attrs.frozen
@@ -46,13 +49,8 @@ def param_counts(model: Any) -> ParamCounts:
                        element_size=embedding.element_size(), tied=tied)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_op(op: Callable[[], Any], device: torch.device, min_time: float, trials: int = 5, warmup: int = 2
-             ) -> float:
+def _time_op(op: Callable[[], Any], synchronize: Callable[[], None], min_time: float, trials: int = 5,
+             warmup: int = 2) -> float:
     """Best seconds per call of ``op`` over ``trials`` trials of ``min_time / trials`` seconds each.
 
     NOTE: the best trial, not the mean: a floor is the hardware's capability, and on a shared machine
@@ -60,14 +58,14 @@ def _time_op(op: Callable[[], Any], device: torch.device, min_time: float, trial
     """
     for _ in range(warmup):
         op()
-    _synchronize(device)
+    synchronize()
     best = float("inf")
     for _ in range(trials):
         calls, start = 0, time.perf_counter()
         while True:
             op()
             calls += 1
-            _synchronize(device)
+            synchronize()
             elapsed = time.perf_counter() - start
             if elapsed >= min_time / trials:
                 break
@@ -75,36 +73,38 @@ def _time_op(op: Callable[[], Any], device: torch.device, min_time: float, trial
     return best
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
-                         min_time: float = 1.0) -> dict[str, Any]:
-    """FLOP/s of a square ``size`` x ``size`` matmul (8192 on GPUs, 1024 on CPUs) in ``dtype``."""
-    size = size or (8192 if device.type == "cuda" else 1024)
+def measure_matmul_flops(backend: Backend, dtype: torch.dtype, size: int | None = None, min_time: float = 1.0
+                         ) -> dict[str, Any]:
+    """FLOP/s of a square ``size`` x ``size`` matmul (8192 on accelerators, 1024 on CPUs) in ``dtype``."""
+    device, synchronize = backend.device(), backend.synchronize
+    size = size or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     with torch.inference_mode():
-        seconds = _time_op(lambda: torch.matmul(a, b), device, min_time)
+        seconds = _time_op(lambda: torch.matmul(a, b), synchronize, min_time)
     del a, b
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
             "flops_per_s": 2.0 * size**3 / seconds}
 
 
-def measure_bandwidth(device: torch.device, num_bytes: int | None = None, min_time: float = 1.0
-                      ) -> dict[str, Any]:
-    """Bytes/s of a large tensor copy (read + write counted), 1 GiB on GPUs and 256 MiB on CPUs."""
-    num_bytes = num_bytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
+def measure_bandwidth(backend: Backend, num_bytes: int | None = None, min_time: float = 1.0) -> dict[str, Any]:
+    """Bytes/s of a large tensor copy (read + write counted), 1 GiB on accelerators and 256 MiB on CPUs."""
+    device, synchronize = backend.device(), backend.synchronize
+    num_bytes = num_bytes or ((256 << 20) if device.type == "cpu" else (1 << 30))
     src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = _time_op(lambda: dst.copy_(src), device, min_time)
+    seconds = _time_op(lambda: dst.copy_(src), synchronize, min_time)
     del src, dst
     return {"bytes": num_bytes, "seconds": seconds, "bytes_per_s": 2.0 * num_bytes / seconds}
 
 
-def measure_read_bandwidth(device: torch.device, num_bytes: int | None = None, min_time: float = 1.0
+def measure_read_bandwidth(backend: Backend, num_bytes: int | None = None, min_time: float = 1.0
                            ) -> dict[str, Any]:
     """Bytes/s of reading a large tensor once (a sum over it; only the read is counted)."""
-    num_bytes = num_bytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
+    device, synchronize = backend.device(), backend.synchronize
+    num_bytes = num_bytes or ((256 << 20) if device.type == "cpu" else (1 << 30))
     src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    seconds = _time_op(lambda: src.sum(), device, min_time)
+    seconds = _time_op(lambda: src.sum(), synchronize, min_time)
     del src
     return {"bytes": num_bytes, "seconds": seconds, "bytes_per_s": num_bytes / seconds}
 

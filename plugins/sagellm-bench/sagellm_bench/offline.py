@@ -10,8 +10,8 @@ from typing import Any, Iterator
 
 import attrs
 
-from sagellm_core.bench.stats import RequestTiming
-from sagellm_core.bench.workloads import BenchRequest, Workload
+from sagellm_bench.stats import RequestTiming
+from sagellm_bench.workloads import BenchRequest, Workload
 from sagellm_core.config import EngineConfig
 from sagellm_core.llm import LLM
 from sagellm_core.outputs import RequestOutput
@@ -19,12 +19,12 @@ from sagellm_core.sampling_params import SamplingParams
 
 
 def free_device_memory() -> None:
-    """Collect garbage and return cached device blocks (so the next engine or peer gets the memory)."""
+    """Collect garbage and return the accelerator's cached blocks (so the next engine or peer gets the memory)."""
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if torch.accelerator.is_available():
+        torch.accelerator.empty_cache()
 
 
 @contextlib.contextmanager

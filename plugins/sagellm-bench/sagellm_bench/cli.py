@@ -2,6 +2,8 @@
 
 Workload defaults come from the config's ``benchmark`` section (`BenchmarkConfig`, nano-vllm's shape)
 unless given on the command line. ``--model-shape`` benchmarks a real architecture with random weights.
+The engine options (``--config``, ``--max-num-seqs``, ...) are `sagellm serve`'s
+(`sagellm_core.cli.common.add_engine_options`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from sagellm_bench.shapes import SHAPES
 from sagellm_core.cli.common import add_engine_options, engine_config
 from sagellm_core.config import BenchmarkConfig, EngineConfig
 from sagellm_core.errors import ConfigError
 
-SHAPE_NAMES = ("qwen3-0.6b", "llama-3-8b")  # keep in sync with sagellm_core.bench.shapes.SHAPES
+SHAPE_NAMES = tuple(SHAPES)
 DEFAULTS = BenchmarkConfig()
+HELP = "benchmarks: throughput, latency, serve, prefix, pd"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks: throughput, latency, serve, prefix, pd")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` sub-commands (the ``add_arguments`` of the registered command)."""
     benches = parser.add_subparsers(dest="bench", required=True)
     for add in (_add_throughput, _add_latency, _add_serve, _add_prefix, _add_pd):
         add(benches)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark (the ``run`` of the registered command)."""
+    return int(args.bench_run(args) or 0)
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -33,8 +42,6 @@ def _add_common(parser: argparse.ArgumentParser, temperature: float) -> None:
     add_engine_options(parser)
     parser.add_argument("--model-shape", choices=SHAPE_NAMES, default=None,
                         help="random weights of this real architecture (implies --load-format dummy)")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
     parser.add_argument("--output-dir", default="bench_results", help="where the JSON / markdown / PNG files go")
     parser.add_argument("--seed", type=int, default=None, help=f"workload seed (default {DEFAULTS.seed})")
     parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0 = greedy)")
@@ -64,7 +71,7 @@ def _add_throughput(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--hf-continuous", choices=["auto", "on", "off"], default="auto",
                         help="transformers continuous batching as a second peer (auto: on GPUs only)")
     _add_common(parser, temperature=0.6)
-    parser.set_defaults(func=_run_throughput)
+    parser.set_defaults(bench_run=_run_throughput)
 
 
 def _add_latency(benches: argparse._SubParsersAction) -> None:
@@ -75,13 +82,14 @@ def _add_latency(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-warmup", type=int, default=1)
     parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers batch 1")
     _add_common(parser, temperature=0.0)
-    parser.set_defaults(func=_run_latency)
+    parser.set_defaults(bench_run=_run_latency)
 
 
 def _add_serve(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("serve", help="Poisson load against an OpenAI-compatible server (SSE)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--launch", action="store_true", help="start `sagellm serve` with the engine options")
+    parser.add_argument("--launch", action="store_true",
+                        help="start `sagellm serve` with every engine option given here (budgets, --config, ...)")
     parser.add_argument("--launch-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                         help="one or more rates in requests/s (inf: all at once)")
@@ -91,9 +99,11 @@ def _add_serve(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", default=None, help="default: the first id of /v1/models")
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
+    parser.add_argument("--compare", choices=["offline"], default=None,
+                        help="also run the engine in-process on the same requests and arrivals; print the ratio")
     _add_lengths(parser, num_requests=64)
     _add_common(parser, temperature=0.0)
-    parser.set_defaults(func=_run_serve)
+    parser.set_defaults(bench_run=_run_serve)
 
 
 def _add_prefix(benches: argparse._SubParsersAction) -> None:
@@ -105,7 +115,7 @@ def _add_prefix(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-len", type=int, default=32)
     _add_rate(parser)
     _add_common(parser, temperature=0.0)
-    parser.set_defaults(func=_run_prefix)
+    parser.set_defaults(bench_run=_run_prefix)
 
 
 def _add_pd(benches: argparse._SubParsersAction) -> None:
@@ -115,7 +125,7 @@ def _add_pd(benches: argparse._SubParsersAction) -> None:
                         default=["strict", "time_share", "hybrid"])
     _add_rate(parser)
     _add_common(parser, temperature=0.0)
-    parser.set_defaults(func=_run_pd)
+    parser.set_defaults(bench_run=_run_pd)
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -123,16 +133,12 @@ def _add_pd(benches: argparse._SubParsersAction) -> None:
 def bench_config(args: argparse.Namespace) -> Iterator[EngineConfig]:
     """The engine config of the run; with ``--model-shape`` its config.json lives in a temp dir meanwhile."""
     config = engine_config(args)
-    budgets = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
-                                 ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
-    if budgets:
-        config = config.evolve(scheduler=budgets)
     if args.model_shape is None:
         yield config
         return
     if args.model is not None:
         raise ConfigError("--model and --model-shape are mutually exclusive")
-    from sagellm_core.bench.shapes import write_shape
+    from sagellm_bench.shapes import write_shape
 
     with tempfile.TemporaryDirectory(prefix="sagellm-shape-") as directory:
         model_dir = write_shape(args.model_shape, Path(directory) / args.model_shape)  # name = shape name
@@ -161,7 +167,7 @@ def _seed(args: argparse.Namespace, config: EngineConfig) -> int:
 
 # ---- runners -------------------------------------------------------------------------------------
 def _run_throughput(args: argparse.Namespace) -> int:
-    from sagellm_core.bench import throughput
+    from sagellm_bench import throughput
 
     with bench_config(args) as config:
         options = throughput.ThroughputOptions(
@@ -173,7 +179,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
-    from sagellm_core.bench import latency
+    from sagellm_bench import latency
 
     with bench_config(args) as config:
         options = latency.LatencyOptions(
@@ -186,7 +192,7 @@ def _run_latency(args: argparse.Namespace) -> int:
 
 
 def _run_prefix(args: argparse.Namespace) -> int:
-    from sagellm_core.bench import prefix
+    from sagellm_bench import prefix
 
     with bench_config(args) as config:
         options = prefix.PrefixOptions(
@@ -198,7 +204,7 @@ def _run_prefix(args: argparse.Namespace) -> int:
 
 
 def _run_pd(args: argparse.Namespace) -> int:
-    from sagellm_core.bench import pd
+    from sagellm_bench import pd
 
     with bench_config(args) as config:
         options = pd.PDBenchOptions(
@@ -209,34 +215,35 @@ def _run_pd(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from sagellm_core.bench import serve
+    from sagellm_bench import serve
 
+    if args.compare == "offline" and args.prompt_kind != "tokens":
+        raise ConfigError("--compare offline needs --prompt-kind tokens (the in-process engine runs the same "
+                          "token-id prompts as the server)")
     with bench_config(args) as config:
         options = serve.ServeOptions(
-            base_url=args.base_url, launch=args.launch, launch_args=tuple(_serve_argv(args, config)),
+            base_url=args.base_url, launch=args.launch, launch_args=tuple(serve_argv(args, config)),
             launch_timeout_s=args.launch_timeout, request_rates=tuple(args.request_rate),
             max_concurrency=args.max_concurrency, prompt_kind=args.prompt_kind,
             vocab_size=_serve_vocab(args, config), model_name=args.served_model_name,
-            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=_seed(args, config),
-            temperature=args.temperature, output_dir=args.output_dir, **_workload_args(args, config))
-        serve.run(options, args)
+            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, compare_offline=args.compare == "offline",
+            seed=_seed(args, config), temperature=args.temperature, output_dir=args.output_dir,
+            **_workload_args(args, config))
+        serve.run(options, config, args)
     return 0
 
 
-def _serve_argv(args: argparse.Namespace, config: EngineConfig) -> list[str]:
-    """Engine options for ``sagellm serve``: those given here, with the model path of ``--model-shape``."""
+def serve_argv(args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    """``sagellm serve`` options for ``--launch``: every engine option given to this command (the budgets and
+    ``--config`` included), with ``--model-shape``'s model directory and ``--load-format dummy``."""
+    from sagellm_bench.environment import option_argv
+
     probe = argparse.ArgumentParser(add_help=False)
     add_engine_options(probe)
-    argv: list[str] = []
-    for action in probe._actions:
-        value = getattr(args, action.dest, None)
-        if action.dest == "model" and args.model_shape is not None:
-            value = config.model.path
-        if action.dest == "load_format" and args.model_shape is not None:
-            value = "dummy"
-        if value is not None:
-            argv += [action.option_strings[-1], str(value)]
-    return argv
+    given = argparse.Namespace(**{action.dest: getattr(args, action.dest, action.default) for action in probe._actions})
+    if args.model_shape is not None:
+        given.model, given.load_format = config.model.path, "dummy"
+    return option_argv(probe._actions, given)
 
 
 def _serve_vocab(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -1,4 +1,6 @@
-"""`sagellm bench`: end-to-end runs on a tiny random Llama (CPU), plus the pure helpers."""
+"""`sagellm bench` (the sagellm-bench plugin): end-to-end runs on a tiny random Llama (CPU), plus the pure
+helpers. The plugin's own command hook, the shared latency definitions and ``--launch`` are in
+test_bench_plugin.py."""
 
 from __future__ import annotations
 
@@ -9,24 +11,12 @@ from typing import Any
 
 import pytest
 
-from sagellm_core.bench.stats import RequestTiming, percentile, summarize
-from sagellm_core.bench.workloads import poisson_arrivals, random_workload, shared_prefix_workload
+from sagellm_bench.stats import RequestTiming, summarize
+from sagellm_bench.workloads import poisson_arrivals, random_workload, shared_prefix_workload
 from sagellm_core.cli import main
+from sagellm_core.metrics.latency import percentile
 
 ENGINE_ARGS = ["--backend", "cpu", "--dtype", "float32", "--num-kv-blocks", "256"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
-    directory = tmp_path_factory.mktemp("bench-tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 def _bench(name: str, model: Path, out: Path, *extra: str) -> dict[str, Any]:
@@ -123,7 +113,7 @@ def test_serve_client_against_fake_server(tmp_path: Path) -> None:
 
     import httpx
 
-    from sagellm_core.bench import serve
+    from sagellm_bench import serve
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = json.loads((await receive())["body"])
@@ -155,9 +145,9 @@ def test_model_shapes_match_the_real_parameter_counts(shape: str, total: int, ti
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sagellm_core.bench.floors import param_counts
-    from sagellm_core.bench.shapes import write_shape
-    from sagellm_core.cli.bench_cmd import SHAPE_NAMES
+    from sagellm_bench.floors import param_counts
+    from sagellm_bench.shapes import write_shape
+    from sagellm_bench.cli import SHAPE_NAMES
 
     assert shape in SHAPE_NAMES
     config = AutoConfig.from_pretrained(str(write_shape(shape, tmp_path / shape)))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from sagellm_core.bench.stats import RequestTiming
-from sagellm_core.bench.workloads import BenchRequest, Workload
+from sagellm_bench.stats import RequestTiming
+from sagellm_bench.workloads import BenchRequest, Workload
 
 PEER_ATTENTION = "sdpa"
 
@@ -73,11 +73,6 @@ def left_pad(batch: list[BenchRequest], pad_id: int, device: torch.device) -> tu
     return ids.to(device), mask.to(device)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _generate(model: Any, batch: list[BenchRequest], new_tokens: int, temperature: float,
               **extra: Any) -> torch.Tensor:
     """`model.generate` on a left-padded batch; EOS cannot end it early (``min_new_tokens``)."""
@@ -95,8 +90,11 @@ def warmup(model: Any, vocab_size: int) -> None:
         _generate(model, [request], 4, 0.0)
 
 
-def run_static(model: Any, workload: Workload, batch_size: int, temperature: float) -> dict[str, Any]:
+def run_static(model: Any, workload: Workload, batch_size: int, temperature: float,
+               synchronize: Callable[[], None]) -> dict[str, Any]:
     """Static batching in workload order: each batch generates its longest requested output.
+
+    ``synchronize`` waits for the device (the engine backend's ``synchronize``: same device, same weights).
 
     Only each request's requested tokens count as useful output; the rest of a batch's steps is
     the cost of static batching and is reported as ``wasted_output_tokens``.
@@ -106,16 +104,15 @@ def run_static(model: Any, workload: Workload, batch_size: int, temperature: flo
     requests = workload.requests
     batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
     useful = computed = 0
-    device = model.device
     with sdpa_attention(model), torch.inference_mode():
-        _synchronize(device)
+        synchronize()
         start = time.perf_counter()
         for batch in tqdm(batches, desc=f"HF generate (batch {batch_size})", unit="batch"):
             new_tokens = max(r.output_len for r in batch)
             generated = _generate(model, batch, new_tokens, temperature).shape[1]
             useful += sum(min(r.output_len, generated) for r in batch)
             computed += generated * len(batch)
-        _synchronize(device)
+        synchronize()
         elapsed = time.perf_counter() - start
     prompt = workload.num_prompt_tokens
     return {
@@ -132,7 +129,8 @@ def continuous_batching_available(model: Any) -> bool:
     return hasattr(model, "generate_batch") and hasattr(model, "continuous_batching_context_manager")
 
 
-def run_continuous(model: Any, workload: Workload, temperature: float) -> dict[str, Any]:
+def run_continuous(model: Any, workload: Workload, temperature: float, synchronize: Callable[[], None]
+                   ) -> dict[str, Any]:
     """transformers' continuous batching manager, one request per workload entry with its own length."""
     from tqdm import tqdm
     from transformers import GenerationConfig
@@ -142,12 +140,11 @@ def run_continuous(model: Any, workload: Workload, temperature: float) -> dict[s
                               pad_token_id=pad_token_id(model), **sampling_kwargs(temperature))
     lengths: dict[str, int] = {}
     errors: list[str] = []
-    device = model.device
     with sdpa_attention(model), torch.inference_mode():
         with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30,
                                                        workload_hints=_workload_hints(workload)) as manager:
             attention = str(model.config._attn_implementation)  # transformers may switch to flash here
-            _synchronize(device)
+            synchronize()
             start = time.perf_counter()
             for index, request in enumerate(requests):
                 manager.add_request(request.prompt_token_ids, request_id=f"bench-{index}",
@@ -166,7 +163,7 @@ def run_continuous(model: Any, workload: Workload, temperature: float) -> dict[s
                         else:
                             lengths[result.request_id] = len(result.generated_tokens)
                         bar.update(1)
-            _synchronize(device)
+            synchronize()
             elapsed = time.perf_counter() - start
     useful = sum(min(r.output_len, lengths.get(f"bench-{i}", 0)) for i, r in enumerate(requests))
     prompt = sum(r.prompt_len for i, r in enumerate(requests) if f"bench-{i}" in lengths)

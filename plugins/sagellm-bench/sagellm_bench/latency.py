@@ -6,19 +6,19 @@ Each iteration uses a different seeded prompt so prefix caching cannot shortcut 
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import attrs
 
-from sagellm_core.bench import floors, hf_peer
-from sagellm_core.bench.environment import environment, gpu_info
-from sagellm_core.bench.offline import describe_engine, release_engine, stream_one, warmup
-from sagellm_core.bench.report import BenchReport, Table, line_chart, panel_bars, write_report
-from sagellm_core.bench.stats import RequestTiming, summarize
-from sagellm_core.bench.workloads import BenchRequest, fixed_workload
+from sagellm_bench import floors, hf_peer
+from sagellm_bench.environment import device_info, environment
+from sagellm_bench.offline import describe_engine, release_engine, stream_one, warmup
+from sagellm_bench.report import BenchReport, Table, line_chart, panel_bars, write_report
+from sagellm_bench.stats import RequestTiming, summarize
+from sagellm_bench.workloads import BenchRequest, fixed_workload
 from sagellm_core.config import EngineConfig
 from sagellm_core.llm import LLM
+from sagellm_core.metrics.latency import percentile
 
 SAGELLM = "sageLLM"
 HF = "HF generate"
@@ -45,12 +45,12 @@ def run(config: EngineConfig, options: LatencyOptions, args: argparse.Namespace 
                                   llm.engine.vocab_size, options.seed).requests
         timings = _interleaved(llm, requests, options)
         setup = describe_engine(llm)
-        device = llm.engine.backend.device()
-        env["gpus"] = gpu_info(device.type)
+        backend = llm.engine.backend
+        env["gpus"] = device_info(backend)
     finally:
         model = release_engine(llm)
-    bandwidth = floors.measure_bandwidth(device)
-    read_bandwidth = floors.measure_read_bandwidth(device)
+    bandwidth = floors.measure_bandwidth(backend)
+    read_bandwidth = floors.measure_read_bandwidth(backend)
     params = floors.param_counts(model)
     results: dict[str, Any] = {name: _summary(runs) for name, runs in timings.items()}
     for result in results.values():
@@ -100,9 +100,9 @@ def _summary(timings: list[RequestTiming]) -> dict[str, Any]:
     median_run = sorted(timings, key=lambda t: t.tpot or 0.0)[len(timings) // 2]
     return {
         "iterations": len(timings),
-        "ttft_ms": statistics.median(t.ttft for t in timings if t.ttft is not None) * 1000.0,
-        "tpot_ms": statistics.median(tpots) * 1000.0 if tpots else None,
-        "e2e_ms": statistics.median(t.e2e for t in timings) * 1000.0,
+        "ttft_ms": percentile([t.ttft for t in timings if t.ttft is not None], 50.0) * 1000.0,
+        "tpot_ms": percentile(tpots, 50.0) * 1000.0 if tpots else None,
+        "e2e_ms": percentile([t.e2e for t in timings], 50.0) * 1000.0,
         "output_tokens": median_run.output_len,
         "itl_ms": summarize(itl for t in timings for itl in t.itls),
         "itl_trace_ms": [x * 1000.0 for x in median_run.itls],

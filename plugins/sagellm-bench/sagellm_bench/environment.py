@@ -8,7 +8,7 @@ import os
 import platform
 import shlex
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 
 def cpu_model() -> str:
@@ -37,18 +37,40 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def gpu_info(device_type: str) -> list[dict[str, Any]]:
-    """Name and memory of every visible CUDA device (empty unless the run uses ``cuda``)."""
+def device_info(backend: Any) -> list[dict[str, Any]]:
+    """The engine's accelerator as the backend reports it (name, memory); empty on the CPU."""
+    device = backend.device()
+    if device.type == "cpu":
+        return []
+    try:
+        total: int | None = int(backend.memory_info()[1])
+    except NotImplementedError:
+        total = None
+    return [{"index": device.index or 0, "name": _device_name(device.type, device.index or 0),
+             "memory_bytes": total, "backend": backend.name}]
+
+
+def visible_accelerators() -> list[dict[str, Any]]:
+    """Every accelerator device this machine's torch sees (for runs without an in-process engine)."""
     import torch
 
-    if device_type != "cuda" or not torch.cuda.is_available():
+    if not torch.accelerator.is_available():
         return []
-    gpus = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        gpus.append({"index": index, "name": torch.cuda.get_device_name(index),
-                     "memory_bytes": int(props.total_memory)})
-    return gpus
+    kind = torch.accelerator.current_accelerator().type
+    namespace = getattr(torch, kind)
+    devices = []
+    for index in range(torch.accelerator.device_count()):
+        props = namespace.get_device_properties(index)
+        devices.append({"index": index, "name": _device_name(kind, index),
+                        "memory_bytes": int(getattr(props, "total_memory", 0)) or None})
+    return devices
+
+
+def _device_name(kind: str, index: int) -> str:
+    import torch
+
+    get_name = getattr(getattr(torch, kind, None), "get_device_name", None)
+    return str(get_name(index)) if get_name is not None else f"{kind}:{index}"
 
 
 def versions() -> dict[str, str]:
@@ -91,15 +113,28 @@ def command_line(args: argparse.Namespace | None = None) -> str:
 def rebuild_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """``sagellm`` arguments that reproduce ``args``: the parser's prog words plus non-default options."""
     words = parser.prog.split()[1:]  # "sagellm bench throughput" -> ["bench", "throughput"]
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ("help",):
+    return words + option_argv(parser._actions, args)
+
+
+def option_argv(actions: Iterable[argparse.Action], args: argparse.Namespace) -> list[str]:
+    """Command-line words for every optional argument of ``actions`` whose value in ``args`` is not its default."""
+    words: list[str] = []
+    for action in actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
             continue
         value = getattr(args, action.dest, action.default)
         if value == action.default:
             continue
         flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(action.option_strings[0] if value else flag)
+        elif isinstance(action, argparse._StoreConstAction):  # store_true / store_false / store_const
             words.append(flag)
+        elif isinstance(action, (argparse._AppendConstAction, argparse._CountAction)):
+            words += [flag] * (len(value) if isinstance(value, list) else int(value))
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                words += [flag, *map(str, item)] if isinstance(item, list) else [flag, str(item)]
         elif isinstance(value, list):
             words += [flag, *map(str, value)]
         else:
@@ -107,16 +142,17 @@ def rebuild_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return words
 
 
-def environment(args: argparse.Namespace | None = None, device_type: str | None = None) -> dict[str, Any]:
+def environment(args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Everything the report header prints; stored verbatim in the JSON.
 
-    ``gpus`` stays empty until the device is known (callers set it once the engine has chosen one).
+    ``gpus`` stays empty until the device is known (callers set it from `device_info` once the engine
+    has chosen one, or from `visible_accelerators`).
     """
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": {"model": cpu_model(), "cores": usable_cores(), "logical_cpus": os.cpu_count(),
                 "memory_bytes": host_memory_bytes()},
-        "gpus": gpu_info(device_type) if device_type else [],
+        "gpus": [],
         "load_average": list(load) if load else None,
         "platform": platform.platform(),
         "versions": versions(),

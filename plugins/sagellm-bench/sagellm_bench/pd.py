@@ -8,11 +8,11 @@ from typing import Any
 
 import attrs
 
-from sagellm_core.bench.environment import environment, gpu_info
-from sagellm_core.bench.offline import describe_engine, engine_session, rate_label, run_with_arrivals, warmup
-from sagellm_core.bench.report import BenchReport, Table, labelled_scatter, write_report
-from sagellm_core.bench.stats import latency_summary, throughput_summary
-from sagellm_core.bench.workloads import poisson_arrivals, random_workload
+from sagellm_bench.environment import device_info, environment
+from sagellm_bench.offline import describe_engine, engine_session, rate_label, run_with_arrivals, warmup
+from sagellm_bench.report import BenchReport, Table, labelled_scatter, write_report
+from sagellm_bench.stats import latency_summary, throughput_summary
+from sagellm_bench.workloads import poisson_arrivals, random_workload
 from sagellm_core.config import EngineConfig
 
 MODES = ("strict", "time_share", "hybrid")
@@ -55,7 +55,7 @@ def run(config: EngineConfig, options: PDBenchOptions, args: argparse.Namespace 
                              "kv_blocks": [p.num_blocks for p in after["kv_pools"]],
                              "preemptions": after["num_preemptions"] - before["num_preemptions"]}
             setup = {**describe_engine(llm), "scheduler": "pd", "scheduler_options": "mode per run"}
-            env["gpus"] = gpu_info(llm.engine.backend.device().type)
+            env["gpus"] = device_info(llm.engine.backend)
     setup.update(workload=workload.describe(), request_rate=rate_label(options.request_rate),
                  workload_params=workload.params)
     report = BenchReport("pd", env, setup, results, _tables(results), _comparisons(results), _notes())

@@ -12,14 +12,14 @@ import logging
 from typing import Any
 
 import attrs
-import torch
 
-from sagellm_core.bench import floors, hf_peer
-from sagellm_core.bench.environment import environment, gpu_info
-from sagellm_core.bench.offline import describe_engine, free_device_memory, release_engine, run_offline, warmup
-from sagellm_core.bench.report import BenchReport, Table, panel_bars, write_report
-from sagellm_core.bench.stats import latency_summary, throughput_summary
-from sagellm_core.bench.workloads import Workload, random_workload
+from sagellm_bench import floors, hf_peer
+from sagellm_bench.environment import device_info, environment
+from sagellm_bench.offline import describe_engine, free_device_memory, release_engine, run_offline, warmup
+from sagellm_bench.report import BenchReport, Table, panel_bars, write_report
+from sagellm_bench.stats import latency_summary, throughput_summary
+from sagellm_bench.workloads import Workload, random_workload
+from sagellm_core.backend import Backend
 from sagellm_core.config import EngineConfig
 from sagellm_core.llm import LLM
 
@@ -57,8 +57,8 @@ def run(config: EngineConfig, options: ThroughputOptions, args: argparse.Namespa
         timings, elapsed = run_offline(llm, workload, options.temperature, SAGELLM)
         after = llm.get_stats()
         setup = describe_engine(llm)
-        device, dtype = llm.engine.backend.device(), llm.engine.dtype
-        env["gpus"] = gpu_info(device.type)
+        backend, dtype = llm.engine.backend, llm.engine.dtype
+        env["gpus"] = device_info(backend)
     finally:
         model = release_engine(llm)
     results: dict[str, Any] = {SAGELLM: {
@@ -66,10 +66,10 @@ def run(config: EngineConfig, options: ThroughputOptions, args: argparse.Namespa
         "preemptions": after["num_preemptions"] - before["num_preemptions"],
         "forward_tokens": after["forward_tokens"] - before["forward_tokens"],
     }}
-    matmul = floors.measure_matmul_flops(device, dtype)
+    matmul = floors.measure_matmul_flops(backend, dtype)
     params = floors.param_counts(model)
     if options.compare_hf:
-        results.update(_run_peers(model, workload, options, device))
+        results.update(_run_peers(model, workload, options, backend))
     forward_tokens = sum(r.prompt_len + r.output_len - 1 for r in workload.requests)
     for result in results.values():
         if "elapsed_s" in result:
@@ -83,21 +83,21 @@ def run(config: EngineConfig, options: ThroughputOptions, args: argparse.Namespa
     return report
 
 
-def _run_peers(model: Any, workload: Workload, options: ThroughputOptions, device: torch.device
-               ) -> dict[str, Any]:
+def _run_peers(model: Any, workload: Workload, options: ThroughputOptions, backend: Backend) -> dict[str, Any]:
     peers: dict[str, Any] = {}
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
         hf_peer.warmup(model, vocab)
-        peers[HF_STATIC] = hf_peer.run_static(model, workload, options.hf_batch_size, options.temperature)
+        peers[HF_STATIC] = hf_peer.run_static(model, workload, options.hf_batch_size, options.temperature,
+                                              backend.synchronize)
     except Exception as exc:  # keep sageLLM's figures when the peer fails; say why
         log.exception("transformers static batching failed")
         peers[HF_STATIC] = {"error": f"{type(exc).__name__}: {exc}"}
-    wanted = options.hf_continuous == "on" or (options.hf_continuous == "auto" and device.type == "cuda")
+    wanted = options.hf_continuous == "on" or (options.hf_continuous == "auto" and backend.device_type == "cuda")
     if wanted and hf_peer.continuous_batching_available(model):
         free_device_memory()  # transformers sizes its paged cache from the free device memory
         try:
-            peers[HF_CONTINUOUS] = hf_peer.run_continuous(model, workload, options.temperature)
+            peers[HF_CONTINUOUS] = hf_peer.run_continuous(model, workload, options.temperature, backend.synchronize)
         except Exception as exc:
             log.exception("transformers continuous batching failed")
             peers[HF_CONTINUOUS] = {"error": f"{type(exc).__name__}: {exc}"}

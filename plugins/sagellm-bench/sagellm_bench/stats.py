@@ -1,11 +1,12 @@
-"""Per-request timing records and their summaries (mean / median / p99)."""
+"""Per-request timing records and their summaries (mean / median / p99), on the engine's latency definitions."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import attrs
+
+from sagellm_core.metrics import latency
 
 
 @attrs.frozen
@@ -21,40 +22,36 @@ class RequestTiming:
     cached_tokens: int = 0
     ok: bool = True
 
+    # The definitions are the engine's own (`sagellm_core.metrics.latency`), so `get_stats()` agrees.
     @property
     def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
+        return latency.ttft(self.arrival, self.first_token)
 
     @property
     def e2e(self) -> float:
-        return self.finished - self.arrival
+        return latency.e2e(self.arrival, self.finished)
 
     @property
     def tpot(self) -> float | None:
-        if self.first_token is None or self.output_len < 2:
-            return None
-        return (self.finished - self.first_token) / (self.output_len - 1)
+        return latency.tpot(self.first_token, self.finished, self.output_len)
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
-
-
-def percentile(values: list[float], point: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * point / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+        return latency.itls(self.token_times)
 
 
 def summarize(values: Iterable[float | None], scale: float = 1000.0) -> dict[str, float]:
-    """mean, median, p99 (and count) of the non-None values, multiplied by ``scale`` (s -> ms)."""
-    kept = [v * scale for v in values if v is not None]
+    """mean, median, p99 (and count) of the non-None values, then multiplied by ``scale`` (s -> ms).
+
+    The figures are `sagellm_core.metrics.latency.percentiles` of the unscaled values, so a p99 here is
+    exactly ``scale`` times the p99 the engine's latency sink reports for the same timestamps.
+    """
+    kept = [v for v in values if v is not None]
     if not kept:
         return {"count": 0}
-    return {"count": len(kept), "mean": sum(kept) / len(kept), "median": percentile(kept, 50.0),
-            "p99": percentile(kept, 99.0)}
+    stats = latency.percentiles(kept, (50.0, 99.0))
+    return {"count": len(kept), "mean": stats["mean"] * scale, "median": stats["p50"] * scale,
+            "p99": stats["p99"] * scale}
 
 
 def latency_summary(timings: list[RequestTiming]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from sagellm_core.bench.environment import format_environment
+from sagellm_bench.environment import format_environment
 
 
 def fmt(value: Any) -> str:
