@@ -227,7 +227,7 @@ def _messages(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, FieldError):
         return [f"{path + '.' if path else ''}{exc.field}: {exc.message}"]
     if isinstance(exc, KeyError):
-        return [f"{path}: missing required key {exc}"]
+        return [f"{path}: required, but missing"]
     return [f"{path or '$'}: {exc}"]
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from sagellm_core.config import EngineConfig, MetricsConfig, SchedulerConfig, structure_plugin_options
-from sagellm_core.errors import ConfigError
+from sagellm_core.errors import ConfigError, PluginError
 from sagellm_core.registry import Registration, Registry
 
 if TYPE_CHECKING:
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from sagellm_core.metrics.base import MetricSink
     from sagellm_core.plugin_manager import SageLLMPluginManager
     from sagellm_core.schedulers.base import Scheduler
+
+
+class PluginSelectionError(ConfigError, PluginError):
+    """A config names a plugin that is not registered, or gives a plugin options it refuses."""
 
 
 @attrs.frozen
@@ -100,15 +104,16 @@ def selection_errors(config: EngineConfig, registry: Registry) -> tuple[PluginSe
 
 
 def validate_plugin_selection(config: EngineConfig, manager: SageLLMPluginManager) -> PluginSelection:
-    """Check every plugin name and option mapping of ``config``; raise `ConfigError` listing all
-    problems (unknown names come with the registered names; plugins that failed to load are named)."""
+    """Check every plugin name and option mapping of ``config``; raise `PluginSelectionError` (a
+    `ConfigError` and a `PluginError`) listing all problems: unknown names come with the registered
+    names, plugins that failed to load are named."""
     selection, errors = selection_errors(config, manager.registry)
     if selection is not None:
         return selection
     failed = [record.name for record in manager.failed()]
     if failed:
         errors.append(f"note: plugins that failed to load: {', '.join(failed)} (see `sagellm plugins`)")
-    raise ConfigError("\n".join(errors))
+    raise PluginSelectionError("\n".join(errors))
 
 
 def _select(registry: Registry, family: str, name: str, name_path: str, options: dict[str, Any],
