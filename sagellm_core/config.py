@@ -207,19 +207,19 @@ _strict(str, (str,))
 
 def _messages(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, ClassValidationError):
-        with_notes, without = exc.group_exceptions()
-        out = []
-        for sub, note in with_notes:
-            out += _messages(sub, f"{path}.{note.name}" if path else note.name)
-        for sub in without:
+        field_errors, other_errors = exc.group_exceptions()
+        out: list[str] = []
+        for sub, field_note in field_errors:
+            out += _messages(sub, f"{path}.{field_note.name}" if path else field_note.name)
+        for sub in other_errors:
             out += _messages(sub, path)
         return out
     if isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
+        item_errors, other_errors = exc.group_exceptions()
         out = []
-        for sub, note in with_notes:
-            out += _messages(sub, f"{path}[{note.index}]")
-        for sub in without:
+        for sub, item_note in item_errors:
+            out += _messages(sub, f"{path}[{item_note.index}]")
+        for sub in other_errors:
             out += _messages(sub, path)
         return out
     if isinstance(exc, ForbiddenExtraKeysError):

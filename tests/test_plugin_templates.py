@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import engine_config  # tests/conftest.py (imported at collection, before plugins/)
-from sagellm_core.cli import build_parser
+from sagellm_core.cli import build_parser, main
 from sagellm_core.cli.common import engine_config as cli_engine_config
 from sagellm_core.config import EngineConfig
 from sagellm_core.sampling_params import SamplingParams
@@ -214,19 +214,20 @@ MISSING_MODEL = "/nonexistent/model-dir"  # loading it would fail: these errors 
     (("--backend", "template", "--backend-option", "attention=gpu"),
      "backend.options.attention: must be one of cpu, reference; got 'gpu'"),
 ])
-def test_bad_option_names_its_path_before_the_model_loads(site: Path, flags: tuple[str, ...], error: str) -> None:
+def test_bad_option_names_its_path_before_the_model_loads(site: Path, flags: tuple[str, ...], error: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     if "spf" in flags and importlib.util.find_spec("sagellm_sched_spf") is None:
         pytest.skip("sagellm-sched-spf is installed by scripts/setup.sh")
-    result = sagellm(site, "generate", "hi", "--model", MISSING_MODEL, *flags)
-    assert result.returncode == 2, result.stderr
-    assert error in result.stderr and "nonexistent" not in result.stderr
+    assert main(["generate", "hi", "--model", MISSING_MODEL, *flags]) == 2
+    errors = capsys.readouterr().err
+    assert error in errors and "nonexistent" not in errors
 
 
-def test_unknown_names_are_listed_with_the_registered_ones_before_the_model_loads(site: Path) -> None:
-    result = sagellm(site, "generate", "hi", "--model", MISSING_MODEL, "--scheduler", "nope1", "--kv-policy",
-                     "nope2", "--metric", "nope3", "--backend", "nope4")
-    assert result.returncode == 2, result.stderr
-    errors = result.stderr
+def test_unknown_names_are_listed_with_the_registered_ones_before_the_model_loads(
+        site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--model", MISSING_MODEL, "--scheduler", "nope1", "--kv-policy", "nope2",
+                 "--metric", "nope3", "--backend", "nope4"]) == 2
+    errors = capsys.readouterr().err
     assert "scheduler.name: unknown scheduler 'nope1'; registered: " in errors and "fcfs" in errors
     assert "kv_cache.policy: unknown kv_policy 'nope2'; registered: mru, no_reuse, prefix_lru" in errors
     assert "metrics.extra[0]: unknown metric 'nope3'; registered: jsonl, kv, latency" in errors
