@@ -44,7 +44,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="run this metric sink as well as the configured ones (repeatable)")
     for dest, (flag, _, _) in PLUGIN_OPTION_FLAGS.items():
         what = "SINK.KEY=VALUE" if dest == "metric_option" else "KEY=VALUE"
-        parser.add_argument(flag, dest=dest, action="append", default=[], metavar=what,
+        parser.add_argument(flag, dest=dest, action="append", default=None, metavar=what,
                             help=f"{flag[2:].replace('-option', '').replace('-', ' ')} plugin option "
                                  "(repeatable; VALUE is YAML)")
 
