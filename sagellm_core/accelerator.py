@@ -9,9 +9,14 @@ import importlib
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from sagellm_core.backend import Backend, BackendSpec, ProbeResult
+from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from sagellm_core.config import BackendConfig
 
 
 def module_available(name: str) -> bool:
@@ -67,21 +72,33 @@ def preferred_dtype(torch: Any, devices: Any) -> Any:
 
 
 class TorchNamespaceBackend(Backend):
-    """A backend driven through ``torch.<namespace>``; importing ``vendor_module`` registers it."""
+    """A backend driven through ``torch.<namespace>`` (``cuda``, ``npu``, ``mlu``); importing
+    ``vendor_module`` (if set) registers that namespace. Subclasses set ``name``, ``device_type``,
+    ``dist_backend`` and, unless it is ``torch.cuda``, ``namespace``.
 
-    namespace = "cuda"
-    vendor_module: str | None = None
+    Device ``<device_type>:<backend.device_index>``; dtype bfloat16 where the namespace says it is
+    supported, else float16; memory from ``mem_get_info``; the plain-torch reference paged
+    attention (override `attention_op` with a device kernel).
+    """
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
+    namespace: ClassVar[str] = "cuda"
+    """The ``torch`` attribute that drives the device; ``cuda`` also serves ROCm/HIP builds."""
+    vendor_module: ClassVar[str | None] = None
+
+    def __init__(self, config: BackendConfig | None = None, options: Any = None) -> None:
+        super().__init__(config, options)
         if self.vendor_module:
             importlib.import_module(self.vendor_module)
 
     @property
     def devices(self) -> Any:
+        """``torch.<namespace>``."""
         return getattr(torch_module(), self.namespace)
 
-    def default_dtype(self) -> Any:
+    def device(self) -> torch.device:
+        return torch_module().device(self.device_type, self.device_index)
+
+    def default_dtype(self) -> torch.dtype:
         return preferred_dtype(torch_module(), self.devices)
 
     def memory_info(self) -> tuple[int, int]:
@@ -91,12 +108,19 @@ class TorchNamespaceBackend(Backend):
     def synchronize(self) -> None:
         self.devices.synchronize(self.device())
 
+    def attention_op(self) -> PagedAttentionOp:
+        """The plain-torch reference op (correct on any device; vendors override with a kernel)."""
+        from sagellm_core.attention.reference import reference_paged_attention
+
+        return reference_paged_attention
+
 
 def backend_spec(backend: type[Backend], priority: int, probe: Callable[[], ProbeResult],
-                 description: str) -> BackendSpec:
-    """The `BackendSpec` of a backend class, from its class attributes."""
+                 description: str, options: type | None = None) -> BackendSpec:
+    """The `BackendSpec` of a backend class, from its class attributes (the class is the factory:
+    ``create(config)``, or ``create(config, options)`` with an options class)."""
     return BackendSpec(
         name=backend.name, priority=priority, probe=probe, create=backend, device_type=backend.device_type,
         dist_backend=backend.dist_backend, visible_devices_env=backend.visible_devices_env,
-        description=description,
+        description=description, options=options,
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import abc
 import os
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import attrs
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from sagellm_core.attention.metadata import AttentionMetadata
+    from sagellm_core.config import BackendConfig
 
 
 @attrs.frozen
@@ -27,17 +29,20 @@ class BackendSpec:
     """What a backend plugin registers.
 
     ``probe`` must be free of side effects (no device initialisation, no memory allocation);
-    ``create(backend_config)`` builds the `Backend` once the backend has been selected.
+    ``create(backend_config)`` builds the `Backend` once the backend has been selected, or
+    ``create(backend_config, options)`` when ``options`` names an attrs class: the user's
+    ``backend.options`` mapping is validated against it (errors name ``backend.options.<field>``).
     """
 
     name: str
     priority: int
     probe: Callable[[], ProbeResult]
-    create: Callable[[Any], "Backend"]
+    create: Callable[..., "Backend"]
     device_type: str
     dist_backend: str
     visible_devices_env: str | None = None
     description: str = ""
+    options: type | None = None
 
 
 class PagedAttentionOp(Protocol):
@@ -61,58 +66,94 @@ class PagedAttentionOp(Protocol):
     ) -> "torch.Tensor": ...
 
 
-class Backend:
-    """A selected, initialised device platform. Subclasses override what differs from the CPU."""
+class Backend(abc.ABC):
+    """The contract of a selected, initialised device platform.
 
-    name = "base"
-    device_type = "cpu"
-    dist_backend = "gloo"
-    visible_devices_env: str | None = None
-    async_output = False
+    A subclass sets the class attributes ``name``, ``device_type`` and ``dist_backend`` (checked when
+    it is instantiated) and implements the abstract methods: where tensors live (`device`), the
+    dtype ``model.dtype: auto`` means (`default_dtype`), how much memory there is (`memory_info`),
+    the paged-attention op (`attention_op`) and how to wait for queued work (`synchronize`).
+    Everything else has a documented default that is right for any device: KV storage through
+    ``torch.zeros`` on `device`, no model rewriting, no fused sampler, no graph capture, a blocking
+    host copy. `sagellm_core.builtin.cpu_backend.CPUBackend` is the built-in host backend;
+    `sagellm_core.accelerator.TorchNamespaceBackend` implements the contract for devices whose torch
+    extension mirrors ``torch.cuda``.
+    """
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]
+    """torch device type (``"cpu"``, ``"cuda"``, ``"npu"``, ...)."""
+    dist_backend: ClassVar[str]
+    """torch.distributed backend name (``"gloo"``, ``"nccl"``, ``"hccl"``, ...)."""
+    visible_devices_env: ClassVar[str | None] = None
+    """Environment variable that restricts visible devices (``CUDA_VISIBLE_DEVICES``), if any."""
+    async_output: ClassVar[bool] = False
     """True when `start_host_copy` returns before the copy is done, so the engine can queue the next
     step before it reads this one's tokens (``scheduler.async_scheduling: auto`` turns on then)."""
 
-    def __init__(self, config: Any = None) -> None:
+    REQUIRED_ATTRIBUTES: ClassVar[tuple[str, ...]] = ("name", "device_type", "dist_backend")
+
+    def __init__(self, config: BackendConfig | None = None, options: Any = None) -> None:
+        """``config``: the ``backend`` config section; ``options``: the instance of the options class
+        the backend registered in its `BackendSpec` (``{}`` when it registered none)."""
+        missing = [a for a in self.REQUIRED_ATTRIBUTES if not isinstance(getattr(type(self), a, None), str)]
+        if missing:
+            raise TypeError(f"backend class {type(self).__name__} must set {', '.join(missing)} (class attributes)")
         self.config = config
+        self.options = options if options is not None else {}
 
-    def device(self) -> "torch.device":
-        import torch
+    @property
+    def device_index(self) -> int:
+        """``backend.device_index`` from the config (0 without a config)."""
+        return self.config.device_index if self.config is not None else 0
 
-        index = getattr(self.config, "device_index", 0) if self.device_type != "cpu" else None
-        return torch.device(self.device_type, index) if index is not None else torch.device(self.device_type)
+    # ---- what every backend decides --------------------------------------------------------------
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The torch device that holds the weights, the KV cache and the step's inputs."""
 
-    def default_dtype(self) -> "torch.dtype":
-        import torch
+    @abc.abstractmethod
+    def default_dtype(self) -> torch.dtype:
+        """The weight and KV dtype that ``model.dtype: auto`` resolves to on this device."""
 
-        return torch.float32
-
+    @abc.abstractmethod
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory usable for weights and KV cache."""
-        raise NotImplementedError(f"backend {self.name!r} does not report memory")
 
+    @abc.abstractmethod
+    def attention_op(self) -> PagedAttentionOp:
+        """The paged-attention op (one per model runner: an op may own scratch buffers).
+
+        `sagellm_core.attention.reference.reference_paged_attention` is a correct plain-torch op
+        for any device (slow; syncs to the host to plan).
+        """
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work (a no-op on a synchronous device)."""
+
+    # ---- generic defaults ------------------------------------------------------------------------
     def allocate_kv_cache(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: "torch.dtype",
-    ) -> "torch.Tensor":
-        """One tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] on the device."""
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] on `device`.
+
+        Default: ``torch.zeros`` there. Override for device-specific layouts or allocators.
+        """
         import torch
 
         return torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=self.device()
         )
 
-    def attention_op(self) -> PagedAttentionOp:
-        from sagellm_core.attention.reference import reference_paged_attention
-
-        return reference_paged_attention
-
-    def prepare_model(self, model: Any, dtype: "torch.dtype") -> None:
+    def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """Optionally swap modules of a loaded model for device-specific fused versions (default: none).
 
         Must keep the model's function: greedy outputs stay those of the unmodified model.
         """
 
-    def fused_sampler(self) -> Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"] | None:
+    def fused_sampler(self) -> FusedSampler | None:
         """Optionally, a one-pass sampler used when no request of the batch filters (top-k/p, min-p):
         ``(logits [N, V] float32, inverse temperatures [N] float32 (0 = greedy), keys [N] int64)``
         -> token ids [N] int64, drawn from softmax(logits * inverse temperature) with a random
@@ -121,24 +162,26 @@ class Backend:
         return None
 
     def graph_capture(self) -> Any:
-        """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs, else None."""
+        """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs.
+
+        Default: None (every step runs eagerly)."""
         return None
 
-    def synchronize(self) -> None:
-        """Wait for queued device work (no-op on the CPU)."""
-
-    def start_host_copy(self, tensor: "torch.Tensor") -> Callable[[], list[Any]]:
+    def start_host_copy(self, tensor: torch.Tensor) -> Callable[[], list[Any]]:
         """Start copying a small device tensor to the host; the returned function waits for that
         copy only (not for work queued after it) and returns the values as a list.
 
-        Default: copy when called, which on an asynchronous device also waits for later work.
+        Default: copy when called, which on an asynchronous device also waits for later work
+        (correct everywhere; set ``async_output`` only with a real asynchronous copy).
         """
         return tensor.tolist
 
     def visible_devices(self) -> str | None:
+        """The value of ``visible_devices_env`` in this process, if the backend has one."""
         return os.environ.get(self.visible_devices_env) if self.visible_devices_env else None
 
     def describe(self) -> dict[str, Any]:
+        """What `sagellm plugins`, benchmarks and logs show about this backend (extend, don't replace)."""
         return {
             "name": self.name,
             "device": str(self.device()),
@@ -146,3 +189,6 @@ class Backend:
             "visible_devices_env": self.visible_devices_env,
             "visible_devices": self.visible_devices(),
         }
+
+
+FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]

@@ -7,7 +7,8 @@ import os
 
 import attrs
 
-from sagellm_core.backend import BackendSpec, ProbeResult
+from sagellm_core.backend import Backend, BackendSpec, ProbeResult
+from sagellm_core.config import BackendConfig, structure_plugin_options
 from sagellm_core.errors import BackendUnavailableError
 from sagellm_core.plugin_manager import SageLLMPluginManager
 
@@ -31,7 +32,8 @@ def probe_all(manager: SageLLMPluginManager) -> list[BackendProbe]:
     """Probe every registered backend (side-effect free), highest priority first."""
     probes = []
     for registration in manager.registry.all("backend"):
-        spec: BackendSpec = registration.spec
+        spec = registration.spec
+        assert spec is not None  # backend registrations always carry their spec
         try:
             result = spec.probe()
         except Exception as exc:  # a probe must never take the engine down
@@ -66,10 +68,27 @@ def select_backend(manager: SageLLMPluginManager, requested: str | None = None) 
                 f"backend {requested!r} found no device ({match[0].result.detail}). Probed:\n"
                 f"{_summary(probes, manager)}"
             )
-        spec = manager.registry.get("backend", requested).spec
-        return BackendChoice(spec, "chosen explicitly", tuple(probes))
+        return BackendChoice(_spec(manager, requested), "chosen explicitly", tuple(probes))
     for probe in probes:
         if probe.result.available:
-            spec = manager.registry.get("backend", probe.name).spec
-            return BackendChoice(spec, f"highest priority available (priority {probe.priority})", tuple(probes))
+            return BackendChoice(_spec(manager, probe.name), f"highest priority available (priority {probe.priority})",
+                                 tuple(probes))
     raise BackendUnavailableError(f"no backend found a device. Probed:\n{_summary(probes, manager)}")
+
+
+def _spec(manager: SageLLMPluginManager, name: str) -> BackendSpec:
+    spec = manager.registry.get("backend", name).spec
+    assert spec is not None  # backend registrations always carry their spec
+    return spec
+
+
+def create_backend(spec: BackendSpec, config: BackendConfig) -> Backend:
+    """Build the selected backend: ``backend.options`` is validated against the spec's options class
+    (errors name ``backend.options.<field>``) and passed as ``create(config, options)``; a backend
+    without an options class gets ``create(config)`` and must be given no options."""
+    options = structure_plugin_options(spec.options, config.options, "backend.options")
+    backend = spec.create(config, options) if spec.options is not None else spec.create(config)
+    if not isinstance(backend, Backend):
+        raise BackendUnavailableError(f"backend {spec.name!r}: create() returned {type(backend).__name__}, "
+                                      "not a sagellm_core.backend.Backend")
+    return backend

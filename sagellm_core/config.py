@@ -5,7 +5,7 @@ Every error names its field path, e.g. ``scheduler.max_num_seqs: must be >= 1, g
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import attrs
 import cattrs
@@ -13,40 +13,15 @@ import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from sagellm_core.errors import ConfigError
+from sagellm_core.options import FieldError, at_least, in_range, one_of
+
+__all__ = [
+    "BackendConfig", "BenchmarkConfig", "ConfigError", "EngineConfig", "FieldError", "KVCacheConfig",
+    "MetricsConfig", "ModelConfig", "SchedulerConfig", "ServerConfig", "at_least", "in_range", "load_config",
+    "one_of", "structure", "structure_options",
+]
 
 T = TypeVar("T")
-
-
-class FieldError(ValueError):
-    """Raised by validators so the error path can name the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def at_least(minimum: float) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is not None and value < minimum:
-            raise FieldError(attribute.name, f"must be >= {minimum}, got {value}")
-    return check
-
-
-def in_range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        bad_low = value <= low if low_open else value < low
-        if value is not None and (bad_low or value > high):
-            bracket = "(" if low_open else "["
-            raise FieldError(attribute.name, f"must be in {bracket}{low}, {high}], got {value}")
-    return check
-
-
-def one_of(*choices: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise FieldError(attribute.name, f"must be one of {', '.join(choices)}; got {value!r}")
-    return check
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -107,20 +82,36 @@ class SchedulerConfig:
 
 @attrs.frozen
 class BackendConfig:
-    """Device backend: ``auto`` picks by priority; ``SAGELLM_BACKEND`` overrides ``auto``."""
+    """Device backend: ``auto`` picks by priority; ``SAGELLM_BACKEND`` overrides ``auto``.
+
+    ``options``: validated against the options class the selected backend registered (if any).
+    """
 
     name: str = "auto"
     device_index: int = attrs.field(default=0, validator=at_least(0))
     cuda_graphs: bool = True
     max_graph_batch_size: int = attrs.field(default=256, validator=at_least(1))
+    options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class MetricsConfig:
-    """Metric sinks to enable and latency percentiles to report."""
+    """Metric sinks to run and latency percentiles to report.
+
+    ``enabled`` *replaces* the default list (so a default sink can be turned off); ``extra`` adds
+    sinks to it (``extra: [jsonl]`` keeps the defaults). ``options`` maps a sink name to that sink's
+    option mapping, validated against the options class its plugin registered
+    (``options: {jsonl: {path: out.jsonl}}``; errors name ``metrics.options.jsonl.path``).
+    """
 
     enabled: list[str] = attrs.field(factory=lambda: ["latency", "throughput", "kv"])
+    extra: list[str] = attrs.field(factory=list)
     percentiles: list[float] = attrs.field(factory=lambda: [50.0, 90.0, 99.0])
+    options: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    def sinks(self) -> list[str]:
+        """The sinks that run: ``enabled`` then ``extra``, each name once."""
+        return list(dict.fromkeys([*self.enabled, *self.extra]))
 
 
 @attrs.frozen
@@ -216,19 +207,19 @@ _strict(str, (str,))
 
 def _messages(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, ClassValidationError):
-        with_notes, without = exc.group_exceptions()
-        out = []
-        for sub, note in with_notes:
-            out += _messages(sub, f"{path}.{note.name}" if path else note.name)
-        for sub in without:
+        field_errors, other_errors = exc.group_exceptions()
+        out: list[str] = []
+        for sub, field_note in field_errors:
+            out += _messages(sub, f"{path}.{field_note.name}" if path else field_note.name)
+        for sub in other_errors:
             out += _messages(sub, path)
         return out
     if isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
+        item_errors, other_errors = exc.group_exceptions()
         out = []
-        for sub, note in with_notes:
-            out += _messages(sub, f"{path}[{note.index}]")
-        for sub in without:
+        for sub, item_note in item_errors:
+            out += _messages(sub, f"{path}[{item_note.index}]")
+        for sub in other_errors:
             out += _messages(sub, path)
         return out
     if isinstance(exc, ForbiddenExtraKeysError):
@@ -236,7 +227,7 @@ def _messages(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, FieldError):
         return [f"{path + '.' if path else ''}{exc.field}: {exc.message}"]
     if isinstance(exc, KeyError):
-        return [f"{path}: missing required key {exc}"]
+        return [f"{path}: required, but missing"]
     return [f"{path or '$'}: {exc}"]
 
 
@@ -250,10 +241,94 @@ def structure(data: Any, cls: type[T], path: str = "") -> T:
         raise ConfigError("\n".join(_messages(exc, path))) from None
 
 
-def structure_options(options_class: type[T] | None, data: dict[str, Any], path: str) -> T | dict[str, Any]:
-    """Validate a plugin's option mapping against its attrs class (errors name ``path.field``)."""
+def structure_plugin_options(options_class: type | None, data: Mapping[str, Any], path: str) -> Any:
+    """Validate a plugin's option mapping against its attrs class (errors name ``path.field``).
+
+    Without an options class only an empty mapping is accepted, and ``{}`` is returned.
+    """
     if options_class is None:
         if data:
             raise ConfigError(f"{path}: this plugin takes no options, got {', '.join(sorted(data))}")
         return {}
-    return structure(data, options_class, path)
+    return structure(dict(data), options_class, path)
+
+
+structure_options = structure_plugin_options
+
+
+# ---- environment ----------------------------------------------------------------------------------
+ENV_PREFIX = "SAGELLM_"
+ENV_SEPARATOR = "__"
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The nested config mapping set by ``SAGELLM_<SECTION>__<FIELD>[__<KEY>...]`` variables.
+
+    ``SAGELLM_SCHEDULER__MAX_NUM_SEQS=256`` -> ``{"scheduler": {"max_num_seqs": 256}}``. Values are
+    YAML (``8``, ``true``, ``[latency, kv]``, ``{mode: strict}``), except that a field declared as a
+    string keeps the text as written. Variables without ``__`` (``SAGELLM_BACKEND``, ...) are not
+    config fields and are left alone.
+    """
+    data: dict[str, Any] = {}
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or ENV_SEPARATOR not in variable:
+            continue
+        keys = [k.lower() for k in variable[len(ENV_PREFIX):].split(ENV_SEPARATOR)]
+        if not all(keys):
+            raise ConfigError(f"{variable}: empty name part (use SAGELLM_<SECTION>__<FIELD>)")
+        target = data
+        for key in keys[:-1]:
+            node = target.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{variable}: {'.'.join(keys)} conflicts with another variable")
+            target = node
+        target[keys[-1]] = _env_value(keys, environ[variable], variable)
+    return data
+
+
+def _env_value(keys: list[str], text: str, variable: str) -> Any:
+    if len(keys) == 2 and _is_str_field(keys[0], keys[1]):
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{'.'.join(keys)}: {variable} is not a valid YAML value: {exc}") from None
+
+
+def _is_str_field(section: str, field: str) -> bool:
+    section_field = attrs.fields_dict(attrs.resolve_types(EngineConfig)).get(section)
+    if section_field is None or not isinstance(section_field.type, type) or not attrs.has(section_field.type):
+        return False
+    target = attrs.fields_dict(attrs.resolve_types(section_field.type)).get(field)
+    return target is not None and target.type in (str, str | None)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> EngineConfig:
+    """The config a command starts from: defaults, then the YAML file at ``path`` (if any), then the
+    ``SAGELLM_<SECTION>__<FIELD>`` environment variables. Errors name the field path (and the
+    variables, when they were set from the environment)."""
+    import os
+
+    base = EngineConfig.from_yaml(path) if path else EngineConfig()
+    overrides = env_overrides(os.environ if environ is None else environ)
+    if not overrides:
+        return base
+    try:
+        return EngineConfig.from_dict(_merge(base.to_dict(), overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\n(from the environment: "
+                          f"{', '.join(sorted(v for v in (environ or os.environ) if _is_config_var(v)))})") from None
+
+
+def _is_config_var(variable: str) -> bool:
+    return variable.startswith(ENV_PREFIX) and ENV_SEPARATOR in variable

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import attrs
 import torch
 
-from sagellm_core.backend_selection import BackendChoice, select_backend
-from sagellm_core.config import EngineConfig, structure_options
+from sagellm_core.backend_selection import BackendChoice, create_backend, select_backend
+from sagellm_core.config import EngineConfig
 from sagellm_core.detokenizer import IncrementalDetokenizer
 from sagellm_core.errors import (
     EngineOverloadedError,
@@ -29,6 +29,7 @@ from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_con
 from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
+from sagellm_core.plugin_selection import validate_plugin_selection
 from sagellm_core.request import PENDING_TOKEN, Request, RequestStatus
 from sagellm_core.request_state import (
     CompletionState,
@@ -64,10 +65,10 @@ class LLMEngine:
                  plugin_manager: SageLLMPluginManager | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.plugins = plugin_manager or create_plugin_manager()
-        registry = self.plugins.registry
+        plugins = validate_plugin_selection(config, self.plugins)  # names and options, before any loading
         requested = None if config.backend.name == "auto" else config.backend.name
         self.backend_choice: BackendChoice = select_backend(self.plugins, requested)
-        self.backend = self.backend_choice.spec.create(config.backend)
+        self.backend = create_backend(self.backend_choice.spec, config.backend)
         self.plugins.configure(config)
 
         self.dtype = self.backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
@@ -80,14 +81,9 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len or getattr(model_config, "max_position_embeddings", 2048)
         self.eos_token_ids = self._eos_ids()
 
-        scheduler_reg = registry.get("scheduler", config.scheduler.name)
-        scheduler_options = structure_options(scheduler_reg.options, config.scheduler.options, "scheduler.options")
-        self.scheduler = scheduler_reg.factory(config.scheduler, scheduler_options)
-        policy_reg = registry.get("kv_policy", config.kv_cache.policy)
-        policy_options = structure_options(policy_reg.options, config.kv_cache.policy_options,
-                                           "kv_cache.policy_options")
+        self.scheduler = plugins.create_scheduler(config.scheduler)
         pool_blocks = self._pool_sizes(self.scheduler.num_kv_pools)
-        self.kv_pools = [KVCacheManager(n, config.kv_cache.block_size, policy_reg.factory(policy_options))
+        self.kv_pools = [KVCacheManager(n, config.kv_cache.block_size, plugins.create_kv_policy())
                          for n in pool_blocks]
         self.scheduler.bind(self.kv_pools)
         graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
@@ -95,8 +91,7 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
         self.sampler = Sampler(config.model.seed, fused=self.backend.fused_sampler())
-        self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
-                             for name in config.metrics.enabled}
+        self.metric_sinks = plugins.create_metric_sinks(config.metrics)
         self.groups: dict[str, RequestGroup] = {}
         self.overlap_output = config.scheduler.overlap_output
         mode = config.scheduler.async_scheduling

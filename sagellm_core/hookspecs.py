@@ -17,9 +17,13 @@ supports as `SAGELLM_PLUGIN_API = ">=1.0,<2"`; outside that range it is refused 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import pluggy
+
+if TYPE_CHECKING:
+    from sagellm_core.backend import BackendSpec
+    from sagellm_core.config import EngineConfig
 
 PROJECT_NAME = "sagellm"
 ENTRY_POINT_GROUP = "sagellm.plugins"
@@ -28,54 +32,77 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+class Register(Protocol):
+    """The ``register`` callback of the scheduler, KV-policy and metric hooks.
+
+    ``options``: an attrs class; the user's option mapping for this name is structured into it
+    (validators in `sagellm_core.options`; errors name the config path) before any model loads,
+    and the instance is passed to ``factory``.
+    """
+
+    def __call__(self, name: str, factory: Callable[..., Any], options: type | None = None) -> None: ...
+
+
+class RegisterBackend(Protocol):
+    """The ``register`` callback of `sagellm_register_backends`."""
+
+    def __call__(self, spec: BackendSpec) -> None: ...
+
+
 @hookspec
-def sagellm_register_backends(register: Callable[..., None]) -> None:
+def sagellm_register_backends(register: RegisterBackend) -> None:
     """Register device backends.
 
     Call ``register(spec)`` with a `sagellm_core.backend.BackendSpec`: a name, a selection priority
     (higher wins when several devices are present), a ``probe()`` that answers whether the device is
-    here *without initialising it*, and a ``create(config)`` factory returning a
-    `sagellm_core.backend.Backend` (device, dtype, memory query, KV storage, attention op,
-    distributed-backend name).
+    here *without initialising it*, a ``create(config)`` factory returning a
+    `sagellm_core.backend.Backend` (``create(config, options)`` when the spec names an ``options``
+    attrs class for ``backend.options``). `Backend` is an abstract contract: a backend implements
+    ``device``, ``default_dtype``, ``memory_info``, ``attention_op`` and ``synchronize``; the rest
+    have generic defaults. Template: ``plugins/sagellm-backend-template``.
     """
 
 
 @hookspec
-def sagellm_register_kv_policies(register: Callable[..., None]) -> None:
+def sagellm_register_kv_policies(register: Register) -> None:
     """Register KV-cache policies.
 
     Call ``register(name, factory, options=OptionsClass)``. ``factory(options)`` returns a
-    `sagellm_core.kv.policy.KVPolicy`: it decides block hashing (which blocks may be reused for a
-    prefix) and the eviction order of free cached blocks. ``options`` is an optional attrs class the
-    user's ``kv_cache.policy_options`` mapping is validated against.
+    `sagellm_core.kv.policy.KVPolicy` (one per KV pool): it decides which requests take part in
+    prefix reuse (``should_cache(request)``), block hashing, and the eviction order of free blocks.
+    Most policies subclass `sagellm_core.kv.policy.FreeQueuePolicy` and override ``pick_victim``.
+    ``options`` is an optional attrs class the user's ``kv_cache.policy_options`` mapping is
+    validated against. Template: ``plugins/sagellm-kv-mru``.
     """
 
 
 @hookspec
-def sagellm_register_schedulers(register: Callable[..., None]) -> None:
+def sagellm_register_schedulers(register: Register) -> None:
     """Register schedulers.
 
     Call ``register(name, factory, options=OptionsClass)``. ``factory(scheduler_config, options)``
     returns a `sagellm_core.schedulers.base.Scheduler`. Most plugins subclass
     `sagellm_core.schedulers.base.PolicyScheduler` and override ``waiting_key`` (which waiting
     request is admitted first) and/or ``preemption_victim``. ``options`` is an optional attrs class
-    the user's ``scheduler.options`` mapping is validated against.
+    the user's ``scheduler.options`` mapping is validated against. Template: ``plugins/sagellm-sched-spf``.
     """
 
 
 @hookspec
-def sagellm_register_metrics(register: Callable[..., None]) -> None:
+def sagellm_register_metrics(register: Register) -> None:
     """Register metric consumers.
 
-    Call ``register(name, factory)``. ``factory(metrics_config)`` returns an object with
-    ``on_step(event: StepEvent)``, ``on_request_finished(event: RequestEvent)`` and ``snapshot() ->
-    dict`` (see `sagellm_core.metrics.base.MetricSink`). Events arrive once per engine step and once
-    per finished request.
+    Call ``register(name, factory)`` or ``register(name, factory, options=OptionsClass)``.
+    ``factory(metrics_config)`` — ``factory(metrics_config, options)`` when an options class was
+    registered; the user's ``metrics.options.<name>`` mapping is validated against it — returns an
+    object with ``on_step(event: StepEvent)``, ``on_request_finished(event: RequestEvent)`` and
+    ``snapshot() -> dict`` (see `sagellm_core.metrics.base.MetricSink`). Events arrive once per
+    engine step and once per finished request. Template: ``plugins/sagellm-metric-jsonl``.
     """
 
 
 @hookspec(historic=True)
-def sagellm_configure(config: Any) -> None:
+def sagellm_configure(config: EngineConfig) -> None:
     """Called once with the final `EngineConfig` when an engine starts (historic: late plugins see it too).
 
     Use it to read configuration; do not mutate it (it is frozen).

@@ -8,6 +8,7 @@ Environment:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -20,6 +21,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from sagellm_core import PLUGIN_API_VERSION, hookspecs
+from sagellm_core.backend import BackendSpec
 from sagellm_core.commands import CommandSpec
 from sagellm_core.errors import PluginError
 from sagellm_core.registry import Registration, Registry
@@ -94,7 +96,7 @@ class SageLLMPluginManager:
     # ---- loading -------------------------------------------------------------------------------
     def load_builtins(self, blocked: Iterable[str] = ()) -> None:
         for name, module_path in BUILTIN_PLUGINS.items():
-            self._load(name, lambda p=module_path: importlib.import_module(p), "sagellm", builtin=True,
+            self._load(name, functools.partial(importlib.import_module, module_path), "sagellm", builtin=True,
                        blocked=name in blocked)
 
     def load_entry_points(self, allow: list[str] | None, blocked: Iterable[str] = ()) -> None:
@@ -157,36 +159,58 @@ class SageLLMPluginManager:
         return self._registry
 
     def _collect(self) -> Registry:
-        registry = Registry()
+        """Run every registration hook; a plugin whose hook raises, or whose names clash with another
+        plugin's, contributes nothing (all its registrations are dropped) and is unregistered."""
+        staged: dict[str, list[Registration]] = {}
+        failures: dict[str, str] = {}
         for hook_name, family in HOOK_FAMILY.items():
             caller = getattr(self.pm.hook, hook_name)
-            for impl in caller.get_hookimpls():
+            for impl in caller.get_hookimpls():  # registration order: the first to register a name keeps it
                 plugin_name = self.pm.get_name(impl.plugin) or "?"
-                staged: list[Registration] = []
-                register = _make_register(family, plugin_name, staged)
+                if plugin_name in failures:
+                    continue
+                plugin_staged = staged.setdefault(plugin_name, [])
+                register = _make_register(family, plugin_name, plugin_staged)
                 try:
                     impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
-                    for registration in staged:
-                        registry.add(registration)
                 except Exception as exc:
-                    record = self.records.get(plugin_name)
-                    if record is not None:
-                        record.status = "failed"
-                        record.error = f"{hook_name} raised {type(exc).__name__}: {exc}"
+                    failures[plugin_name] = f"{hook_name} raised {type(exc).__name__}: {exc}"
+        registry = Registry()
+        for plugin_name, registrations in staged.items():
+            if plugin_name in failures:
+                continue
+            try:
+                registry.add_all(registrations)
+            except PluginError as exc:
+                failures[plugin_name] = str(exc)
+        for plugin_name, error in failures.items():
+            self._fail(plugin_name, error)
         return registry
+
+    def _fail(self, plugin_name: str, error: str) -> None:
+        """Mark a loaded plugin failed and unregister it, so none of its hooks is called again."""
+        record = self.records.get(plugin_name)
+        if record is not None:
+            record.status = "failed"
+            record.error = error
+        if self.pm.get_plugin(plugin_name) is not None:
+            self.pm.unregister(name=plugin_name)
 
     def configure(self, config: Any) -> None:
         """Announce the final engine config to plugins (historic hook)."""
         self.pm.hook.sagellm_configure.call_historic(kwargs={"config": config})
 
     def failed(self) -> list[PluginRecord]:
+        """Plugins that failed to load or whose registration hook raised."""
         return [r for r in self.records.values() if r.status == "failed"]
 
 
 def _make_register(family: str, plugin_name: str, staged: list[Registration]) -> Callable[..., None]:
     if family == "backend":
-        def register_backend(spec: Any) -> None:
-            staged.append(Registration(family, spec.name, spec.create, plugin_name, spec=spec))
+        def register_backend(spec: BackendSpec) -> None:
+            if not isinstance(spec, BackendSpec):
+                raise PluginError(f"plugin {plugin_name!r} registered a backend that is not a BackendSpec: {spec!r}")
+            staged.append(Registration(family, spec.name, spec.create, plugin_name, options=spec.options, spec=spec))
         return register_backend
     if family == "command":
         def register_command(name: str, add_arguments: Callable[..., Any], run: Callable[..., Any],
@@ -203,6 +227,9 @@ def _make_register(family: str, plugin_name: str, staged: list[Registration]) ->
             raise PluginError(f"plugin {plugin_name!r} registered a {family} without a name")
         if not callable(factory):
             raise PluginError(f"plugin {plugin_name!r}: {family} {name!r} factory is not callable")
+        if options is not None and not attrs.has(options):
+            raise PluginError(f"plugin {plugin_name!r}: {family} {name!r} options must be an attrs class, "
+                              f"got {options!r}")
         staged.append(Registration(family, name, factory, plugin_name, options=options))
     return register
 

@@ -223,3 +223,38 @@ def test_probe_that_raises_counts_as_absent(monkeypatch: pytest.MonkeyPatch) -> 
     choice = select_backend(manager_with(xpu=Exploding()))
     assert choice.spec.name == "ascend"
     assert choice.probes[0].result == ProbeResult(False, "probe raised RuntimeError: NVML driver mismatch")
+
+
+# ---- the Backend contract ------------------------------------------------------------------------
+def test_backend_base_class_is_an_abstract_contract() -> None:
+    from sagellm_core.backend import Backend
+
+    class Incomplete(Backend):
+        name, device_type, dist_backend = "incomplete", "cpu", "gloo"
+
+        def device(self) -> Any:
+            return "cpu"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]
+
+    class Nameless(Backend):
+        def device(self) -> Any: ...
+        def default_dtype(self) -> Any: ...
+        def memory_info(self) -> tuple[int, int]: return (0, 0)
+        def attention_op(self) -> Any: ...
+        def synchronize(self) -> None: ...
+
+    with pytest.raises(TypeError, match="Nameless must set name, device_type, dist_backend"):
+        Nameless()
+
+
+def test_backend_options_are_validated_against_the_spec() -> None:
+    from sagellm_core.backend_selection import create_backend
+    from sagellm_core.builtin.cpu_backend import SPEC, CPUBackend
+    from sagellm_core.config import BackendConfig
+    from sagellm_core.errors import ConfigError
+
+    assert isinstance(create_backend(SPEC, BackendConfig()), CPUBackend)
+    with pytest.raises(ConfigError, match=r"^backend\.options: this plugin takes no options, got threads$"):
+        create_backend(SPEC, BackendConfig(options={"threads": 4}))

@@ -232,3 +232,46 @@ def test_explicit_backend_reason_names_its_source(clean_env: pytest.MonkeyPatch,
 def test_format_table_aligns_columns() -> None:
     assert plugins_cmd.format_table(("A", "LONG"), [("xyz", 1), ("q", 22)], indent="") == \
         ["A    LONG", "xyz  1", "q    22"]
+
+
+# ---- plugin options on the command line ------------------------------------------------------------
+def test_plugin_option_flags_merge_over_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sagellm_core.cli import build_parser
+    from sagellm_core.cli.common import engine_config as cli_engine_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler: {name: pd, options: {mode: hybrid, max_decode_steps: 3}}\n"
+                    "metrics: {options: {latency: {window: 10}}}\n")
+    monkeypatch.setenv("SAGELLM_SCHEDULER__MAX_NUM_SEQS", "7")
+    args = build_parser().parse_args([
+        "generate", "hi", "--config", str(path), "--scheduler-option", "max_decode_steps=5",
+        "--kv-policy-option", "a=1.5", "--metric-option", "latency.window=20", "--metric-option", "jsonl.path=x y",
+        "--backend-option", "flag=true", "--metric", "jsonl",
+    ])
+    config = cli_engine_config(args)
+    assert config.scheduler.max_num_seqs == 7
+    assert config.scheduler.options == {"mode": "hybrid", "max_decode_steps": 5}
+    assert config.kv_cache.policy_options == {"a": 1.5}
+    assert config.metrics.options == {"latency": {"window": 20}, "jsonl": {"path": "x y"}}
+    assert config.backend.options == {"flag": True} and config.metrics.extra == ["jsonl"]
+
+
+@pytest.mark.parametrize(("flag", "value", "error"), [
+    ("--scheduler-option", "aging", "--scheduler-option 'aging': expected KEY=VALUE"),
+    ("--metric-option", "window=3", "--metric-option 'window=3': expected SINK.KEY=VALUE"),
+    ("--kv-policy-option", "=3", "--kv-policy-option '=3': expected KEY=VALUE"),
+    ("--scheduler-option", "mode=[x", "--scheduler-option 'mode=[x': VALUE is not valid YAML"),
+])
+def test_malformed_plugin_options_are_named(flag: str, value: str, error: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", flag, value]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_bad_plugin_option_value_names_its_path_before_the_model_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--model", "/nonexistent/model", "--scheduler", "pd",
+                 "--scheduler-option", "mode=sideways", "--metric-option", "latency.window=0"]) == 2
+    errors = capsys.readouterr().err
+    assert "scheduler.options.mode: must be one of" in errors
+    assert "metrics.options.latency.window: must be >= 1, got 0" in errors
+    assert "nonexistent" not in errors

@@ -260,3 +260,64 @@ def test_config_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixt
     path = str(tmp_path / "nope.yaml")
     assert main(["config", "--validate", path]) == 2
     assert f"$: cannot read {path}: No such file or directory" in capsys.readouterr().err
+
+
+# ---- environment variables ---------------------------------------------------------------------------
+def test_every_field_is_settable_from_the_environment() -> None:
+    from sagellm_core.config import load_config
+
+    environ = {
+        "SAGELLM_SCHEDULER__MAX_NUM_SEQS": "256",
+        "SAGELLM_SCHEDULER__OPTIONS__MODE": "strict",
+        "SAGELLM_MODEL__PATH": "no",  # a string field keeps the text (YAML would read "no" as false)
+        "SAGELLM_MODEL__MAX_MODEL_LEN": "4096",
+        "SAGELLM_KV_CACHE__MEMORY_UTILIZATION": "0.5",
+        "SAGELLM_METRICS__ENABLED": "[latency, kv]",
+        "SAGELLM_BACKEND__CUDA_GRAPHS": "false",
+        "SAGELLM_BACKEND": "cuda",  # no double underscore: not a config field, left alone
+        "SAGELLM_FUSED_SAMPLING": "0",
+    }
+    config = load_config(None, environ)
+    assert (config.scheduler.max_num_seqs, config.scheduler.options) == (256, {"mode": "strict"})
+    assert (config.model.path, config.model.max_model_len) == ("no", 4096)
+    assert config.kv_cache.memory_utilization == 0.5 and config.metrics.enabled == ["latency", "kv"]
+    assert config.backend.cuda_graphs is False and config.backend.name == "auto"
+
+
+def test_environment_overrides_the_file_and_errors_name_path_and_variable(tmp_path: Path) -> None:
+    from sagellm_core.config import load_config
+
+    path = write(tmp_path, "scheduler: {max_num_seqs: 8, max_waiting: 9}\n")
+    config = load_config(path, {"SAGELLM_SCHEDULER__MAX_NUM_SEQS": "4"})
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_waiting) == (4, 9)
+    for variable, value, error in (
+        ("SAGELLM_SCHEDULER__MAX_NUM_SEQS", "0", "scheduler.max_num_seqs: must be >= 1, got 0"),
+        ("SAGELLM_SCHEDULER__MAX_NUM_SEQS", "many", "scheduler.max_num_seqs: expected int, got str 'many'"),
+        ("SAGELLM_SCHEDULR__MAX_NUM_SEQS", "4", "schedulr: unknown key"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {variable: value})
+        assert str(info.value).splitlines()[0] == error and variable in str(info.value)
+
+
+# ---- validators for plugin options ------------------------------------------------------------------
+def test_with_path_keeps_the_field_name_of_stock_attrs_validators() -> None:
+    from sagellm_core.options import at_least, one_of, with_path
+
+    @attrs.frozen
+    class Options:
+        ratio: float = attrs.field(default=0.5, validator=with_path(attrs.validators.le(1.0)))
+        depth: int = attrs.field(default=1, validator=at_least(1))
+        mode: str = attrs.field(default="a", validator=one_of("a", "b"))
+
+    assert structure_options(Options, {"ratio": 1.0}, "x.options") == Options(ratio=1.0)
+    with pytest.raises(ConfigError, match=r"^x\.options\.ratio: 'ratio' must be <= 1\.0: 2\.0$"):
+        structure_options(Options, {"ratio": 2.0}, "x.options")
+    with pytest.raises(ConfigError, match=r"^x\.options\.mode: must be one of a, b; got 'c'$"):
+        structure_options(Options, {"mode": "c"}, "x.options")
+
+
+def test_metrics_extra_extends_and_enabled_replaces() -> None:
+    assert MetricsConfig().sinks() == ["latency", "throughput", "kv"]
+    assert MetricsConfig(extra=["prometheus", "kv"]).sinks() == ["latency", "throughput", "kv", "prometheus"]
+    assert MetricsConfig(enabled=["kv"], extra=["latency"]).sinks() == ["kv", "latency"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
+from typing import Iterable
 
 from conftest import DecodeOnlyGraphs, engine_config  # tests/conftest.py (imported at collection, before plugins/)
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from sagellm_core.builtin.kv_policies import NoReusePolicy, PrefixLRUPolicy
 from sagellm_core.builtin.schedulers import FCFSScheduler, PriorityScheduler
 from sagellm_core.config import SchedulerConfig
 from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.kv.policy import Block, FreeQueuePolicy, KVPolicy
 from sagellm_core.request import Request, RequestStatus
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.schedulers.pd import PDOptions, PDScheduler
@@ -229,3 +232,103 @@ def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, s
             assert pool.stats().used_blocks == 0
     finally:
         engine_module.OVERLAP_MIN_BATCH = saved
+
+
+# ---- the policy contract ------------------------------------------------------------------------------
+def _run(kv: KVCacheManager, rid: str, tokens: list[int]) -> int:
+    """Admit, compute and free one request as the scheduler does; return its prefix-hit tokens."""
+    req = make_request(rid, tokens)
+    prefix = kv.find_prefix(req)
+    assert kv.allocate(req, len(tokens) - len(prefix) * kv.block_size, prefix)
+    req.num_computed_tokens = len(tokens)
+    kv.cache_full_blocks(req)
+    kv.free(rid)
+    kv.check_invariants()
+    return len(prefix) * kv.block_size
+
+
+class OneQueueMRU(KVPolicy):
+    """MRU written against a single free queue that mixes never-used and freed blocks (what the
+    contract used to hand a policy): it gives up fresh cached blocks while unused ones wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: OrderedDict[int, Block] = OrderedDict()
+
+    def add_unused(self, blocks: Iterable[Block]) -> None:
+        self.push_free(list(blocks))
+
+    def push_free(self, blocks: list[Block]) -> None:
+        for block in blocks[::-1]:
+            self.queue[block.block_id] = block
+
+    def pop_free(self) -> Block:
+        return self.queue.popitem(last=True)[1]
+
+    def remove_free(self, block: Block) -> None:
+        del self.queue[block.block_id]
+
+    def num_free(self) -> int:
+        return len(self.queue)
+
+    def is_free(self, block: Block) -> bool:
+        return block.block_id in self.queue
+
+
+class FreeQueueMRU(FreeQueuePolicy):
+    def push_free(self, blocks: list[Block]) -> None:
+        super().push_free(blocks[::-1])
+
+    def pick_victim(self) -> Block:
+        return self.freed.popitem(last=True)[1]
+
+
+def test_unused_blocks_are_handed_out_before_cached_ones() -> None:
+    shared = list(range(100, 108))
+    results = {}
+    for name, policy in (("one_queue", OneQueueMRU()), ("free_queue", FreeQueueMRU()), ("lru", PrefixLRUPolicy())):
+        kv = KVCacheManager(32, 4, policy)
+        _run(kv, "a", shared + [1, 2, 3])
+        _run(kv, "unrelated", list(range(500, 512)))
+        results[name] = _run(kv, "b", shared + [4, 5, 6])
+    assert results == {"one_queue": 0, "free_queue": 8, "lru": 8}
+
+
+def test_should_cache_sees_the_request() -> None:
+    class LongPromptsOnly(PrefixLRUPolicy):
+        def should_cache(self, request: Request) -> bool:
+            return request.num_prompt_tokens > 10
+
+    kv = KVCacheManager(32, 4, LongPromptsOnly())
+    shared = list(range(100, 108))
+    assert _run(kv, "short", shared + [1]) == 0 and kv.stats().cached_blocks == 0
+    assert _run(kv, "long", shared + [1, 2, 3]) == 0 and kv.stats().cached_blocks == 2
+    assert _run(kv, "short_again", shared + [2]) == 0  # a short prompt does not even look
+    assert _run(kv, "long_again", shared + [4, 5, 6]) == 8
+
+
+def test_policies_are_abstract_contracts() -> None:
+    for abstract in (KVPolicy, FreeQueuePolicy):
+        try:
+            abstract()  # type: ignore[abstract]
+        except TypeError as exc:
+            assert "abstract" in str(exc)
+        else:  # pragma: no cover
+            raise AssertionError(f"{abstract.__name__} must not be instantiable")
+
+
+def test_allocate_tokens_gives_a_fresh_table_or_nothing() -> None:
+    kv = KVCacheManager(4, 4, PrefixLRUPolicy())
+    assert kv.allocate_tokens("copy", 9)
+    assert kv.block_ids("copy") == [0, 1, 2]
+    assert not kv.allocate_tokens("other", 5)  # needs 2, 1 free: nothing taken
+    assert kv.block_ids("other") == [] and kv.num_free_blocks() == 1
+    try:
+        kv.allocate_tokens("copy", 1)
+    except ValueError as exc:
+        assert "already owns blocks" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("a second table for the same request must be refused")
+    kv.free("copy")
+    kv.check_invariants()
+    assert kv.num_free_blocks() == 4

@@ -244,3 +244,66 @@ def test_in_process_plugins_and_historic_configure(site: FakeSite) -> None:
     manager.configure("the-config")
     manager.register_object("late", Late())  # registered after the call: still sees it (historic)
     assert seen == [("early", "the-config"), ("late", "the-config")]
+
+
+def test_plugin_whose_second_hook_raises_contributes_nothing(site: FakeSite) -> None:
+    """Its scheduler (registered by a hook that succeeded) is rolled back, and its other hooks are
+    no longer called."""
+    site.install("sagellm-partial", {"partial": """
+        from sagellm_core.hookspecs import hookimpl
+
+        CONFIGURED = []
+
+        @hookimpl
+        def sagellm_register_schedulers(register):
+            register("partial_sched", lambda config, options=None: None)
+
+        @hookimpl
+        def sagellm_register_kv_policies(register):
+            register("partial_policy", lambda options=None: None)
+            raise RuntimeError("no device")
+
+        @hookimpl
+        def sagellm_configure(config):
+            CONFIGURED.append(config)
+        """, "good": GOOD})
+    manager = create_plugin_manager()
+    registry = manager.registry
+    record = manager.records["partial"]
+    assert (record.status, record.error) == ("failed", "sagellm_register_kv_policies raised RuntimeError: no device")
+    assert "partial_sched" not in registry.names("scheduler") and "partial_policy" not in registry.names("kv_policy")
+    assert "good_sched" in registry.names("scheduler")
+    manager.configure("cfg")
+    assert sys.modules[site.modules[0]].CONFIGURED == []
+
+
+def test_clash_rolls_back_every_registration_of_the_losing_plugin(site: FakeSite) -> None:
+    source = """
+        from sagellm_core.hookspecs import hookimpl
+
+        @hookimpl
+        def sagellm_register_schedulers(register):
+            register("{name}_own", lambda config, options=None: None)
+            register("shared", lambda config, options=None: None)
+        """
+    site.install("sagellm-clash2", {"one": source, "two": source})
+    manager = create_plugin_manager()
+    owner = manager.registry.get("scheduler", "shared").plugin
+    loser = ({"one", "two"} - {owner}).pop()
+    assert f"{owner}_own" in manager.registry.names("scheduler")
+    assert f"{loser}_own" not in manager.registry.names("scheduler")
+    assert manager.records[loser].status == "failed"
+
+
+def test_options_class_must_be_an_attrs_class(site: FakeSite) -> None:
+    site.install("sagellm-badopts", {"badopts": """
+        from sagellm_core.hookspecs import hookimpl
+
+        @hookimpl
+        def sagellm_register_metrics(register):
+            register("m", lambda config, options: None, options=dict)
+        """})
+    manager = create_plugin_manager()
+    manager.registry
+    assert manager.records["badopts"].status == "failed"
+    assert "metric 'm' options must be an attrs class" in manager.records["badopts"].error

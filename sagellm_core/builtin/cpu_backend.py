@@ -4,16 +4,35 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
-from sagellm_core.hookspecs import hookimpl
+from sagellm_core.hookspecs import RegisterBackend, hookimpl
 
 
 class CPUBackend(Backend):
+    """The host CPU: float32, plain-torch paged attention, synchronous execution."""
+
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device("cpu")
+
+    def default_dtype(self) -> torch.dtype:
+        """float32: the CPU kernels torch ships are fastest and exact there."""
+        import torch
+
+        return torch.float32
+
+    def synchronize(self) -> None:
+        """Nothing is queued: CPU ops run when called."""
 
     def memory_info(self) -> tuple[int, int]:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -31,6 +50,7 @@ class CPUBackend(Backend):
 
 
 def probe() -> ProbeResult:
+    """The CPU is always there."""
     return ProbeResult(True, f"{os.cpu_count()} CPU cores", device_count=1)
 
 
@@ -38,7 +58,7 @@ SPEC = BackendSpec(
     name="cpu",
     priority=0,
     probe=probe,
-    create=lambda config: CPUBackend(config),
+    create=CPUBackend,
     device_type="cpu",
     dist_backend="gloo",
     description="plain torch on the host CPU",
@@ -46,5 +66,6 @@ SPEC = BackendSpec(
 
 
 @hookimpl
-def sagellm_register_backends(register: Any) -> None:
+def sagellm_register_backends(register: RegisterBackend) -> None:
+    """Register the ``cpu`` backend."""
     register(SPEC)

@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Hashable
 
-from sagellm_core.hookspecs import hookimpl
-from sagellm_core.kv.policy import KVPolicy
+from sagellm_core.hookspecs import Register, hookimpl
+from sagellm_core.kv.policy import Block, FreeQueuePolicy
+
+if TYPE_CHECKING:
+    from sagellm_core.request import Request
 
 
-class PrefixLRUPolicy(KVPolicy):
+class PrefixLRUPolicy(FreeQueuePolicy):
     """Chained hashes over full blocks (token-checked on hit); evict the least recently freed block."""
 
     name = "prefix_lru"
 
+    def pick_victim(self) -> Block:
+        return self.freed.popitem(last=False)[1]
 
-class NoReusePolicy(KVPolicy):
+
+class NoReusePolicy(FreeQueuePolicy):
     """Every request computes its whole prompt; blocks are recycled in free order."""
 
     name = "no_reuse"
 
+    def should_cache(self, request: Request) -> bool:
+        return False
+
     def hash_block(self, parent_hash: Hashable | None, token_ids: tuple[int, ...]) -> Hashable | None:
         return None
 
-    @property
-    def reuse(self) -> bool:
-        return False
+    def pick_victim(self) -> Block:
+        return self.freed.popitem(last=False)[1]
 
 
 @hookimpl
-def sagellm_register_kv_policies(register: Any) -> None:
-    register("prefix_lru", lambda options=None: PrefixLRUPolicy(options))
-    register("no_reuse", lambda options=None: NoReusePolicy(options))
+def sagellm_register_kv_policies(register: Register) -> None:
+    """Register ``prefix_lru`` (the default) and ``no_reuse``."""
+    register("prefix_lru", PrefixLRUPolicy)
+    register("no_reuse", NoReusePolicy)

@@ -2,43 +2,84 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-from sagellm_core.hookspecs import hookimpl
+import attrs
+import numpy as np
+
+from sagellm_core.hookspecs import Register, hookimpl
 from sagellm_core.metrics.base import RequestEvent, StepEvent
 from sagellm_core.metrics.latency import percentiles
 from sagellm_core.metrics.prometheus import PrometheusSink
+from sagellm_core.options import at_least
+
+if TYPE_CHECKING:
+    from sagellm_core.config import MetricsConfig
+
+
+@attrs.frozen
+class LatencyOptions:
+    """``metrics.options.latency``: ``window`` = how many recent samples each series keeps (TTFT,
+    TPOT and E2E: one per finished request; ITL: one per gap between two output tokens)."""
+
+    window: int = attrs.field(default=100_000, validator=at_least(1))
+
+
+class RecentValues:
+    """The last ``capacity`` values of a series in a fixed float64 ring (bounded memory)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.ring = np.zeros(capacity, dtype=np.float64)
+        self.count = 0  # values ever added
+
+    def add(self, value: float) -> None:
+        self.ring[self.count % len(self.ring)] = value
+        self.count += 1
+
+    def extend(self, values: Sequence[float]) -> None:
+        for value in values[-len(self.ring):]:
+            self.add(value)
+
+    def values(self) -> np.ndarray:
+        return self.ring[: min(self.count, len(self.ring))]
 
 
 class LatencySink:
-    """Per-request latencies with mean and percentiles (seconds)."""
+    """TTFT, TPOT, ITL and E2E (seconds): mean and percentiles over each series' most recent
+    ``window`` samples (linear interpolation between ranks), plus ``count``, the samples kept."""
 
-    def __init__(self, config: Any = None) -> None:
-        self.points = list(getattr(config, "percentiles", [50.0, 90.0, 99.0]))
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
-        self.itl: list[float] = []
-        self.e2e: list[float] = []
+    SERIES = ("ttft", "tpot", "itl", "e2e")
+
+    def __init__(self, config: MetricsConfig | None = None, options: LatencyOptions | None = None) -> None:
+        self.points = list(config.percentiles if config is not None else [50.0, 90.0, 99.0])
+        window = (options or LatencyOptions()).window
+        self.series = {name: RecentValues(window) for name in self.SERIES}
 
     def on_step(self, event: StepEvent) -> None:
         pass
 
     def on_request_finished(self, event: RequestEvent) -> None:
         if event.ttft is not None:
-            self.ttft.append(event.ttft)
+            self.series["ttft"].add(event.ttft)
         if event.tpot is not None:
-            self.tpot.append(event.tpot)
-        self.itl.extend(event.itls)
-        self.e2e.append(event.e2e)
+            self.series["tpot"].add(event.tpot)
+        self.series["itl"].extend(event.itls)
+        self.series["e2e"].add(event.e2e)
 
     def snapshot(self) -> dict[str, Any]:
-        return {name: percentiles(getattr(self, name), self.points) for name in ("ttft", "tpot", "itl", "e2e")}
+        return {name: self._summary(self.series[name].values()) for name in self.SERIES}
+
+    def _summary(self, values: np.ndarray) -> dict[str, float]:
+        out = percentiles(values, self.points)
+        if out:
+            out["count"] = float(values.size)
+        return out
 
 
 class ThroughputSink:
     """Tokens and requests per second over the busy span (first step start to last step end)."""
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: MetricsConfig | None = None) -> None:
         self.first_start: float | None = None
         self.last_end: float | None = None
         self.busy_time = 0.0
@@ -59,7 +100,7 @@ class ThroughputSink:
         self.prompt_tokens += event.num_prompt_tokens
 
     def snapshot(self) -> dict[str, Any]:
-        span = (self.last_end - self.first_start) if self.first_start is not None else 0.0
+        span = self.last_end - self.first_start if self.first_start is not None and self.last_end is not None else 0.0
         return {
             "steps": self.steps,
             "finished_requests": self.requests,
@@ -75,7 +116,7 @@ class ThroughputSink:
 class KVSink:
     """Latest and peak KV-pool usage, and the prefix-cache hit rate."""
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: MetricsConfig | None = None) -> None:
         self.latest: dict[str, Any] = {}
         self.peak_usage = 0.0
         self.preemptions = 0
@@ -99,8 +140,9 @@ class KVSink:
 
 
 @hookimpl
-def sagellm_register_metrics(register: Any) -> None:
-    register("latency", LatencySink)
+def sagellm_register_metrics(register: Register) -> None:
+    """Register ``latency`` (options: `LatencyOptions`), ``throughput``, ``kv`` and ``prometheus``."""
+    register("latency", LatencySink, options=LatencyOptions)
     register("throughput", ThroughputSink)
     register("kv", KVSink)
     register("prometheus", PrometheusSink)

@@ -1,14 +1,33 @@
-"""Options shared by the sub-commands that build an engine."""
+"""Options shared by the sub-commands that build an engine.
+
+Precedence: built-in defaults < ``--config`` YAML file < ``SAGELLM_<SECTION>__<FIELD>`` environment
+variables < command-line flags. Plugin options come from ``--scheduler-option KEY=VALUE``,
+``--kv-policy-option KEY=VALUE``, ``--metric-option SINK.KEY=VALUE`` and ``--backend-option
+KEY=VALUE`` (repeatable; VALUE is a YAML scalar: ``8``, ``0.5``, ``true``, ``text``); they are
+merged over the file's options and validated with the rest of the plugin selection.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from sagellm_core.config import EngineConfig
+import yaml
+
+from sagellm_core.config import EngineConfig, load_config
+from sagellm_core.errors import ConfigError
+
+PLUGIN_OPTION_FLAGS = {
+    # dest: (flag, config section, options key in that section)
+    "scheduler_option": ("--scheduler-option", "scheduler", "options"),
+    "kv_policy_option": ("--kv-policy-option", "kv_cache", "policy_options"),
+    "metric_option": ("--metric-option", "metrics", "options"),
+    "backend_option": ("--backend-option", "backend", "options"),
+}
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Add the model, config, backend, scheduler, KV and plugin-option flags to ``parser``."""
     parser.add_argument("--model", default=None, help="model directory, .gguf file or cached hub id "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--config", default=None, help="YAML config file")
@@ -23,12 +42,48 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    parser.add_argument("--metric", action="append", default=None, metavar="NAME",
+                        help="run this metric sink as well as the configured ones (repeatable)")
+    for dest, (flag, _, _) in PLUGIN_OPTION_FLAGS.items():
+        what = "SINK.KEY=VALUE" if dest == "metric_option" else "KEY=VALUE"
+        parser.add_argument(flag, dest=dest, action="append", default=None, metavar=what,
+                            help=f"{flag[2:].replace('-option', '').replace('-', ' ')} plugin option "
+                                 "(repeatable; VALUE is YAML)")
+
+
+def parse_option(text: str, flag: str, *, dotted: bool = False) -> tuple[list[str], Any]:
+    """``"key=value"`` -> (["key"], value as YAML); with ``dotted``, ``"sink.key=value"`` ->
+    (["sink", "key"], value). Errors name the flag and the text."""
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".", 1) if dotted else [key.strip()]
+    if not sep or not all(keys) or (dotted and len(keys) != 2):
+        form = "SINK.KEY=VALUE" if dotted else "KEY=VALUE"
+        raise ConfigError(f"{flag} {text!r}: expected {form}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {text!r}: VALUE is not valid YAML: {exc}") from None
+    return keys, value
+
+
+def _plugin_options(args: argparse.Namespace, base: EngineConfig) -> dict[str, dict[str, Any]]:
+    current = base.to_dict()
+    sections: dict[str, dict[str, Any]] = {}
+    for dest, (flag, section, field) in PLUGIN_OPTION_FLAGS.items():
+        for text in getattr(args, dest, None) or []:
+            keys, value = parse_option(text, flag, dotted=dest == "metric_option")
+            options = sections.setdefault(section, {}).setdefault(field, dict(current[section][field]))
+            if len(keys) == 2:
+                options[keys[0]] = {**options.get(keys[0], {}), keys[1]: value}
+            else:
+                options[keys[0]] = value
+    return sections
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """Config file first, then the command-line overrides (errors name the field path)."""
-    base = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
-    sections: dict[str, dict[str, Any]] = {"model": {}, "backend": {}, "scheduler": {}, "kv_cache": {}}
+    """Config file, then the environment, then the command-line flags (errors name the field path)."""
+    base = load_config(args.config)
+    sections: dict[str, dict[str, Any]] = {"model": {}, "backend": {}, "scheduler": {}, "kv_cache": {}, "metrics": {}}
     for value, section, key in (
         (args.model, "model", "path"), (args.dtype, "model", "dtype"), (args.max_model_len, "model", "max_model_len"),
         (args.load_format, "model", "load_format"), (args.backend, "backend", "name"),
@@ -38,7 +93,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     ):
         if value is not None:
             sections[section][key] = value
+    if getattr(args, "metric", None):
+        sections["metrics"]["extra"] = [*base.metrics.extra, *args.metric]
     if args.pd_mode is not None:
         sections["scheduler"]["name"] = sections["scheduler"].get("name", "pd")
         sections["scheduler"]["options"] = {**base.scheduler.options, "mode": args.pd_mode}
+    for section, fields in _plugin_options(args, base).items():
+        for field, options in fields.items():
+            if field in sections[section] and isinstance(sections[section][field], dict):
+                options = {**sections[section][field], **options}
+            sections[section][field] = options
     return base.evolve(**{k: v for k, v in sections.items() if v})

@@ -80,6 +80,7 @@ def _requested_backend(cli_backend: str | None) -> tuple[str | None, str | None]
 
 def _backend_row(manager: SageLLMPluginManager, probe: BackendProbe) -> dict[str, Any]:
     spec = manager.registry.get("backend", probe.name).spec
+    assert spec is not None  # backend registrations always carry their spec
     return {
         "name": probe.name,
         "priority": probe.priority,

@@ -41,7 +41,7 @@ class KVCacheManager:
         self.req_hashes: dict[str, list[Hashable | None]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
-        policy.push_free(self.blocks)
+        policy.add_unused(self.blocks)
 
     # ---- queries -------------------------------------------------------------------------------
     def num_free_blocks(self) -> int:
@@ -54,7 +54,10 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def find_prefix(self, request: Request) -> list[Block]:
-        """Longest chain of cached full blocks matching the request's tokens (never its last token)."""
+        """Longest chain of cached full blocks matching the request's tokens (never its last token);
+        none when the policy keeps this request out of prefix reuse."""
+        if not self.policy.should_cache(request):
+            return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         parent: Hashable | None = None
@@ -94,7 +97,21 @@ class KVCacheManager:
             owned.append(self._take_free_block())
         return True
 
+    def allocate_tokens(self, request_id: str, num_tokens: int) -> bool:
+        """Give a request that owns no blocks in this pool a fresh table of
+        ``blocks_needed(num_tokens)`` blocks (the target of a copy from another pool). False, with
+        nothing allocated, when the pool has too few free blocks."""
+        if self.req_blocks.get(request_id):
+            raise ValueError(f"request {request_id!r} already owns blocks in this KV pool")
+        needed = self.blocks_needed(num_tokens)
+        if needed > self.num_free_blocks():
+            return False
+        self.req_blocks[request_id] = [self._take_free_block() for _ in range(needed)]
+        self.req_hashes[request_id] = []
+        return True
+
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        """Count a prompt's prefix lookup (for the hit rate in `stats`)."""
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += num_hit_tokens
 
@@ -111,8 +128,9 @@ class KVCacheManager:
         return block
 
     def cache_full_blocks(self, request: Request) -> None:
-        """After a step: make newly completed full blocks findable by later requests."""
-        if not self.policy.reuse:
+        """After a step: make newly completed full blocks findable by later requests (if the policy
+        lets this request take part in prefix reuse)."""
+        if not self.policy.should_cache(request):
             return
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:

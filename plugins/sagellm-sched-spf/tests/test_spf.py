@@ -84,13 +84,13 @@ def test_scheduler_defaults_options() -> None:
 
 def test_engine_scheduler_admits_shortest_first() -> None:
     """Through the engine's real `PolicyScheduler.schedule` with a KV pool: one slot, shortest wins."""
+    from sagellm_core.builtin.kv_policies import PrefixLRUPolicy
     from sagellm_core.kv.manager import KVCacheManager
-    from sagellm_core.kv.policy import KVPolicy
     from sagellm_core.request import Request
     from sagellm_core.sampling_params import SamplingParams
 
     scheduler = spf.SPFScheduler(SchedulerConfig(max_num_seqs=1), spf.SPFOptions(aging_tokens_per_second=0.0))
-    scheduler.bind([KVCacheManager(num_blocks=64, block_size=16, policy=KVPolicy())])
+    scheduler.bind([KVCacheManager(num_blocks=64, block_size=16, policy=PrefixLRUPolicy())])
     for request_id, length in (("long", 200), ("short", 20), ("mid", 90)):
         scheduler.add(Request(request_id, list(range(length)), SamplingParams(), max_tokens=4))
     output = scheduler.schedule()
