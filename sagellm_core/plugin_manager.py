@@ -219,7 +219,7 @@ def _make_register(family: str, plugin_name: str, staged: list[Registration]) ->
                 spec = CommandSpec(name, add_arguments, run, help)
             except ValueError as exc:
                 raise PluginError(f"plugin {plugin_name!r}: {exc}") from None
-            staged.append(Registration(family, name, run, plugin_name, spec=spec))
+            staged.append(Registration(family, name, run, plugin_name, command=spec))
         return register_command
 
     def register(name: str, factory: Callable[..., Any], options: type | None = None) -> None:

@@ -24,7 +24,8 @@ class Registration:
     factory: Callable[..., Any]
     plugin: str
     options: type | None = None
-    spec: BackendSpec | CommandSpec | None = None  # backends and commands only
+    spec: BackendSpec | None = None  # backends only
+    command: CommandSpec | None = None  # commands only
 
 
 @attrs.define

@@ -24,7 +24,7 @@ def registered_commands() -> list[CommandSpec]:
     from sagellm_core.plugin_manager import create_plugin_manager
 
     registry = create_plugin_manager().registry
-    return [registration.spec for registration in registry.all("command")]
+    return [registration.command for registration in registry.all("command") if registration.command is not None]
 
 
 def add_plugin_commands(subparsers: argparse._SubParsersAction, taken: Iterable[str],

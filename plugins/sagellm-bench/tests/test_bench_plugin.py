@@ -31,7 +31,7 @@ def test_command_hook_registers_bench_from_the_installed_plugin() -> None:
     assert (record.status, record.distribution, record.hooks) == ("loaded", "sagellm-bench",
                                                                   ["sagellm_register_commands"])
     registration = manager.registry.get("command", "bench")
-    assert registration.plugin == "bench" and registration.spec.run is cli.run
+    assert registration.plugin == "bench" and registration.command is not None and registration.command.run is cli.run
     args = build_parser().parse_args(["bench", "pd", "--modes", "hybrid", "--max-num-seqs", "4"])
     assert args.func is cli.run and args.bench_run is cli._run_pd and args.max_num_seqs == 4
 
