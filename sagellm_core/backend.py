@@ -51,6 +51,12 @@ class PagedAttentionOp(Protocol):
     Shapes: ``query`` [T, Hq, D], ``key``/``value`` [T, Hkv, D] for the T new tokens of the step
     (all sequences flattened); ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D]. Returns
     [T, Hq, D]. ``sliding_window`` (if set) limits each query to that many most recent keys.
+
+    An op may also implement the score modifiers some models need, passed as keywords only when a
+    layer asks for them: ``sinks`` [Hq] (attention sinks) and ``softcap`` (logit soft-capping). It
+    declares what it implements in ``supported_features`` (names in `sagellm_core.attention.features`;
+    an op without the attribute is taken to implement the sliding window only), and the loader
+    refuses models that need more.
     """
 
     def __call__(
@@ -146,6 +152,13 @@ class Backend(abc.ABC):
         return torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=self.device()
         )
+
+    def attention_features(self) -> frozenset[str]:
+        """The optional attention features (`sagellm_core.attention.features`) of `attention_op`'s op:
+        the loader refuses models whose layers need others."""
+        from sagellm_core.attention.features import op_features
+
+        return op_features(self.attention_op())
 
     def prepare_model(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         """Optionally swap modules of a loaded model for device-specific fused versions (default: none).

@@ -75,7 +75,8 @@ class LLMEngine:
         source = loader.resolve(config.model.path, config.model.gguf_file)
         self.model_name = source.name
         self.tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
-        self.model = loader.load_model(source, self.dtype, self.backend.device(), config.model.load_format)
+        self.model = loader.load_model(source, self.dtype, self.backend.device(), config.model.load_format,
+                                       backend=self.backend)
         model_config = text_config(self.model)
         self.vocab_size = model_config.vocab_size
         self.max_model_len = config.model.max_model_len or getattr(model_config, "max_position_embeddings", 2048)

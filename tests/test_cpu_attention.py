@@ -211,3 +211,72 @@ def test_module_function_and_backend_op() -> None:
     seqs = random_seqs(rng, 4, 2, cached=True)
     check(make_step(seqs, 1, 4, rng), 3, 1, op=cpu_paged_attention)
     assert isinstance(CPUBackend().attention_op(), CPUPagedAttention)
+
+
+def dense_oracle(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Transformers' eager attention (Gemma 2's soft cap, gpt-oss's sinks), one sequence at a time over
+    its whole context read back from the cache."""
+    num_heads = query.shape[1]
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    out = torch.zeros_like(query)
+    starts = meta.query_start_loc.tolist()
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        if seq_len == 0:
+            continue
+        slots = meta.context_slots(i)
+        keys = k_cache.reshape(-1, num_kv_heads, head_dim)[slots].repeat_interleave(num_heads // num_kv_heads, 1)
+        values = v_cache.reshape(-1, num_kv_heads, head_dim)[slots].repeat_interleave(num_heads // num_kv_heads, 1)
+        q = query[starts[i]:starts[i + 1]]  # [n, Hq, D]
+        scores = torch.einsum("nhd,lhd->hnl", q, keys) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        query_pos = torch.arange(seq_len - q.shape[0], seq_len)[:, None]
+        key_pos = torch.arange(seq_len)[None, :]
+        visible = key_pos <= query_pos
+        if window is not None:
+            visible &= key_pos > query_pos - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            scores = torch.cat([scores, sinks[:, None, None].expand(-1, q.shape[0], 1)], dim=-1)
+        probs = scores.softmax(-1)[..., :seq_len]
+        out[starts[i]:starts[i + 1]] = torch.einsum("hnl,lhd->nhd", probs, values)
+    return out
+
+
+@pytest.mark.parametrize("modifiers", [{"softcap": 0.8}, {"sinks": True}, {"softcap": 2.0, "sinks": True}],
+                         ids=["softcap", "sinks", "both"])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("chunk_tokens", [40, 100_000])
+def test_sinks_and_soft_cap_match_eager_attention(modifiers: dict, window: int | None, chunk_tokens: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_attention, "CHUNK_TOKENS", chunk_tokens)
+    num_heads, num_kv_heads = 6, 2
+    rng = random.Random(21)
+    kwargs: dict = {"softcap": modifiers.get("softcap")}
+    if modifiers.get("sinks"):
+        kwargs["sinks"] = torch.randn(num_heads, generator=torch.Generator().manual_seed(3)) * 2
+    for trial, (decodes, prefills, cached) in enumerate([(6, 0, False), (0, 3, False), (4, 3, True)]):
+        meta = make_step(random_seqs(rng, decodes, prefills, cached), num_kv_heads, 4, rng, pad_decodes=trial % 2)
+        num_blocks = int(meta.block_tables.max()) + 3
+        query, key, value, k_cache, v_cache = make_tensors(meta, num_heads, num_kv_heads, num_blocks, seed=trial)
+        ref_k, ref_v = k_cache.clone(), v_cache.clone()
+        expected = reference_paged_attention(query, key, value, ref_k, ref_v, copy_meta(meta), 0.3, window, **kwargs)
+        oracle = dense_oracle(query, ref_k, ref_v, meta, 0.3, window, kwargs["softcap"], kwargs.get("sinks"))
+        got = CPUPagedAttention()(query, key, value, k_cache, v_cache, meta, 0.3, window, **kwargs)
+        tol = {"rtol": 1e-5, "atol": 1e-5 * float(oracle.abs().max())}
+        real = [i for i, s in enumerate(meta.seq_lens_host) if s]
+        rows = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1]) for i in real])
+        torch.testing.assert_close(expected[rows], oracle[rows], **tol)
+        torch.testing.assert_close(got[rows], oracle[rows], **tol)
+        plain = reference_paged_attention(query, key, value, ref_k.clone(), ref_v.clone(), copy_meta(meta), 0.3, window)
+        assert not torch.allclose(plain[rows], oracle[rows], **tol)  # the modifiers do change the result
+
+
+def test_ops_declare_their_features() -> None:
+    from sagellm_core.attention.features import ALL_FEATURES, DEFAULT_FEATURES, op_features
+
+    assert op_features(CPUBackend().attention_op()) == ALL_FEATURES
+    assert op_features(reference_paged_attention) == op_features(cpu_paged_attention) == ALL_FEATURES
+    assert op_features(lambda *args: None) == DEFAULT_FEATURES == {"sliding_window"}
+    assert CPUBackend().attention_features() == ALL_FEATURES

@@ -13,6 +13,10 @@ row indices, masks) is built once per step and cached in ``meta.extras`` under `
 Prefill chunks without a cached prefix attend over their fresh K/V with causal SDPA (no gather);
 chunks that extend a cached prefix gather their context rows.
 
+Logit soft-capping and attention sinks (see `sagellm_core.attention.reference`) are applied to the
+scores before the softmax on both paths; prefill chunks then attend through the reference's
+`explicit_attention` instead of SDPA.
+
 Results match `reference_paged_attention` (the oracle) to float rounding.
 """
 
@@ -24,7 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sagellm_core.attention.features import ALL_FEATURES
 from sagellm_core.attention.metadata import AttentionMetadata
+from sagellm_core.attention.reference import explicit_attention, folded_sinks
 
 # Context tokens per decode chunk: the chunk's gathered K takes CHUNK_TOKENS * Hkv * D * 4 bytes in
 # fp32 (6 MB for 3 KV heads of 64). Smaller chunks stay in faster caches but cost more calls; on a
@@ -191,6 +197,8 @@ def _kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | Non
 class CPUPagedAttention:
     """A `sagellm_core.backend.PagedAttentionOp` with its own scratch buffers (one per model runner)."""
 
+    supported_features = ALL_FEATURES
+
     def __init__(self) -> None:
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
@@ -217,6 +225,9 @@ class CPUPagedAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        *,
+        sinks: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """See `sagellm_core.backend.PagedAttentionOp`."""
         plan = _step_plan(meta)
@@ -230,9 +241,10 @@ class CPUPagedAttention:
         # Contiguous [T, Hq, D]: the model's reshape to [T, Hq * D] is then a view, not a copy.
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if meta.num_decodes:
-            self._decode(query, k_cache, v_cache, meta, plan, scale, sliding_window, out)
+            self._decode(query, k_cache, v_cache, meta, plan, scale, sliding_window, out, softcap, sinks)
         if meta.num_decodes < meta.num_seqs:
-            self._prefill(query, key, value, k_cache, v_cache, meta, plan, scale, sliding_window, out)
+            self._prefill(query, key, value, k_cache, v_cache, meta, plan, scale, sliding_window, out, softcap,
+                          sinks)
         return out
 
     def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype
@@ -252,7 +264,8 @@ class CPUPagedAttention:
         return buf if buf.dtype == dtype else buf.to(dtype)
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                plan: _StepPlan, scale: float, sliding_window: int | None, out: torch.Tensor) -> None:
+                plan: _StepPlan, scale: float, sliding_window: int | None, out: torch.Tensor,
+                softcap: float | None = None, sinks: torch.Tensor | None = None) -> None:
         n = meta.num_decodes
         num_heads, head_dim = query.shape[1:]
         num_kv_heads = k_cache.shape[2]
@@ -278,10 +291,15 @@ class CPUPagedAttention:
             if keys.dtype != query.dtype:
                 keys = keys.to(query.dtype)
             scores = self._buffer("scores", (batch, group, length), query.dtype)
-            torch.baddbmm(chunk.bias, q_all[chunk.offset: chunk.offset + batch],
-                          keys.view(batch, length, head_dim).transpose(1, 2), alpha=scale, out=scores)
-            probs = torch.ops.aten._softmax.out(scores, -1, False,
-                                                out=self._buffer("probs", (batch, group, length), query.dtype))
+            q_chunk = q_all[chunk.offset: chunk.offset + batch]
+            keys_t = keys.view(batch, length, head_dim).transpose(1, 2)
+            if softcap is None and sinks is None:
+                torch.baddbmm(chunk.bias, q_chunk, keys_t, alpha=scale, out=scores)
+                probs = torch.ops.aten._softmax.out(scores, -1, False,
+                                                    out=self._buffer("probs", (batch, group, length), query.dtype))
+            else:
+                probs = _modified_probs(torch.bmm(q_chunk, keys_t, out=scores).mul_(scale), chunk, softcap, sinks,
+                                        num_kv_heads)
             if v_flat.dtype == query.dtype:
                 # P @ V without materialising V: each query head's probability-weighted sum of its value rows
                 attn = torch.embedding_bag(v_flat, chunk.v_bags, chunk.v_offsets, False, 0, False,
@@ -295,7 +313,8 @@ class CPUPagedAttention:
 
     def _prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata, plan: _StepPlan, scale: float,
-                 sliding_window: int | None, out: torch.Tensor) -> None:
+                 sliding_window: int | None, out: torch.Tensor, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
         num_heads, head_dim = query.shape[1:]
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
@@ -317,7 +336,13 @@ class CPUPagedAttention:
                 kv = self._gather(k_cache, v_cache, seq.rows, query.dtype).view(2, 1, num_kv_heads, -1, head_dim)
                 keys, values = kv[0], kv[1]
             q = query[begin:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            if seq.mask is None:
+            if softcap is not None or sinks is not None:
+                q = q.reshape(1, num_kv_heads, group * n, head_dim)
+                mask = seq.mask if seq.mask is not None else _folded_causal_mask(n, group, query.device)
+                row_sinks = None if sinks is None else folded_sinks(sinks, num_kv_heads, n)
+                attn = explicit_attention(q, keys, values, mask, scale, softcap, row_sinks)
+                attn = attn.view(1, num_heads, n, head_dim)
+            elif seq.mask is None:
                 attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale,
                                                       enable_gqa=group > 1)
             else:  # fold each KV head's query group into the query axis (the mask was folded alike)
@@ -325,6 +350,27 @@ class CPUPagedAttention:
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=seq.mask, scale=scale)
                 attn = attn.view(1, num_heads, n, head_dim)
             out[begin:end] = attn[0].transpose(0, 1)
+
+
+def _modified_probs(scores: torch.Tensor, chunk: _DecodeChunk, softcap: float | None, sinks: torch.Tensor | None,
+                    num_kv_heads: int) -> torch.Tensor:
+    """Softmax of a decode chunk's scaled scores [c * Hkv, G, L] with soft-capping (before the
+    -inf mask) and sinks (one extra logit per query head, dropped after the softmax)."""
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap).mul_(softcap)
+    scores = scores + chunk.bias
+    if sinks is None:
+        return scores.softmax(-1)
+    batch, group = scores.shape[:2]
+    sink = sinks.to(scores.dtype).view(1, num_kv_heads, group).expand(chunk.size, num_kv_heads, group)
+    logits = torch.cat([scores, sink.reshape(batch, group, 1)], dim=-1)
+    return logits.softmax(-1)[..., :-1].contiguous()
+
+
+def _folded_causal_mask(n: int, group: int, device: torch.device) -> torch.Tensor:
+    """Causal mask [G * n, n] for a GQA-folded query whose rows are (head in group, position)."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    return causal.repeat(group, 1)
 
 
 _local = threading.local()
@@ -339,9 +385,15 @@ def cpu_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """See `sagellm_core.backend.PagedAttentionOp` (scratch buffers: one `CPUPagedAttention` per thread)."""
     op = getattr(_local, "op", None)
     if op is None:
         op = _local.op = CPUPagedAttention()
-    return op(query, key, value, k_cache, v_cache, meta, scale, sliding_window)
+    return op(query, key, value, k_cache, v_cache, meta, scale, sliding_window, sinks=sinks, softcap=softcap)
+
+
+cpu_paged_attention.supported_features = ALL_FEATURES  # type: ignore[attr-defined]

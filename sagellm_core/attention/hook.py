@@ -3,7 +3,8 @@
 Every decoder model in transformers calls ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
 with (module, query, key, value, mask, scaling=..., **kwargs). The model runner flattens the whole
 step into one sequence of T tokens (batch 1) and passes a `StepContext` as the ``sagellm_step``
-keyword, which transformers forwards to this function unchanged.
+keyword, which transformers forwards to this function unchanged. The layer's ``sliding_window``,
+attention sinks (``s_aux``) and logit soft cap (``softcap``) are handed to the backend's op.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ def sagellm_paged_attention(
     v = value[0].transpose(0, 1)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    out = step.op(q, k, v, layer_cache[0], layer_cache[1], step.meta, scale, window)
+    # Passed only when a layer asks for them: ops that implement neither keep the original signature
+    # (the loader refuses models that need a feature the backend's op lacks).
+    modifiers: dict[str, Any] = {}
+    if kwargs.get("s_aux") is not None:
+        modifiers["sinks"] = kwargs["s_aux"]
+    if kwargs.get("softcap") is not None:
+        modifiers["softcap"] = kwargs["softcap"]
+    out = step.op(q, k, v, layer_cache[0], layer_cache[1], step.meta, scale, window, **modifiers)
     return out.unsqueeze(0), None
 
 

@@ -1,10 +1,17 @@
-"""Reference paged attention in plain torch: the CPU backend's op and the oracle for device kernels."""
+"""Reference paged attention in plain torch: the CPU backend's op and the oracle for device kernels.
+
+Besides causal (optionally sliding-window) attention it implements the two score modifiers
+transformers' models ask for: logit soft-capping (Gemma 2: ``tanh(s / cap) * cap`` before masking)
+and attention sinks (gpt-oss: one learned logit per query head that joins the softmax and takes
+probability mass without contributing a value).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from sagellm_core.attention.features import ALL_FEATURES
 from sagellm_core.attention.metadata import AttentionMetadata
 
 
@@ -50,12 +57,42 @@ def _prefill_mask(query_len: int, seq_len: int, sliding_window: int | None, devi
     return mask
 
 
+def explicit_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Softmax attention written out, for the score modifiers SDPA lacks.
+
+    query [..., n, D], keys/values [..., L, D], ``mask`` bool broadcastable to [..., n, L] (True:
+    visible). ``softcap`` caps the scaled scores as ``tanh(s / softcap) * softcap`` before masking;
+    ``sinks`` (broadcastable to [..., n, 1]) is one extra logit per query row that joins the softmax
+    and is then dropped. Rows with no visible key and no sink give zeros.
+    """
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:
+        sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return torch.matmul(probs.nan_to_num(0.0), values)
+
+
+def folded_sinks(sinks: torch.Tensor, num_kv_heads: int, rows_per_head: int) -> torch.Tensor:
+    """Per-query-head sink logits [Hq] laid out for a GQA-folded query [B, Hkv, G * n, D] whose rows
+    are (head in group, position): [1, Hkv, G * n, 1]."""
+    group = sinks.numel() // num_kv_heads
+    return sinks.view(num_kv_heads, group, 1).expand(num_kv_heads, group, rows_per_head).reshape(
+        1, num_kv_heads, group * rows_per_head, 1)
+
+
 def _grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+                  scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """GQA without repeating K/V: fold each KV head's query-head group into the query-length axis.
 
-    query [B, Hq, n, D], keys/values [B, Hkv, L, D], mask broadcastable to [B, 1, n, L]. Returns
-    [B, Hq, n, D]. (torch's ``enable_gqa`` with a mask takes a slow path on the CPU.)
+    query [B, Hq, n, D], keys/values [B, Hkv, L, D], mask broadcastable to [B, 1, n, L], sinks [Hq].
+    Returns [B, Hq, n, D]. (torch's ``enable_gqa`` with a mask takes a slow path on the CPU.)
     """
     batch, num_heads, n, dim = query.shape
     num_kv_heads = keys.shape[1]
@@ -63,7 +100,11 @@ def _grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     q = query.reshape(batch, num_kv_heads, group * n, dim)
     if group > 1:
         mask = mask.expand(batch, 1, n, mask.shape[-1]).repeat(1, 1, group, 1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    if softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    else:
+        row_sinks = None if sinks is None else folded_sinks(sinks, num_kv_heads, n)
+        out = explicit_attention(q, keys, values, mask, scale, softcap, row_sinks)
     return out.reshape(batch, num_heads, n, dim)
 
 
@@ -76,6 +117,9 @@ def reference_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """See `sagellm_core.backend.PagedAttentionOp`."""
     write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
@@ -89,7 +133,7 @@ def reference_paged_attention(
         keys = flat_k[slots].transpose(1, 2).to(query.dtype)  # [n, Hkv, L, D]
         values = flat_v[slots].transpose(1, 2).to(query.dtype)
         q = query[:n_dec].unsqueeze(2)  # [n, Hq, 1, D]
-        out[:n_dec] = _grouped_sdpa(q, keys, values, mask, scale).squeeze(2)
+        out[:n_dec] = _grouped_sdpa(q, keys, values, mask, scale, softcap, sinks).squeeze(2)
     if n_dec == meta.num_seqs:
         return out
     starts = meta.extras.get("starts")
@@ -106,6 +150,9 @@ def reference_paged_attention(
         mask_key = ("prefill_mask", i, sliding_window)
         if mask_key not in meta.extras:
             meta.extras[mask_key] = _prefill_mask(end - begin, meta.seq_lens_host[i], sliding_window, query.device)
-        attn = _grouped_sdpa(q, keys, values, meta.extras[mask_key][None, None], scale)
+        attn = _grouped_sdpa(q, keys, values, meta.extras[mask_key][None, None], scale, softcap, sinks)
         out[begin:end] = attn.squeeze(0).transpose(0, 1)
     return out
+
+
+reference_paged_attention.supported_features = ALL_FEATURES  # type: ignore[attr-defined]

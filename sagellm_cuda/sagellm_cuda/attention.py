@@ -25,7 +25,8 @@ Softmax is online, in fp32 and base 2. Supported: fp32 / fp16 / bf16 queries (fp
 precision, not tf32), any head dim (padded to a power of two with masks), any power-of-two
 ``block_size`` (16 and 32 are tested), GQA / MQA / MHA, optional sliding window (a query at position
 p sees keys with ``p - window < pos <= p``). The cache may have another dtype than the query (it is
-read in its own dtype and cast).
+read in its own dtype and cast). Not implemented: attention sinks and logit soft-capping; the op says
+so in ``supported_features`` and the loader refuses models that need them on this op.
 
 Measured on one NVIDIA H200 (bench/kernels/check_attention.py; device copy 4.25 TB/s read+write): decode
 256 seqs x 1024 ctx, Hq/Hkv/D 16/8/128 bf16, 254 us per layer = 4.2 TB/s of KV read (SDPA over a dense,
@@ -70,6 +71,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from sagellm_core.attention.features import SLIDING_WINDOW
 
 __all__ = ["triton_paged_attention", "write_kv_cache", "decode_attention", "prefill_attention"]
 
@@ -567,3 +570,7 @@ def triton_paged_attention(
                           n_dec, plan["num_prefills"], plan["max_prefill_len"], scale, sliding_window)
     return out
 
+
+# Attention sinks and logit soft-capping are not implemented in these kernels: the loader refuses
+# models that need them on this op (`sagellm_core.models.support`) instead of running them wrong.
+triton_paged_attention.supported_features = frozenset({SLIDING_WINDOW})  # type: ignore[attr-defined]
