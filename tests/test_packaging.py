@@ -144,7 +144,8 @@ def test_every_wheel_carries_the_license_and_its_py_typed_markers(wheels: tuple[
         name = re.search(r"^Name: (.+)$", metadata, re.MULTILINE).group(1)  # type: ignore[union-attr]
         names[name] = files
     assert set(names) == {"sagellm", "sagellm-cuda", "sagellm-ascend", "sagellm-cambricon", "sagellm-hygon",
-                          "sagellm-sched-spf"}
+                          "sagellm-sched-spf", "sagellm-bench", "sagellm-kv-mru", "sagellm-metric-jsonl",
+                          "sagellm-backend-template"}
     for packages in DISTRIBUTIONS.values():
         for package in packages:
             assert any(f == f"{package}/py.typed" for files in names.values() for f in files), package
