@@ -63,7 +63,7 @@ class InputProcessor:
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.n > self.max_waiting:
             raise InvalidRequestError(f"n ({params.n}) is larger than the waiting queue "
-                                      f"({self.max_waiting} sequences): it can never be admitted")
+                                      f"({self.max_waiting} sequences): it can never be admitted", param="n")
         return params
 
     def process(self, prompt: Any, *, add_special_tokens: bool = True) -> ProcessedPrompt:
@@ -137,7 +137,8 @@ def check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"{param} is not valid Unicode: lone surrogate at character {exc.start}") from None
+        raise InvalidRequestError(f"{param} is not valid Unicode: lone surrogate at character {exc.start}",
+                                  param=param) from None
 
 
 def _max_prompt_chars(tokenizer: Any, max_model_len: int) -> int:

@@ -19,7 +19,7 @@ MAX_LOGPROBS = 20
 
 
 def _fail(name: str, message: str, value: Any) -> None:
-    raise InvalidRequestError(f"{name} {message}, got {value!r}")
+    raise InvalidRequestError(f"{name} {message}, got {value!r}", param=name)
 
 
 def _integer(value: Any) -> bool:
@@ -121,7 +121,8 @@ class SamplingParams:
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
             _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                                      param="min_tokens")
 
     def validate(self) -> None:
         """Check every parameter again (they are checked on construction and assignment already;
