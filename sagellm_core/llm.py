@@ -65,6 +65,8 @@ class LLM:
                  stall_timeout_s: float | None = 120.0, **sections: Any) -> None:
         if not isinstance(input_workers, int) or isinstance(input_workers, bool) or input_workers < 1:
             raise ConfigError(f"input_workers must be an integer >= 1, got {input_workers!r}")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ConfigError(f"stall_timeout_s must be > 0 (or None: no watchdog), got {stall_timeout_s!r}")
         self.config = build_config(model, config, **sections)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread: requests the engine holds
@@ -86,8 +88,8 @@ class LLM:
                                      self.config.scheduler.max_waiting)
         self._pool = ThreadPoolExecutor(max_workers=input_workers, thread_name_prefix="sagellm-input")
         self.watchdog = StallWatchdog(stall_timeout_s) if stall_timeout_s is not None else None
-        self._stop_watchdog = (self.watchdog.start(self._progress_sample, min(1.0, stall_timeout_s / 4))
-                               if self.watchdog is not None and stall_timeout_s is not None else None)
+        self._stop_watchdog = (self.watchdog.start(self._progress_sample, min(1.0, self.watchdog.timeout_s / 4))
+                               if self.watchdog is not None else None)
 
     # ---- engine loop thread --------------------------------------------------------------------
     def _run(self, plugin_manager: SageLLMPluginManager | None) -> None:
