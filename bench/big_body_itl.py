@@ -4,9 +4,10 @@ with and without one client posting a 10 MB body (issue 10's figure).
 Starts `sagellm serve` in a subprocess (default model unless --model), then runs two rounds of
 ``--streams`` streaming completions (``ignore_eos``, ``--max-tokens`` each): a baseline, and the same
 while one more client posts a ``--body-mb`` MB completion body (``--big-kind prompt``: one huge prompt;
-``chat``: one huge chat message), repeatedly until the streams end. The server's body limit is raised
-above the body so the server has to read, parse and pre-check it. ITL is measured by the client: the
-gaps between consecutive SSE chunks of each stream.
+``chat``: one huge chat message) once every stream has its first token: ``--big-count`` bodies one
+after the other (default 1; 0: back to back until the streams end, a flood rather than one client).
+The server's body limit is raised above the body so the server has to read, parse and pre-check it.
+ITL is measured by the client: the gaps between consecutive SSE chunks of each stream.
 
     python bench/big_body_itl.py                      # default model, 32 streams, 10 MB
     python bench/big_body_itl.py --model DIR --streams 32 --max-tokens 64 --big-kind chat
@@ -35,7 +36,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def one_stream(http: httpx.AsyncClient, index: int, max_tokens: int) -> list[float]:
+async def one_stream(http: httpx.AsyncClient, index: int, max_tokens: int, started: list[int],
+                     all_started: asyncio.Event) -> list[float]:
     body = {"prompt": f"Story number {index}: once upon a time", "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.8, "seed": index}
     gaps, last = [], None
@@ -47,26 +49,34 @@ async def one_stream(http: httpx.AsyncClient, index: int, max_tokens: int) -> li
             now = time.perf_counter()
             if last is not None:
                 gaps.append(now - last)
+            else:
+                started[0] -= 1
+                if started[0] == 0:
+                    all_started.set()
             last = now
     return gaps
 
 
-async def big_client(http: httpx.AsyncClient, payload: bytes, path: str, stop: asyncio.Event) -> list[tuple[int, float]]:
-    answers = []
-    while not stop.is_set():
+async def big_client(http: httpx.AsyncClient, payload: bytes, path: str, count: int, start: asyncio.Event,
+                     stop: asyncio.Event) -> list[tuple[int, float]]:
+    answers: list[tuple[int, float]] = []
+    await start.wait()
+    while not stop.is_set() and (count == 0 or len(answers) < count):
         start = time.perf_counter()
         response = await http.post(path, content=payload, headers={"content-type": "application/json"})
         answers.append((response.status_code, time.perf_counter() - start))
     return answers
 
 
-async def round_(url: str, streams: int, max_tokens: int, big: tuple[bytes, str] | None) -> dict[str, Any]:
+async def round_(url: str, streams: int, max_tokens: int, big: tuple[bytes, str] | None, count: int = 1
+                 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        stop = asyncio.Event()
-        big_task = asyncio.create_task(big_client(http, big[0], big[1], stop)) if big else None
+        stop, all_started, started = asyncio.Event(), asyncio.Event(), [streams]
+        big_task = asyncio.create_task(big_client(http, big[0], big[1], count, all_started, stop)) if big else None
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(http, i, max_tokens) for i in range(streams)))
+        results = await asyncio.gather(*(one_stream(http, i, max_tokens, started, all_started)
+                                         for i in range(streams)))
         wall = time.perf_counter() - start
         stop.set()
         answers = await big_task if big_task else []
@@ -91,6 +101,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--body-mb", type=float, default=10.0)
     parser.add_argument("--big-kind", choices=["prompt", "chat"], default="prompt")
+    parser.add_argument("--big-count", type=int, default=1, help="big bodies sent one after the other (0: until "
+                        "the streams end)")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
 
@@ -114,13 +126,13 @@ def main() -> int:
             time.sleep(0.5)
         asyncio.run(round_(url, 4, 8, None))  # warm-up
         baseline = asyncio.run(round_(url, args.streams, args.max_tokens, None))
-        loaded = asyncio.run(round_(url, args.streams, args.max_tokens, payload))
+        loaded = asyncio.run(round_(url, args.streams, args.max_tokens, payload, args.big_count))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     ratio = loaded["itl_p99_ms"] / baseline["itl_p99_ms"]
     report = {"streams": args.streams, "max_tokens": args.max_tokens, "body_bytes": len(payload[0]),
-              "big_kind": args.big_kind, "baseline": baseline, "with_big_body": loaded, "p99_ratio": round(ratio, 3)}
+              "big_kind": args.big_kind, "big_count": args.big_count, "baseline": baseline, "with_big_body": loaded, "p99_ratio": round(ratio, 3)}
     summary = {k: v for k, v in loaded.items() if k != "big_requests"}
     print(json.dumps({**report, "with_big_body": {**summary, "big_requests": loaded["big_requests"][:5],
                                                   "num_big_requests": len(loaded["big_requests"])}}, indent=2))
