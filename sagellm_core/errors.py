@@ -24,7 +24,12 @@ class ModelLoadError(SageLLMError):
 
 
 class InvalidRequestError(SageLLMError, ValueError):
-    """A request is malformed: empty prompt, bad sampling parameters, prompt longer than the context."""
+    """A request is malformed: empty prompt, bad sampling parameters, prompt longer than the context.
+    ``param`` names the offending parameter where one is to blame."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(InvalidRequestError):

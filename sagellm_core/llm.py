@@ -16,12 +16,14 @@ import logging
 import queue
 import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
-from sagellm_core.errors import EngineDeadError, SageLLMError
+from sagellm_core.errors import ConfigError, EngineDeadError, InvalidRequestError, SageLLMError
+from sagellm_core.health import EngineHealth, StallWatchdog, progress_marker
+from sagellm_core.inputs import InputProcessor, ProcessedPrompt
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.sampling_params import SamplingParams
@@ -49,15 +51,30 @@ def build_config(model: str | None = None, config: EngineConfig | dict | str | N
 
 
 class LLM:
-    """An inference engine you can call from sync code, async code and several threads at once."""
+    """An inference engine you can call from sync code, async code and several threads at once.
+
+    Requests are validated and tokenized in a small worker pool (``input_workers`` threads), never
+    on the caller's event loop or the engine's thread: `submit` returns the stream at once and any
+    error reaches the stream. If the engine thread dies, every request in flight fails with
+    `EngineDeadError`, `submit` refuses, and `health()` says ``dead``. A watchdog marks the engine
+    ``stalled`` when no step completes for ``stall_timeout_s`` seconds while work is queued (None: off).
+    """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | dict | str | None = None,
-                 plugin_manager: SageLLMPluginManager | None = None, **sections: Any) -> None:
+                 plugin_manager: SageLLMPluginManager | None = None, input_workers: int = 2,
+                 stall_timeout_s: float | None = 120.0, **sections: Any) -> None:
+        if not isinstance(input_workers, int) or isinstance(input_workers, bool) or input_workers < 1:
+            raise ConfigError(f"input_workers must be an integer >= 1, got {input_workers!r}")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ConfigError(f"stall_timeout_s must be > 0 (or None: no watchdog), got {stall_timeout_s!r}")
         self.config = build_config(model, config, **sections)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream] = {}  # engine thread: requests the engine holds
+        self._requests: dict[str, RequestStream] = {}  # every unfinished request, from submit on
+        self._requests_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
+        self._dead: EngineDeadError | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(plugin_manager,), name="sagellm-engine",
@@ -67,6 +84,12 @@ class LLM:
         if self._start_error is not None:
             raise self._start_error
         self.tokenizer = self.engine.tokenizer
+        self.inputs = InputProcessor(self.tokenizer, self.engine.vocab_size, self.engine.max_model_len,
+                                     self.config.scheduler.max_waiting)
+        self._pool = ThreadPoolExecutor(max_workers=input_workers, thread_name_prefix="sagellm-input")
+        self.watchdog = StallWatchdog(stall_timeout_s) if stall_timeout_s is not None else None
+        self._stop_watchdog = (self.watchdog.start(self._progress_sample, min(1.0, self.watchdog.timeout_s / 4))
+                               if self.watchdog is not None else None)
 
     # ---- engine loop thread --------------------------------------------------------------------
     def _run(self, plugin_manager: SageLLMPluginManager | None) -> None:
@@ -85,7 +108,11 @@ class LLM:
             return
         finally:
             self._started.set()
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:  # SystemExit from a plugin included: nobody may hang on us
+            log.critical("the engine thread died: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self._die(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -108,6 +135,7 @@ class LLM:
                 if output.finished:
                     stream.put_end()
                     self._streams.pop(output.request_id, None)
+                    self._forget(stream)
 
     def _drain_commands(self) -> None:
         while True:
@@ -116,15 +144,7 @@ class LLM:
             except queue.Empty:
                 return
             if command == "add":
-                stream, prompt, params, priority, incremental = args
-                try:
-                    self.engine.add_request(prompt, params, request_id=stream.request_id, priority=priority,
-                                            stream=incremental)
-                except Exception as exc:
-                    stream.put(exc)
-                    stream.put_end()
-                    continue
-                self._streams[stream.request_id] = stream
+                self._add(*args)
             elif command == "abort":
                 self.engine.abort(args)
             elif command == "call":
@@ -134,29 +154,117 @@ class LLM:
                 except BaseException as exc:  # delivered to the caller
                     future.set_exception(exc)
 
+    def _add(self, stream: RequestStream, prompt: ProcessedPrompt, params: SamplingParams, priority: int,
+             incremental: bool) -> None:
+        if stream.ended:  # failed meanwhile (shutdown)
+            return
+        try:
+            self.engine.add_request(prompt.token_ids, params, request_id=stream.request_id, priority=priority,
+                                    stream=incremental)
+        except Exception as exc:
+            self._end(stream, exc)
+            return
+        self._streams[stream.request_id] = stream
+        if stream.abort_requested:  # aborted while its input was being processed
+            self.engine.abort(stream.request_id)
+
     def _fail_all(self, exc: Exception) -> None:
         error = EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}") if not isinstance(
             exc, SageLLMError) else exc
         self.engine.abort_all()
         for stream in list(self._streams.values()):
-            stream.put(error)
-            stream.put_end()
+            self._end(stream, error)
         self._streams.clear()
 
-    # ---- public API ----------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
-               priority: int = 0, stream: bool = True) -> RequestStream:
-        """Queue one request; returns its stream (iterate it sync or async).
+    def _die(self, error: EngineDeadError) -> None:
+        """The engine thread is gone: fail every request and every pending call, now and later."""
+        self._dead = error
+        self._streams.clear()
+        self._fail_pending(error)
 
-        ``stream=False``: the stream carries only the final output (less work per step).
-        """
+    def _fail_pending(self, error: SageLLMError) -> None:
+        with self._requests_lock:
+            pending = list(self._requests.values())
+            self._requests.clear()
+        for stream in pending:
+            stream.fail(error)
+        while True:
+            try:
+                command, args = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                args[0].fail(error)
+            elif command == "call" and not args[1].done():
+                args[1].set_exception(error)
+
+    def _forget(self, stream: RequestStream) -> None:
+        with self._requests_lock:
+            self._requests.pop(stream.request_id, None)
+
+    def _end(self, stream: RequestStream, error: BaseException) -> None:
+        stream.fail(error)
+        self._forget(stream)
+
+    # ---- input worker pool ---------------------------------------------------------------------
+    def _prepare(self, stream: RequestStream, make_prompt: Callable[[], ProcessedPrompt], params: Any,
+                 priority: int, incremental: bool) -> None:
+        """Worker pool: validate and tokenize, then hand token ids to the engine thread."""
+        try:
+            checked = self.inputs.check_params(params)
+            prompt = make_prompt()
+        except Exception as exc:
+            self._end(stream, exc)
+            return
+        stream.prompt_text = prompt.text
+        self._commands.put(("add", (stream, prompt, checked, priority, incremental)))
+        self._wake.set()
+        self._refuse_if_gone(stream)
+
+    def _refuse_if_gone(self, stream: RequestStream) -> None:
+        # NOTE: the engine thread fails queued commands when it dies or stops; one queued just after
+        # that drain is failed here.
+        error = self._dead or (EngineDeadError("the engine has been shut down") if self._stopped else None)
+        if error is not None:
+            self._end(stream, error)
+
+    def process_inputs(self, function: Callable[..., T], *args: Any) -> "Future[T]":
+        """Run ``function(*args)`` in the input worker pool (tokenizing, chat templates)."""
+        self._check_alive()
+        return self._pool.submit(function, *args)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
         if self._stopped:
             raise EngineDeadError("the engine has been shut down")
-        params = params or SamplingParams()
-        params.validate()
+
+    # ---- public API ----------------------------------------------------------------------------
+    def submit(self, prompt: Prompt | ProcessedPrompt, params: SamplingParams | None = None, *,
+               request_id: str | None = None, priority: int = 0, stream: bool = True) -> RequestStream:
+        """Queue one request; returns its stream at once (iterate it sync or async).
+
+        Validation and tokenization run in the input pool; their errors (`InvalidRequestError`,
+        `PromptTooLongError`) come out of the stream. ``stream=False``: the stream carries only the
+        final output (less work per step). Raises `EngineDeadError` when the engine is gone.
+        """
+        return self._submit(lambda: self.inputs.process(prompt), params, request_id, priority, stream)
+
+    def _submit(self, make_prompt: Callable[[], ProcessedPrompt], params: SamplingParams | None,
+                request_id: str | None, priority: int, incremental: bool) -> RequestStream:
+        self._check_alive()
         request_stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
-        self._commands.put(("add", (request_stream, prompt, params, priority, stream)))
-        self._wake.set()
+        with self._requests_lock:
+            duplicate = request_stream.request_id in self._requests
+            if not duplicate:
+                self._requests[request_stream.request_id] = request_stream
+        if duplicate:
+            request_stream.fail(InvalidRequestError(f"request id {request_stream.request_id!r} is already in use"))
+            return request_stream
+        try:
+            self._pool.submit(self._prepare, request_stream, make_prompt, params, priority, incremental)
+        except RuntimeError:  # the pool was shut down meanwhile
+            self._end(request_stream, EngineDeadError("the engine has been shut down"))
         return request_stream
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
@@ -194,18 +302,24 @@ class LLM:
             progress.close()
         return results
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kwargs: Any
-             ) -> RequestStream:
-        """Apply the model's chat template and stream the reply."""
-        return self.submit(self.apply_chat_template(messages), params, **kwargs)
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
+             chat_template_kwargs: dict[str, Any] | None = None, request_id: str | None = None,
+             priority: int = 0, stream: bool = True) -> RequestStream:
+        """Apply the model's chat template (in the input pool) and stream the reply."""
+        return self._submit(lambda: self.inputs.process_chat(messages, chat_template_kwargs), params, request_id,
+                            priority, stream)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        from sagellm_core.chat import chat_prompt_ids
-
-        return chat_prompt_ids(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template (in the calling thread)."""
+        return self.inputs.process_chat(messages, chat_template_kwargs).token_ids
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with ``finish_reason == "abort"``."""
+        with self._requests_lock:
+            stream = self._requests.get(request_id)
+            if stream is not None:
+                stream.abort_requested = True
         self._commands.put(("abort", request_id))
         self._wake.set()
 
@@ -215,39 +329,53 @@ class LLM:
         Safe access to engine state from other threads; also the place for other torch work that
         should share the engine's thread (see `_run`).
         """
-        if self._stopped:
-            raise EngineDeadError("the engine has been shut down")
+        self._check_alive()
         future: Future = Future()
         self._commands.put(("call", (function, future)))
         self._wake.set()
+        error = self._dead or (EngineDeadError("the engine has been shut down") if self._stopped else None)
+        if error is not None and not self._thread.is_alive():
+            try:
+                future.set_exception(error)
+            except InvalidStateError:  # answered meanwhile
+                pass
         return future.result()
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 
+    def health(self) -> EngineHealth:
+        """``ok``, ``stalled`` (watchdog), ``dead`` (the engine thread died) or ``stopped``."""
+        if self._dead is not None:
+            return EngineHealth("dead", str(self._dead))
+        if self._stopped or not self._thread.is_alive():
+            return EngineHealth("stopped", "the engine has been shut down")
+        if self.watchdog is not None and self.watchdog.stalled_for is not None:
+            return EngineHealth("stalled", f"no engine step completed for {self.watchdog.stalled_for:.0f} s "
+                                           f"while requests are waiting")
+        return EngineHealth("ok")
+
+    def _progress_sample(self) -> tuple[Any, bool]:
+        with self._requests_lock:
+            busy = bool(self._requests)
+        return progress_marker(self.engine), busy
+
     @property
     def is_running(self) -> bool:
-        """True while the loop thread serves requests."""
-        return not self._stopped and self._thread.is_alive()
+        """True while the loop thread serves requests (False once it died or was shut down)."""
+        return not self._stopped and self._dead is None and self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop the loop thread, fail unfinished requests, and free the KV pool's device memory."""
         if self._stopped:
             return
         self._stopped = True
+        if self._stop_watchdog is not None:
+            self._stop_watchdog.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._wake.set()
         self._thread.join(timeout=30)
-        pending = list(self._streams.values())
-        while True:
-            try:
-                command, args = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if command == "add":
-                pending.append(args[0])
-        for stream in pending:
-            stream.put(EngineDeadError("the engine was shut down"))
-            stream.put_end()
+        self._fail_pending(EngineDeadError("the engine was shut down"))
         self._streams.clear()
         if not self._thread.is_alive():
             self.engine.release()

@@ -1,69 +1,139 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated completely (types too) when built or changed.
+
+Validation happens here and only here: a `SamplingParams` that exists is valid, so the input path
+and the engine need not check it again. Every error is an `InvalidRequestError` naming the parameter.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
 
 from sagellm_core.errors import InvalidRequestError
 
+GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as vLLM's and OpenAI's APIs take
+MAX_LOGPROBS = 20
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise InvalidRequestError(message)
+
+def _fail(name: str, message: str, value: Any) -> None:
+    raise InvalidRequestError(f"{name} {message}, got {value!r}", param=name)
 
 
-@attrs.define(kw_only=True)
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(minimum: int, optional: bool = False) -> Any:
+    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if optional and value is None:
+            return
+        if not _integer(value):
+            _fail(attribute.name, "must be an integer" + (" or null" if optional else ""), value)
+        if value < minimum:
+            _fail(attribute.name, f"must be >= {minimum}", value)
+    return check
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Any:
+    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not _number(value):
+            _fail(attribute.name, "must be a finite number", value)
+        if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+            bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            _fail(attribute.name, f"must be in {bounds}", value)
+    return check
+
+
+def _boolean(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(attribute.name, "must be a boolean", value)
+
+
+def _seed(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not _integer(value):
+        _fail("seed", "must be an integer or null", value)
+    if not SEED_MIN <= value <= SEED_MAX:
+        _fail("seed", f"must be a signed 64-bit integer (in [{SEED_MIN}, {SEED_MAX}])", value)
+
+
+def _stop_strings(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        _fail("stop", "must be a non-empty string or a list of non-empty strings", value)
+
+
+def _token_ids(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, list) or not all(_integer(t) and t >= 0 for t in value):
+        _fail(attribute.name, "must be a list of non-negative integers", value)
+
+
+def _as_list(value: Any) -> Any:
+    """``"x"`` -> ``["x"]``, None -> ``[]``, a tuple -> a list; anything else is left for the validator."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value) if isinstance(value, tuple) else value
+
+
+@attrs.define(kw_only=True, on_setattr=[attrs.setters.convert, attrs.setters.validate])
 class SamplingParams:
     """How to pick tokens and when to stop (vLLM / OpenAI meanings).
 
-    ``temperature`` 0 is greedy. ``seed`` makes this request's samples independent of the rest of the
-    batch. ``stop`` strings are cut from the output; ``stop_token_ids`` end generation (the token is
-    not shown). ``logprobs`` = k returns the chosen token's logprob plus the top-k alternatives.
+    ``temperature`` below 1e-5 (0 included) is greedy. ``seed`` (a signed 64-bit integer; larger
+    ones are rejected) makes this request's samples independent of the rest of the batch. ``stop``
+    strings are cut from the output; ``stop_token_ids`` end generation (the token is not shown).
+    ``logprobs`` = k returns the chosen token's logprob plus the top-k alternatives.
+    Bad values, wrong types (``seed="x"``, ``True`` for an integer), NaN and infinities raise
+    `InvalidRequestError` naming the parameter, at construction or on assignment.
     """
 
-    n: int = 1
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = attrs.field(factory=list, converter=lambda s: [s] if isinstance(s, str) else list(s or []))
-    stop_token_ids: list[int] = attrs.field(factory=list, converter=lambda s: list(s or []))
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
+    n: int = attrs.field(default=1, validator=_int_at_least(1))
+    max_tokens: int | None = attrs.field(default=16, validator=_int_at_least(1, optional=True))
+    min_tokens: int = attrs.field(default=0, validator=_int_at_least(0))
+    temperature: float = attrs.field(default=1.0, validator=_float_in(0.0, math.inf, high_open=True))
+    top_p: float = attrs.field(default=1.0, validator=_float_in(0.0, 1.0, low_open=True))
+    top_k: int = attrs.field(default=0, validator=_int_at_least(0))
+    min_p: float = attrs.field(default=0.0, validator=_float_in(0.0, 1.0))
+    repetition_penalty: float = attrs.field(default=1.0, validator=_float_in(0.0, math.inf, low_open=True,
+                                                                              high_open=True))
+    presence_penalty: float = attrs.field(default=0.0, validator=_float_in(-2.0, 2.0))
+    frequency_penalty: float = attrs.field(default=0.0, validator=_float_in(-2.0, 2.0))
+    seed: int | None = attrs.field(default=None, validator=_seed)
+    stop: list[str] = attrs.field(factory=list, converter=_as_list, validator=_stop_strings)
+    stop_token_ids: list[int] = attrs.field(factory=list, converter=_as_list, validator=_token_ids)
+    ignore_eos: bool = attrs.field(default=False, validator=_boolean)
+    logprobs: int | None = attrs.field(default=None, validator=_int_at_least(0, optional=True))
+    skip_special_tokens: bool = attrs.field(default=True, validator=_boolean)
 
     def __attrs_post_init__(self) -> None:
-        self.validate()
+        self._check_together()
+
+    def _check_together(self) -> None:
+        if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
+            _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                                      param="min_tokens")
 
     def validate(self) -> None:
-        """Raise `InvalidRequestError` naming the first bad parameter."""
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be >= 1, got {self.n}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-               f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0,
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        """Check every parameter again (they are checked on construction and assignment already;
+        kept for callers that mutate lists in place)."""
+        attrs.validate(self)
+        self._check_together()
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax sampling: temperature 0, or one so small that dividing by it would overflow."""
+        return self.temperature < GREEDY_EPSILON
 
     @property
     def needs_filtering(self) -> bool:

@@ -17,6 +17,9 @@ class RequestStream:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+        self.prompt_text: str | None = None  # filled into outputs (the engine only sees token ids)
+        self.abort_requested = False
+        self.ended = False
         self._lock = threading.Lock()
         self._sync: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -25,23 +28,40 @@ class RequestStream:
 
     # ---- producer side (engine thread) ---------------------------------------------------------
     def put(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, RequestOutput) and item.finished:
-            self.final = item
+        if isinstance(item, RequestOutput):
+            if item.prompt is None:
+                item.prompt = self.prompt_text
+            if item.finished:
+                self.final = item
         with self._lock:
-            if self._loop is not None:
+            if not self.ended:
+                self._push(item)
+
+    def _push(self, item: object) -> None:
+        if self._loop is not None:
+            try:
                 self._loop.call_soon_threadsafe(self._async.put_nowait, item)  # type: ignore[union-attr]
-            else:
-                self._sync.put(item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody reads any more
+                pass
+        else:
+            self._sync.put(item)
 
     def close(self) -> None:
         self.put_end()
 
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` unless it has ended already (safe from any thread, twice)."""
+        with self._lock:
+            if not self.ended:
+                self.ended = True
+                self._push(error)
+                self._push(_END)
+
     def put_end(self) -> None:
         with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._async.put_nowait, _END)  # type: ignore[union-attr]
-            else:
-                self._sync.put(_END)
+            if not self.ended:
+                self.ended = True
+                self._push(_END)
 
     # ---- consumer side -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[RequestOutput]:

@@ -47,7 +47,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 from a background thread (``with ServerThread(app) as url``)."""
 
-    def __init__(self, app: Any, startup_timeout: float = 60.0) -> None:
+    def __init__(self, app: Any, startup_timeout: float = 60.0, wait_healthy: bool = True) -> None:
         import uvicorn
 
         self.port = free_port()
@@ -56,6 +56,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.startup_timeout = startup_timeout
+        self.wait_healthy = wait_healthy
 
     @property
     def url(self) -> str:
@@ -69,7 +70,10 @@ class ServerThread:
 
     def __enter__(self) -> str:
         self.thread.start()
-        wait_until(self._healthy, self.startup_timeout, interval=0.05, what="the server's /health")
+        if self.wait_healthy:
+            wait_until(self._healthy, self.startup_timeout, interval=0.05, what="the server's /health")
+        else:
+            wait_until(lambda: self.server.started, self.startup_timeout, interval=0.05, what="the server to bind")
         return self.url
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,7 +20,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sagellm_core import __version__
+
     parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: a pluggable LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"sagellm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMAND_MODULES:
         try:

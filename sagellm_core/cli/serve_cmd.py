@@ -1,15 +1,22 @@
-"""`sagellm serve`: an OpenAI-compatible server (completions, chat, models, health, Prometheus metrics)."""
+"""`sagellm serve [MODEL]`: an OpenAI-compatible server (completions, chat, tokenize, models, health,
+Prometheus metrics). The port is bound first; the model loads meanwhile (``/health`` says 503)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+from typing import Any
 
 from sagellm_core.cli.common import add_engine_options, engine_config
 from sagellm_core.config import EngineConfig
+from sagellm_core.errors import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model to serve (as `vllm serve MODEL`; same as --model)")
     add_engine_options(parser)
     parser.add_argument("--host", default=None, help="bind address (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: server.port, 8000)")
@@ -17,6 +24,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the name clients pass as `model` (default: the model's directory name)")
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="bound of the waiting queue; beyond it requests get 503 (scheduler.max_waiting)")
+    parser.add_argument("--api-key", action="append", default=None,
+                        help="accept only requests with 'Authorization: Bearer KEY' (repeatable; default: "
+                             "$SAGELLM_API_KEY, comma-separated; none: no authentication)")
+    parser.add_argument("--auth-health-metrics", action="store_true",
+                        help="/health and /metrics need the API key too (open by default)")
+    parser.add_argument("--max-request-bytes", type=int, default=None,
+                        help="larger request bodies get 413 (default: 8 MiB)")
+    parser.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                        help="auto: the model's generation_config.json sampling defaults apply to requests "
+                             "that do not set them; vllm: ignore them")
+    parser.add_argument("--drain-timeout", type=float, default=None,
+                        help="seconds requests in flight get to finish on SIGTERM (default 30); "
+                             "a second SIGTERM or SIGINT exits at once")
+    parser.add_argument("--input-workers", type=int, default=2,
+                        help="threads that render chat templates and tokenize (default 2)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="seconds without engine progress while requests wait before /health says "
+                             "503 (0: no watchdog)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -25,6 +50,10 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
     """The engine options plus the server section, the waiting bound and the Prometheus sink."""
     from sagellm_core.server import server_engine_config
 
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ConfigError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     config = engine_config(args)
     server = {key: value for key, value in (("host", args.host), ("port", args.port),
                                             ("served_model_name", args.served_model_name)) if value is not None}
@@ -34,17 +63,62 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
     return server_engine_config(config.evolve(**sections) if sections else config)
 
 
-def run(args: argparse.Namespace) -> int:
+def server_settings(args: argparse.Namespace) -> Any:
+    """The server-only settings (API keys from the options or ``SAGELLM_API_KEY``)."""
+    from sagellm_core.server.settings import ServerSettings
+
+    return ServerSettings.from_env(api_keys=args.api_key, auth_health_metrics=args.auth_health_metrics,
+                                   max_request_bytes=args.max_request_bytes,
+                                   generation_config=args.generation_config, drain_timeout_s=args.drain_timeout)
+
+
+def make_server(app: Any, config: EngineConfig, settings: Any, log_level: str) -> Any:
+    """A uvicorn server that drains for ``settings.drain_timeout_s`` on the first SIGTERM / SIGINT and
+    exits at once on the second."""
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # second signal, whichever
+                self.force_exit = True
+            else:
+                logging.getLogger("sagellm.server").info(
+                    "%s: draining requests in flight (at most %.0f s; signal again to exit now)",
+                    signal.Signals(sig).name, settings.drain_timeout_s)
+            super().handle_exit(sig, frame)
+
+    uv_config = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=log_level,
+                               timeout_graceful_shutdown=settings.drain_timeout_s)
+    return DrainingServer(uv_config)
+
+
+def run(args: argparse.Namespace) -> int:
     from sagellm_core.llm import LLM
     from sagellm_core.server import create_app
 
     config = serve_config(args)
-    llm = LLM(config=config)
+    settings = server_settings(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    address = f"http://{config.server.host}:{config.server.port}"
+    stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
+
+    def load() -> LLM:
+        return LLM(config=config, input_workers=args.input_workers, stall_timeout_s=stall)
+
+    app = create_app(load, served_model_name=config.server.served_model_name, owns_llm=True, settings=settings,
+                     address=address)
+    server = make_server(app, config, settings, args.log_level)
+    state = app.state.server
+
+    def stop(_: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop
     try:
-        app = create_app(llm, served_model_name=config.server.served_model_name, owns_llm=True)
-        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
+        server.run()
     finally:
-        llm.shutdown()
+        if state.llm is not None:
+            state.llm.shutdown()
+    if state.load_error is not None:
+        raise state.load_error
     return 0

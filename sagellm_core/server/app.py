@@ -3,33 +3,46 @@
     app = create_app(LLM(config=server_engine_config(cfg)), served_model_name="smollm")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
+``create_app`` also takes a function that builds the `LLM`: the app then loads it on a thread once
+it starts, so the port is bound while the model loads and ``/health`` answers 503 ``loading``.
+
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with ``stream``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /version``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+Chat templates and tokenization run in the `LLM`'s input pool, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import attrs
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sagellm_core.chat import chat_prompt_ids
+from sagellm_core import __version__
 from sagellm_core.config import EngineConfig
-from sagellm_core.errors import SageLLMError
+from sagellm_core.inputs import ProcessedPrompt, generation_defaults
 from sagellm_core.llm import LLM
 from sagellm_core.server.errors import APIError, install_error_handlers
 from sagellm_core.server.jobs import Job
+from sagellm_core.server.middleware import ApiKeyAuth, BodyLimit, CatchAll
 from sagellm_core.server.protocol import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest
 from sagellm_core.server.responses import ChatFormatter, CompletionFormatter, Formatter
+from sagellm_core.server.settings import ServerSettings
 from sagellm_core.server.streaming import streaming_response
+from sagellm_core.server.summary import startup_summary
 
 PROMETHEUS_SINK = "prometheus"
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+log = logging.getLogger("sagellm.server")
 
 
 def server_engine_config(config: EngineConfig) -> EngineConfig:
@@ -42,61 +55,108 @@ def server_engine_config(config: EngineConfig) -> EngineConfig:
 
 @attrs.define
 class ServerState:
-    """What the routes share: the engine, the name it is served under, and when the server started."""
+    """What the routes share: the engine (None while loading), its served name, the settings."""
 
-    llm: LLM
-    served_model_name: str
+    llm: LLM | None
+    served_name: str | None
+    settings: ServerSettings = attrs.field(factory=ServerSettings)
+    address: str | None = None
     created: int = attrs.field(factory=lambda: int(time.time()))
+    sampling_defaults: dict[str, Any] = attrs.field(factory=dict)
+    load_error: BaseException | None = None
+    on_load_error: Callable[[BaseException], None] | None = None
+
+    def ready(self, llm: LLM) -> None:
+        """The engine is loaded: serve it, with the model's sampling defaults, and log a summary."""
+        self.llm = llm
+        if self.settings.generation_config == "auto":
+            self.sampling_defaults = generation_defaults(llm.engine.model)
+        if self.sampling_defaults:
+            log.info("sampling defaults from the model's generation config: %s (--generation-config vllm "
+                     "ignores them)", self.sampling_defaults)
+        log.info("%s", startup_summary(llm, self.served_model_name, self.address))
+
+    @property
+    def served_model_name(self) -> str:
+        if self.served_name is not None:
+            return self.served_name
+        return self.llm.engine.model_name if self.llm is not None else "loading"
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return self.llm.engine.max_model_len if self.llm is not None else 0
+
+    def engine(self) -> LLM:
+        """The serving engine, or 503: still loading, failed to load, dead or shut down."""
+        if self.llm is None:
+            if self.load_error is not None:
+                raise APIError(503, f"The model failed to load: {self.load_error}", "server_error",
+                               code="load_failed")
+            raise APIError(503, "The model is still loading; retry later.", "server_error", code="loading")
+        health = self.llm.health()
+        if health.status in ("dead", "stopped"):
+            raise APIError(503, f"The engine is not running: {health.detail}", "server_error", code="engine_dead")
+        return self.llm
 
     def check_model(self, model: str | None) -> None:
         """404 unless ``model`` is omitted or the served name."""
         if model is not None and model != self.served_model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    def prompt_text(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if self.llm.tokenizer is None:
-            raise APIError(400, "echo of token prompts needs a tokenizer", param="echo")
-        return self.llm.tokenizer.decode(prompt)
-
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        messages = request.template_messages()
-        try:
-            return chat_prompt_ids(self.llm.tokenizer, messages)
-        except SageLLMError:
-            raise
-        except Exception as exc:  # the template itself rejects the conversation (roles, order, ...)
-            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-
     def model_card(self) -> dict[str, Any]:
+        llm = self.engine()
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "sagellm",
-                "root": self.llm.engine.model_name, "max_model_len": self.max_model_len}
-
-    def engine_alive(self) -> bool:
-        # NOTE: LLM has no public liveness flag yet; its loop thread is the engine.
-        return self.llm.is_running
+                "root": llm.engine.model_name, "max_model_len": self.max_model_len}
 
 
-def create_app(llm: LLM, *, served_model_name: str | None = None, owns_llm: bool = False) -> FastAPI:
-    """The app serving ``llm``; with ``owns_llm`` it shuts the engine down when the app stops."""
+async def in_pool(llm: LLM, function: Callable[..., Any], *args: Any) -> Any:
+    """Await ``function(*args)`` run in the engine's input pool (off the event loop)."""
+    return await asyncio.wrap_future(llm.process_inputs(function, *args))
+
+
+def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str | None = None, owns_llm: bool = False,
+               settings: ServerSettings | None = None, address: str | None = None) -> FastAPI:
+    """The app serving ``llm`` (or what the function ``llm`` builds, loaded once the app starts);
+    with ``owns_llm`` it shuts the engine down when the app stops."""
+    settings = settings or ServerSettings()
+    state = ServerState(None, served_model_name, settings, address)
+    loader = None if isinstance(llm, LLM) else llm
+    if isinstance(llm, LLM):
+        state.ready(llm)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if loader is not None:
+            threading.Thread(target=_load, args=(state, loader), name="sagellm-load", daemon=True).start()
         yield
-        if owns_llm:
-            llm.shutdown()
+        if owns_llm and state.llm is not None:
+            state.llm.shutdown()
 
-    app = FastAPI(title="sageLLM", lifespan=lifespan)
-    app.state.server = ServerState(llm, served_model_name or llm.engine.model_name)
+    app = FastAPI(title="sageLLM", version=__version__, lifespan=lifespan)
+    app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    open_paths = frozenset() if settings.auth_health_metrics else OPEN_PATHS
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths)
+    app.add_middleware(CatchAll)
     _add_generation_routes(app)
     _add_info_routes(app)
+    from sagellm_core.server.tokenize import add_tokenize_routes
+
+    add_tokenize_routes(app)
     return app
+
+
+def _load(state: ServerState, loader: Callable[[], LLM]) -> None:
+    try:
+        llm = loader()
+    except BaseException as exc:
+        log.error("the model failed to load: %s: %s", type(exc).__name__, exc)
+        state.load_error = exc
+        if state.on_load_error is not None:
+            state.on_load_error(exc)
+        return
+    state.ready(llm)
 
 
 def _state(request: Request) -> ServerState:
@@ -113,27 +173,36 @@ async def _run(request: Request, job: Job, formatter: Formatter, body: SamplingR
     return JSONResponse(formatter.response(await job.collect()))
 
 
+def _process_prompts(llm: LLM, prompts: list[Prompt], echo: bool) -> tuple[list[ProcessedPrompt], list[str] | None]:
+    """Input pool: validated prompts, and the echo text of each (token prompts decoded once valid)."""
+    processed = [llm.inputs.process(prompt) for prompt in prompts]
+    if not echo:
+        return processed, None
+    return processed, [p.text if p.text is not None else llm.inputs.decode(p.token_ids, "prompt") for p in processed]
+
+
 def _add_generation_routes(app: FastAPI) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state = _state(request)
+        llm = state.engine()
         state.check_model(body.model)
-        params = body.sampling_params()
-        prompts = body.prompts()
-        echo = [state.prompt_text(p) for p in prompts] if body.echo else None
+        params = llm.inputs.check_params(body.sampling_params(state.sampling_defaults))
+        prompts, echo = await in_pool(llm, _process_prompts, llm, body.prompts(), body.echo)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         formatter = CompletionFormatter(response_id, state.served_model_name, int(time.time()), params.n, echo)
-        return await _run(request, Job(state.llm, response_id, prompts, params), formatter, body, state)
+        return await _run(request, Job(llm, response_id, prompts, params), formatter, body, state)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state = _state(request)
+        llm = state.engine()
         state.check_model(body.model)
-        params = body.sampling_params()
-        prompt = state.chat_prompt(body)
+        params = llm.inputs.check_params(body.sampling_params(state.sampling_defaults))
+        prompt = await in_pool(llm, llm.inputs.process_chat, body.template_messages(), body.chat_template_kwargs)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         formatter = ChatFormatter(response_id, state.served_model_name, int(time.time()), params.n)
-        return await _run(request, Job(state.llm, response_id, [prompt], params), formatter, body, state)
+        return await _run(request, Job(llm, response_id, [prompt], params), formatter, body, state)
 
 
 def _add_info_routes(app: FastAPI) -> None:
@@ -147,15 +216,27 @@ def _add_info_routes(app: FastAPI) -> None:
         state.check_model(model_id)
         return state.model_card()
 
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
     @app.get("/health")
     async def health(request: Request) -> Response:
-        if not _state(request).engine_alive():
-            raise APIError(503, "the engine is not running", "server_error", code="engine_dead")
+        """200 ``{"status": "ok"}`` while serving; 503 while loading, stalled, dead or stopped."""
+        state = _state(request)
+        if state.llm is None:
+            state.engine()  # raises the loading / load-failed 503
+        status = state.llm.health()  # type: ignore[union-attr]
+        if not status.ok:
+            raise APIError(503, f"The engine is {status.status}: {status.detail}", "server_error",
+                           code=f"engine_{status.status}")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        sink = _state(request).llm.engine.metric_sinks.get(PROMETHEUS_SINK)
+        state = _state(request)
+        llm = state.llm or state.engine()  # a dead engine's metrics stay readable
+        sink = llm.engine.metric_sinks.get(PROMETHEUS_SINK)
         if sink is None:
             raise APIError(503, "the prometheus metric sink is not enabled (or was disabled after an error)",
                            "server_error", code="metrics_unavailable")

@@ -2,7 +2,9 @@
 
 Engine errors map as: `PromptTooLongError` -> 400 ``context_length_exceeded``, other
 `InvalidRequestError` -> 400, `EngineOverloadedError` -> 503, `EngineDeadError` -> 503, any other
-`SageLLMError` -> 500. Request-body validation (pydantic, malformed JSON) is 400, not FastAPI's 422.
+`SageLLMError` -> 500 with a generic message (the error is logged with its traceback). Request-body
+validation (pydantic, malformed JSON) is 400, not FastAPI's 422. Exceptions nothing handles become a
+generic 500 in `middleware.CatchAll`, which keeps the connection open.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ def from_engine_error(exc: SageLLMError, max_model_len: int) -> APIError:
         return APIError(400, f"This model's maximum context length is {max_model_len} tokens. {exc}",
                         param="prompt", code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, f"The server is overloaded: {exc}; retry later.", "overloaded_error",
                         code="engine_overloaded")
     if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc), "server_error", code="engine_dead")
-    return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
+        return APIError(503, f"The engine is not running: {exc}", "server_error", code="engine_dead")
+    log.error("request failed with %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return APIError(500, "The server had an error while processing your request.", "server_error",
+                    code="internal_error")
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -99,9 +103,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), _http_error_type(exc.status_code)).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled server error")
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        code = "request_too_large" if exc.status_code == 413 else None
+        return APIError(exc.status_code, str(exc.detail), _http_error_type(exc.status_code), code=code).response()

@@ -13,10 +13,10 @@ from typing import AsyncIterator
 
 from starlette.requests import Request
 
+from sagellm_core.inputs import ProcessedPrompt
 from sagellm_core.llm import LLM
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.sampling_params import SamplingParams
-from sagellm_core.server.protocol import Prompt
 from sagellm_core.streams import RequestStream
 
 DISCONNECT_POLL_S = 0.25
@@ -25,7 +25,7 @@ DISCONNECT_POLL_S = 0.25
 class Job:
     """The engine requests behind one API call (one per prompt; each may have ``n`` sequences)."""
 
-    def __init__(self, llm: LLM, job_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
+    def __init__(self, llm: LLM, job_id: str, prompts: list[ProcessedPrompt], params: SamplingParams) -> None:
         self.llm = llm
         self.job_id = job_id
         self.streams: list[RequestStream] = []

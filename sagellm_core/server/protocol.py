@@ -8,7 +8,7 @@ are declared so that a non-trivial value is a clear 400 rather than silently ign
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ Prompt = str | list[int]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "5" for 5, no true for 1
 
 
 class StreamOptions(_Strict):
@@ -61,16 +61,23 @@ class SamplingRequest(_Strict):
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `SamplingParams`, OpenAI defaults where the request sent null."""
-        top_k = self.top_k if self.top_k is not None else 0
+    def _sampling_kwargs(self, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments for `SamplingParams`. Where the request sent null: ``defaults`` (the
+        model's generation config), else OpenAI's defaults."""
+        defaults = defaults or {}
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        top_k = pick("top_k", 0)
         return {
             "n": self.n,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "temperature": pick("temperature", 1.0),
+            "top_p": pick("top_p", 1.0),
             "top_k": 0 if top_k == -1 else top_k,  # vLLM clients send -1 for "off"
-            "min_p": self.min_p or 0.0,
-            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "min_p": pick("min_p", 0.0),
+            "repetition_penalty": pick("repetition_penalty", 1.0),
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
             "seed": self.seed,
@@ -105,8 +112,9 @@ class CompletionRequest(SamplingRequest):
             raise APIError(400, "prompt must not be empty", param="prompt")
         return batch
 
-    def sampling_params(self) -> SamplingParams:
-        """Validated `SamplingParams` (raises `InvalidRequestError` or `APIError` naming the field)."""
+    def sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Validated `SamplingParams` (raises `InvalidRequestError` or `APIError` naming the field);
+        ``defaults`` fill what the request left null (``max_tokens`` only when sent as null)."""
         self._check_common()
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
@@ -114,7 +122,8 @@ class CompletionRequest(SamplingRequest):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported", param="echo")
-        return SamplingParams(max_tokens=self.max_tokens, logprobs=self.logprobs, **self._sampling_kwargs())
+        max_tokens = self.max_tokens if self.max_tokens is not None else (defaults or {}).get("max_tokens")
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self._sampling_kwargs(defaults))
 
 
 class ChatMessage(BaseModel):
@@ -155,12 +164,14 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. Qwen3's enable_thinking
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [message.template_dict() for message in self.messages]
 
-    def sampling_params(self) -> SamplingParams:
-        """Validated `SamplingParams`; ``max_completion_tokens`` wins over the older ``max_tokens``."""
+    def sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Validated `SamplingParams`; ``max_completion_tokens`` wins over the older ``max_tokens``;
+        ``defaults`` (the model's generation config) fill what the request left unset."""
         self._check_common()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
@@ -171,7 +182,9 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is None:
+            max_tokens = (defaults or {}).get("max_tokens")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs())
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs(defaults))
 
 
