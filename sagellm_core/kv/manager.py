@@ -94,6 +94,17 @@ class KVCacheManager:
             owned.append(self._take_free_block())
         return True
 
+    def allocate_copy_target(self, request_id: str, num_tokens: int) -> bool:
+        """Fresh blocks for ``num_tokens`` tokens of KV that will be copied in from another pool
+        (strict PD), for a request that holds none here. False (nothing taken) if the pool is short."""
+        if self.req_blocks.get(request_id):
+            raise RuntimeError(f"request {request_id!r} already holds blocks in this pool")
+        needed = self.blocks_needed(num_tokens)
+        if needed > self.num_free_blocks():
+            return False
+        self.req_blocks[request_id] = [self._take_free_block() for _ in range(needed)]
+        return True
+
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += num_hit_tokens
