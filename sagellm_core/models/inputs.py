@@ -81,15 +81,29 @@ def build_host_batch(plan: StepPlan, block_size: int, pad_to: int = 0, width: in
     )
 
 
-def _packed(arrays: list[np.ndarray], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """One flat host tensor holding ``arrays`` in order (pinned if ``pin``)."""
-    host = torch.empty(sum(a.size for a in arrays), dtype=dtype, pin_memory=pin)
-    np.concatenate([a.ravel() for a in arrays], out=host.numpy())
-    return host
+def _segments(arrays: list[np.ndarray], dtype: torch.dtype) -> list[int]:
+    """Start of each array in a packed buffer, aligned to 16 bytes (kernels specialise on aligned
+    pointers; an unaligned view would compile another variant)."""
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    starts, offset = [], 0
+    for a in arrays:
+        starts.append(offset)
+        offset += -(-a.size // step) * step
+    return starts + [offset]
 
 
-def _split(flat: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-    return [part.view(a.shape) for part, a in zip(flat.split([a.size for a in arrays]), arrays)]
+def _packed(arrays: list[np.ndarray], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, list[int]]:
+    """One flat host tensor holding ``arrays`` at aligned offsets (pinned if ``pin``)."""
+    starts = _segments(arrays, dtype)
+    host = torch.empty(starts[-1], dtype=dtype, pin_memory=pin)
+    view = host.numpy()
+    for a, start in zip(arrays, starts):
+        view[start: start + a.size] = a.ravel()
+    return host, starts
+
+
+def _split(flat: torch.Tensor, arrays: list[np.ndarray], starts: list[int]) -> list[torch.Tensor]:
+    return [flat[start: start + a.size].view(a.shape) for a, start in zip(arrays, starts)]
 
 
 def stage(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -97,7 +111,8 @@ def stage(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device) ->
     buffer on CUDA, the arrays' own memory elsewhere."""
     if device.type != "cuda":
         return [torch.from_numpy(a) for a in arrays]
-    return _split(_packed(arrays, dtype, pin=True), arrays)
+    host, starts = _packed(arrays, dtype, pin=True)
+    return _split(host, arrays, starts)
 
 
 def to_device(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -105,8 +120,8 @@ def to_device(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device
     memory on the CPU)."""
     if device.type == "cpu":
         return [torch.from_numpy(a) for a in arrays]
-    flat = _packed(arrays, dtype, pin=device.type == "cuda")
-    return _split(flat.to(device, non_blocking=True), arrays)
+    host, starts = _packed(arrays, dtype, pin=device.type == "cuda")
+    return _split(host.to(device, non_blocking=True), arrays, starts)
 
 
 def device_batch(batch: HostBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
