@@ -22,7 +22,7 @@ class CompletionOutput:
     token_ids: list[int] = attrs.field(factory=list)
     delta_text: str = ""
     delta_token_ids: list[int] = attrs.field(factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
 
@@ -52,7 +52,10 @@ class RequestMetrics:
 
 @attrs.define
 class RequestOutput:
-    """State of a request after a step (or at the end). ``finished`` once every completion finished."""
+    """State of a request after a step (or at the end). ``finished`` once every completion finished.
+
+    ``error``: set when processing this request failed inside a step (its finish reason is then
+    ``"error"``); the other requests of the step went on."""
 
     request_id: str
     prompt: str | None
@@ -60,6 +63,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
     @property
     def text(self) -> str:

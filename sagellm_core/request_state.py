@@ -8,7 +8,7 @@ import attrs
 
 from sagellm_core.detokenizer import IncrementalDetokenizer
 from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
-from sagellm_core.request import Request, RequestStatus
+from sagellm_core.request import Request
 from sagellm_core.sampling_params import SamplingParams
 
 
@@ -44,6 +44,7 @@ class RequestGroup:
     completions: list[CompletionState]
     metrics: RequestMetrics
     stream: bool = True
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -56,7 +57,7 @@ class RequestGroup:
             visible_len = len(state.text) - state.hold_back(self.params)
             delta_text = state.text[state.emitted_chars:visible_len] if visible_len > state.emitted_chars else ""
             state.emitted_chars = max(state.emitted_chars, visible_len)
-            tokens = state.request.output_token_ids
+            tokens = state.request.known_output_ids
             delta_tokens = tokens[state.emitted_tokens:]
             state.emitted_tokens = len(tokens)
             outputs.append(CompletionOutput(
@@ -70,25 +71,16 @@ class RequestGroup:
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,
             ))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             self.metrics)
+                             self.metrics, error=self.error)
 
 
-@attrs.define
-class SampledToken:
-    """One sampled token between the fast and the slow half of a step."""
-
-    group: RequestGroup
-    state: CompletionState
-    token_id: int
-    logprob: Any
-    visible: bool  # False for the EOS / stop-id token that ended generation (not part of the text)
-    may_stop: bool  # min_tokens reached
-
-
-def finish(state: CompletionState, status: RequestStatus, stop_reason: str | int | None = None) -> None:
-    state.request.status = status
-    state.finish_reason = status.value
-    state.stop_reason = stop_reason
+def record_finish(state: CompletionState) -> bool:
+    """Copy the finished request's reason into its text state; False if it was recorded before."""
+    if state.finish_reason is not None:
+        return False
+    state.finish_reason = state.request.status.value
+    state.stop_reason = state.request.stop_reason
+    return True
 
 
 def find_stop_string(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:

@@ -32,6 +32,9 @@ FusedSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 64-bit random keys [N]) -> token ids [N]. See `Backend.fused_sampler`."""
 
 _MASK64 = (1 << 64) - 1
+GREEDY_EPSILON = 1e-5
+"""Temperatures below this sample greedily (vLLM's epsilon): dividing logits by a tiny temperature
+overflows to inf and the softmax to NaN."""
 
 
 def _mix64(x: int) -> int:
@@ -40,6 +43,33 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (x ^ (x >> 31)) >> 1
+
+
+def seed63(seed: int) -> int:
+    """Any integer seed as one in [0, 2**63), the same on every backend: seeds already in range are
+    kept; others (negative, or 2**70) are folded 64 bits at a time through `_mix64`. Every
+    generator (torch's ``manual_seed``, numpy's PCG64, the fused sampler's keys) takes this value.
+    Raises `TypeError` for a non-integer (the engine then fails that request alone)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if 0 <= seed < 1 << 63:
+        return seed
+    value = 2 * seed if seed >= 0 else -2 * seed - 1  # zigzag: distinct non-negative values
+    folded = 0
+    while True:
+        folded = _mix64(folded ^ (value & _MASK64))
+        value >>= 64
+        if not value:
+            return folded
+
+
+def request_seed(request: Request) -> int:
+    """The seed of one of the ``n`` completions of a seeded request."""
+    return seed63(seed63(request.params.seed) + request.index)  # type: ignore[arg-type]
+
+
+def is_greedy(request: Request) -> bool:
+    return request.params.temperature < GREEDY_EPSILON
 
 
 def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -85,12 +115,11 @@ class Sampler:
     def _np_generator(self, request: Request) -> np.random.Generator:
         if request.params.seed is None:
             if self._np_default is None:
-                self._np_default = np.random.Generator(np.random.PCG64(self.seed % 2**64))
+                self._np_default = np.random.Generator(np.random.PCG64(seed63(self.seed)))
             return self._np_default
         generator = self._np_generators.get(request.request_id)
         if generator is None:
-            # NOTE: modulo 2**64 as torch's manual_seed does: numpy rejects negative seeds
-            generator = np.random.Generator(np.random.PCG64((request.params.seed + request.index) % 2**64))
+            generator = np.random.Generator(np.random.PCG64(request_seed(request)))
             self._np_generators[request.request_id] = generator
         return generator
 
@@ -103,11 +132,11 @@ class Sampler:
         if request.params.seed is None:
             key = str(device)
             if key not in self._default:
-                self._default[key] = torch.Generator(device=device).manual_seed(self.seed)
+                self._default[key] = torch.Generator(device=device).manual_seed(seed63(self.seed))
             return self._default[key]
         key = (request.request_id, str(device))
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(request.params.seed + request.index)
+            self._generators[key] = torch.Generator(device=device).manual_seed(request_seed(request))
         return self._generators[key]
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
@@ -121,8 +150,8 @@ class Sampler:
         logits = self._apply_penalties(logits, requests)
         logits = self._apply_min_tokens(logits, requests)
         logprob_info = self._logprob_source(logits, requests)
-        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        greedy = [i for i, r in enumerate(requests) if is_greedy(r)]
+        sampled = [i for i, r in enumerate(requests) if not is_greedy(r)]
         if self.fused is not None and not any(r.params.needs_filtering for r in requests):
             chosen = self._fused_draw(self.fused, logits, requests)
         elif not sampled:
@@ -141,25 +170,50 @@ class Sampler:
     def collect(self, pending: PendingSample) -> SampleResult:
         """Read a launched sample: token ids and logprobs on the host (waits for the device)."""
         token_ids = pending.token_ids.tolist()
-        return SampleResult(token_ids, self._logprobs(pending.logprob_source, pending.requests, token_ids))
+        return SampleResult(token_ids, self.logprobs(pending, token_ids))
+
+    def logprobs(self, pending: PendingSample, token_ids: list[int]
+                 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Logprobs of the sampled ``token_ids`` (read from the device) for the requests that asked."""
+        return self._logprobs(pending.logprob_source, pending.requests, token_ids)
+
+    def launch_each(self, logits: torch.Tensor, requests: list[Request]
+                    ) -> tuple[PendingSample, list[tuple[Request, Exception]]]:
+        """`launch`, isolating failures: when the batch raises, each row is tried alone, the rows
+        that raise are left out (returned with their errors) and the rest are launched together
+        (their random streams then differ from a run without the failing row)."""
+        try:
+            return self.launch(logits, requests), []
+        except Exception:  # find the rows that fail alone
+            pass
+        failed: list[tuple[Request, Exception]] = []
+        good: list[int] = []
+        for row, request in enumerate(requests):
+            try:
+                self.launch(logits[row: row + 1], [request])
+                good.append(row)
+            except Exception as exc:
+                failed.append((request, exc))
+        rows = torch.tensor(good, dtype=torch.int64, device=logits.device)
+        return self.launch(logits.index_select(0, rows), [requests[i] for i in good]), failed
 
     def _fused_draw(self, fused: FusedSampler, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The backend's one-pass sampler. Seeded requests key each draw by seed and token position
         (batch-independent); the rest take consecutive keys after the engine seed."""
         keys = [self._fused_key(request) for request in requests]
-        inverse = [0.0 if r.params.greedy else 1.0 / r.params.temperature for r in requests]
+        inverse = [0.0 if is_greedy(r) else 1.0 / r.params.temperature for r in requests]
         return fused(logits, _on(inverse, logits.device, torch.float32), _on(keys, logits.device, torch.int64))
 
     def _fused_key(self, request: Request) -> int:
-        if request.params.greedy:
+        if is_greedy(request):
             return 0  # unused: greedy rows take the plain argmax
         if request.params.seed is None:
             self._fused_draws += 1
-            return _mix64(self.seed) ^ self._fused_draws
+            return _mix64(seed63(self.seed)) ^ self._fused_draws
         base = self._fused_keys.get(request.request_id)
         if base is None:
-            base = self._fused_keys[request.request_id] = _mix64(request.params.seed + request.index)
-        return _mix64(base + request.num_output_tokens)
+            base = self._fused_keys[request.request_id] = _mix64(request_seed(request))
+        return _mix64(base + request.num_prior_outputs)
 
     def _exp_noise(self, rows: int, cols: int, request: Request, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [rows, cols] from ``request``'s generator (numpy's on the CPU, torch's elsewhere)."""
@@ -196,10 +250,11 @@ class Sampler:
             p = requests[i].params
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(requests[i].all_token_ids)), device=logits.device, dtype=torch.int64)
+                seen = torch.tensor(sorted(set(requests[i].prompt_token_ids + requests[i].prior_output_ids)),
+                                    device=logits.device, dtype=torch.int64)
                 values = row[seen]
                 row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-            outputs = requests[i].output_token_ids
+            outputs = requests[i].prior_output_ids
             if outputs and (p.presence_penalty or p.frequency_penalty):
                 counts = torch.bincount(torch.tensor(outputs, device=logits.device), minlength=row.shape[0])
                 counts = counts[: row.shape[0]].to(row.dtype)
@@ -208,7 +263,7 @@ class Sampler:
 
     @staticmethod
     def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
+        rows = [i for i, r in enumerate(requests) if r.num_prior_outputs < r.params.min_tokens]
         if not rows:
             return logits
         logits = logits.clone()
@@ -223,7 +278,7 @@ class Sampler:
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = _on([r.params.temperature for r in requests], logits.device).unsqueeze(1)
+        temps = _on([max(r.params.temperature, GREEDY_EPSILON) for r in requests], logits.device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
         top_k = [r.params.top_k for r in requests]

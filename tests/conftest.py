@@ -122,21 +122,44 @@ def tiny_engine_dir(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
 
 
-class DecodeOnlyGraphs:
-    """Stands in for captured decode graphs (as on CUDA): replays decode-only steps (through the
-    eager path here), so prefill steps are the eager ones."""
+class ReplayByRerun:
+    """Stands in for a device graph on the CPU: a replay re-runs the captured function, which reads
+    the static input buffers at replay time -- the property real graph replays rely on."""
 
-    def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]
-        self.runner = runner
-        self.replays = 0
+    def __init__(self) -> None:
+        self.captured = 0
 
-    def supports(self, plan, block_ids) -> bool:  # type: ignore[no-untyped-def]
-        return all(c.num_tokens == 1 and c.request.num_computed_tokens + 1 == c.request.num_tokens
-                   for c in plan.chunks)
+    def capture(self, fn):  # type: ignore[no-untyped-def]
+        self.captured += 1
+        return fn
 
-    def run(self, plan, block_ids, feed):  # type: ignore[no-untyped-def]
-        self.replays += 1
-        return self.runner.run_eager(plan, block_ids, feed)
+
+def graph_engine(model_dir: Path, capture: ReplayByRerun | None = None, **sections: Any) -> Any:
+    """An engine on a CPU backend that "captures" decode graphs (as on CUDA: decode steps replay
+    graphs, prefill steps run eagerly); select it with ``backend={"name": "cpu_graphs"}``."""
+    from sagellm_core.backend import BackendSpec, ProbeResult
+    from sagellm_core.builtin.cpu_backend import CPUBackend
+    from sagellm_core.engine import LLMEngine
+    from sagellm_core.hookspecs import hookimpl
+    from sagellm_core.plugin_manager import create_plugin_manager
+
+    graphs = capture or ReplayByRerun()
+
+    class GraphCPU(CPUBackend):
+        name = "cpu_graphs"
+
+        def graph_capture(self):  # type: ignore[no-untyped-def]
+            return graphs
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def sagellm_register_backends(register):  # type: ignore[no-untyped-def]
+            register(BackendSpec("cpu_graphs", -1, lambda: ProbeResult(True, "test"), GraphCPU, "cpu", "gloo"))
+
+    manager = create_plugin_manager(entry_points=False, extra={"graphs": Plugin})
+    backend = {"name": "cpu_graphs", **sections.pop("backend", {})}
+    return LLMEngine(engine_config(model_dir, backend=backend, **sections), plugin_manager=manager)
 
 
 def assert_seeded_request_ignores_its_batch(alone: Any, batched: Any, seeded: Any) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DecodeOnlyGraphs, engine_config, run_engine
+from conftest import engine_config, graph_engine, run_engine
 from sagellm_core.engine import LLMEngine
+from sagellm_core.models.inputs import build_host_batch
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
-from sagellm_core.request import PENDING_TOKEN
+from sagellm_core.plan import PENDING_TOKEN, ChunkPlan, StepPlan
 from sagellm_core.sampling_params import SamplingParams
-from sagellm_core.schedulers.base import ScheduledChunk
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -38,6 +38,7 @@ def test_tokens_are_read_one_step_later_and_fed_from_the_device(tiny_engine_dir:
     (out,) = engine.step()  # the first decode runs on the fed token while the prefill's is read
     assert out.outputs[0].token_ids == expected[:1]
     assert request.output_token_ids == expected[:1] + [PENDING_TOKEN]
+    assert engine._inflight.feed.rows == {"r": 0}
     finals = []
     while engine.has_unfinished():
         finals += [o for o in engine.step() if o.finished]
@@ -72,26 +73,30 @@ def test_abort_while_a_step_is_in_flight_drops_its_token(tiny_engine_dir: Path) 
 
 
 def test_a_pending_token_without_a_feed_is_refused() -> None:
-    ids = torch.tensor([3, 0])
     with pytest.raises(RuntimeError, match="pending token"):
-        feed_pending(ids, [3, PENDING_TOKEN], [], [], None)
+        feed_pending(torch.tensor([3, 0]), [1], ["r"], None)
+    with pytest.raises(RuntimeError, match="pending token"):
+        feed_pending(torch.tensor([3, 0]), [1], ["r"], TokenFeed(torch.tensor([5]), {"other": 0}))
+    misplaced = StepPlan([ChunkPlan("r", 0, [PENDING_TOKEN, 4], [0], sample=True)])
+    with pytest.raises(RuntimeError, match="pending token"):
+        build_host_batch(misplaced, block_size=4)
 
 
-def test_feed_overwrites_only_pending_last_inputs(tiny_engine_dir: Path) -> None:
-    engine = async_engine(tiny_engine_dir)
-    engine.add_request([5, 6, 7], GREEDY, request_id="r")
-    engine.step()
-    request = engine.scheduler.running[0]
-    feed = TokenFeed(torch.tensor([41]), {"r": 0})
-    ids = torch.tensor([7, 99, PENDING_TOKEN])
-    feed_pending(ids, [7, 99, PENDING_TOKEN], [ScheduledChunk(request, 1)], [2], feed)
-    assert ids.tolist() == [7, 99, 41]
+def test_feed_overwrites_only_pending_last_inputs() -> None:
+    plan = StepPlan([ChunkPlan("a", 3, [7], [0], sample=True),
+                     ChunkPlan("b", 0, [99, PENDING_TOKEN], [1], sample=True)])
+    host = build_host_batch(plan, block_size=4)
+    assert host.pending_rows == [2] and host.pending_requests == ["b"]
+    ids = torch.from_numpy(host.token_ids)
+    feed_pending(ids, host.pending_rows, host.pending_requests, TokenFeed(torch.tensor([41, 42]), {"b": 1, "a": 0}))
+    assert ids.tolist() == [7, 99, 42]
+    assert host.positions.tolist() == [3, 0, 1] and host.slots.tolist() == [3, 4, 5]
+    assert host.sample_rows.tolist() == [0, 2] and host.num_decodes == 1
 
 
 def test_an_eager_step_is_not_launched_behind_a_step_in_flight(tiny_engine_dir: Path) -> None:
     expected = run_engine(async_engine(tiny_engine_dir, "off"), [[5, 6, 7], [8, 9]], GREEDY)
-    engine = async_engine(tiny_engine_dir)
-    engine.runner.graphs = DecodeOnlyGraphs(engine.runner)
+    engine = graph_engine(tiny_engine_dir, scheduler={"async_scheduling": "on"})
     engine.add_request([5, 6, 7], GREEDY, request_id="a")
     engine.step()  # prefill of a (nothing in flight before it)
     engine.step()  # decode of a ("replayed"), prefill's token read
@@ -99,9 +104,9 @@ def test_an_eager_step_is_not_launched_behind_a_step_in_flight(tiny_engine_dir: 
     forward_tokens = engine.runner.num_forward_tokens
     (out,) = engine.step()  # b's prefill would run eagerly: only the step in flight is handed out
     assert out.request_id == "a" and engine.runner.num_forward_tokens == forward_tokens
-    assert engine._inflight is None and engine._carried is not None
+    assert engine._inflight is None and engine._planned is not None
     finals = {}
     while engine.has_unfinished():
         finals |= {o.request_id: o for o in engine.step() if o.finished}
     assert [finals[r].outputs[0].token_ids for r in "ab"] == [o.outputs[0].token_ids for o in expected]
-    assert engine.runner.graphs.replays > 0 and engine.kv_pools[0].stats().used_blocks == 0
+    assert engine.runner.graphs.num_replays > 0 and engine.kv_pools[0].stats().used_blocks == 0

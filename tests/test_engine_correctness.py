@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, engine_config, run_engine
+from conftest import ARCHITECTURES, ReplayByRerun, engine_config, graph_engine, run_engine
 from sagellm_core.engine import LLMEngine
 from sagellm_core.sampling_params import SamplingParams
 
@@ -63,13 +63,17 @@ VARIANTS |= {
 }
 
 
+GRAPH_VARIANTS = {"async_graphs": {"scheduler": {**ASYNC, "max_num_batched_tokens": 12}}}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("variant", list(VARIANTS) + ["overlapped_output"])
+@pytest.mark.parametrize("variant", list(VARIANTS) + list(GRAPH_VARIANTS))
 def test_greedy_matches_transformers(arch: str, variant: str, tiny_models: dict[str, Path],
-                                     oracle: dict[str, list[list[int]]], monkeypatch: pytest.MonkeyPatch) -> None:
-    if variant == "overlapped_output":
-        monkeypatch.setattr("sagellm_core.engine.OVERLAP_MIN_BATCH", 1)  # defer every step's slow half
-    engine = LLMEngine(engine_config(tiny_models[arch], **VARIANTS.get(variant, {})))
+                                     oracle: dict[str, list[list[int]]]) -> None:
+    if variant in GRAPH_VARIANTS:  # decode graphs replayed, prefill eager and never launched behind them
+        engine = graph_engine(tiny_models[arch], **GRAPH_VARIANTS[variant])
+    else:
+        engine = LLMEngine(engine_config(tiny_models[arch], **VARIANTS[variant]))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     prompts = make_prompts()
     # Two waves: the second reuses prefixes cached by the first (when the policy allows).
@@ -92,6 +96,8 @@ def test_greedy_matches_transformers(arch: str, variant: str, tiny_models: dict[
         assert stats["scheduler"]["mixed_steps"] == 0 and stats["scheduler"]["decode_steps"] > 0
     if variant == "pd_hybrid":
         assert stats["scheduler"]["mixed_steps"] > 0
+    if variant in GRAPH_VARIANTS:
+        assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
 
 
 def test_prefix_hit_computes_only_the_suffix(tiny_models: dict[str, Path]) -> None:
@@ -129,42 +135,10 @@ def test_strict_pd_really_copies_blocks_between_pools(tiny_models: dict[str, Pat
     assert torch.equal(flat(copied), flat(src)) and src.abs().sum() > 0
 
 
-class _ReplayByRerun:
-    """Stands in for a device graph on the CPU: a replay re-runs the captured function, which reads
-    the static input buffers at replay time -- the property real graph replays rely on."""
-
-    def __init__(self) -> None:
-        self.captured = 0
-
-    def capture(self, fn):  # noqa: ANN001, ANN201
-        self.captured += 1
-        return fn
-
-
 def test_decode_graph_runner_padding_and_static_buffers(tiny_models: dict[str, Path],
                                                         oracle: dict[str, list[list[int]]]) -> None:
-    from sagellm_core.backend import BackendSpec, ProbeResult
-    from sagellm_core.builtin.cpu_backend import CPUBackend
-    from sagellm_core.hookspecs import hookimpl
-    from sagellm_core.plugin_manager import create_plugin_manager
-
-    capture = _ReplayByRerun()
-
-    class GraphCPU(CPUBackend):
-        name = "cpu_graphs"
-
-        def graph_capture(self):  # noqa: ANN201
-            return capture
-
-    class Plugin:
-        @staticmethod
-        @hookimpl
-        def sagellm_register_backends(register):  # noqa: ANN001, ANN205
-            register(BackendSpec("cpu_graphs", -1, lambda: ProbeResult(True, "test"), GraphCPU, "cpu", "gloo"))
-
-    manager = create_plugin_manager(entry_points=False, extra={"graphs": Plugin})
-    config = engine_config(tiny_models["llama"], backend={"name": "cpu_graphs", "max_graph_batch_size": 6})
-    engine = LLMEngine(config, plugin_manager=manager)
+    capture = ReplayByRerun()
+    engine = graph_engine(tiny_models["llama"], capture, backend={"max_graph_batch_size": 6})
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     prompts = make_prompts()
     got = [o.outputs[0].token_ids for o in run_engine(engine, prompts[:5], params) + run_engine(engine, prompts[5:], params)]

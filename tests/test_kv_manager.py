@@ -6,7 +6,6 @@ import random
 from collections import OrderedDict
 from typing import Iterable
 
-from conftest import DecodeOnlyGraphs, engine_config  # tests/conftest.py (imported at collection, before plugins/)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -174,67 +173,6 @@ def test_randomized_workloads_leak_nothing(scheduler_name: str, num_blocks: int,
         pool.check_invariants()
 
 
-@settings(max_examples=16, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    num_blocks=st.integers(12, 40),
-    overlap_batch=st.sampled_from([1, 8]),
-    scheduler=st.sampled_from(["fcfs", "priority", "pd"]),
-    mode=st.sampled_from(["strict", "time_share", "hybrid"]),
-    async_scheduling=st.sampled_from(["on", "off"]),
-    decode_graphs=st.booleans(),
-)
-def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir, seed: int, num_blocks: int,
-                                                              overlap_batch: int, scheduler: str, mode: str,
-                                                              async_scheduling: str, decode_graphs: bool) -> None:
-    """The real engine with a tiny model: random prompts sharing prefixes, random aborts, stop ids, a
-    small KV pool (preemption): every request ends exactly once and every block ends free."""
-    import sagellm_core.engine as engine_module
-    from sagellm_core.engine import LLMEngine
-    from sagellm_core.errors import PromptTooLongError
-
-    rng = random.Random(seed)
-    options = {"mode": mode} if scheduler == "pd" else {}
-    engine = LLMEngine(engine_config(tiny_engine_dir, kv_cache={"num_blocks": num_blocks},
-                                     scheduler={"name": scheduler, "options": options, "max_num_batched_tokens": 24,
-                                                "async_scheduling": async_scheduling}))
-    if decode_graphs:  # as on CUDA: prefill steps run eagerly and are not launched behind a step in flight
-        engine.runner.graphs = DecodeOnlyGraphs(engine.runner)
-    saved = engine_module.OVERLAP_MIN_BATCH
-    engine_module.OVERLAP_MIN_BATCH = overlap_batch
-    try:
-        base = [rng.randrange(1, 256) for _ in range(24)]
-        ids = []
-        for i in range(rng.randint(3, 10)):
-            prompt = base[: rng.randint(0, 20)] + [rng.randrange(1, 256) for _ in range(rng.randint(1, 12))]
-            params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 8), seed=i,
-                                    stop_token_ids=[rng.randrange(1, 256)], n=rng.choice([1, 1, 2]),
-                                    logprobs=rng.choice([None, None, None, 1]),
-                                    repetition_penalty=rng.choice([1.0, 1.0, 1.0, 1.2]))
-            try:
-                ids.append(engine.add_request(prompt, params, priority=rng.randint(0, 3)))
-            except PromptTooLongError:
-                assert len(prompt) + 1 > min(p.num_blocks for p in engine.kv_pools) * 4  # rejected, not lost
-        finished: list[str] = []
-        steps = 0
-        while engine.has_unfinished():
-            steps += 1
-            assert steps < 2000
-            if rng.random() < 0.1 and engine.groups:
-                engine.abort(rng.choice(sorted(engine.groups)))
-            outputs = engine.step()
-            finished += [o.request_id for o in outputs if o.finished]
-            assert all(t >= 0 for o in outputs for c in o.outputs for t in c.token_ids)
-            for pool in engine.kv_pools:
-                pool.check_invariants()
-        assert sorted(finished) == sorted(ids)
-        for pool in engine.kv_pools:
-            assert pool.stats().used_blocks == 0
-    finally:
-        engine_module.OVERLAP_MIN_BATCH = saved
-
-
-# ---- the policy contract ------------------------------------------------------------------------------
 def _run(kv: KVCacheManager, rid: str, tokens: list[int]) -> int:
     """Admit, compute and free one request as the scheduler does; return its prefix-hit tokens."""
     req = make_request(rid, tokens)

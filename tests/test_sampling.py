@@ -111,11 +111,8 @@ def _stream(engine: LLMEngine, prompt: str, params: SamplingParams) -> tuple[str
     return streamed, final.outputs[0].text, final.outputs[0].finish_reason
 
 
-@pytest.mark.parametrize("mode", ["sync", "overlap", "async"])
-def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path, mode: str,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    if mode == "overlap":
-        monkeypatch.setattr("sagellm_core.engine.OVERLAP_MIN_BATCH", 1)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stop_strings_cut_exactly_and_stream_equals_final_text(tokenizer_model: Path, mode: str) -> None:
     engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": "on" if mode == "async" else "off"}))
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     streamed, text, _ = _stream(engine, "Once upon a time", params)

@@ -4,19 +4,23 @@ A decode-only step of B sequences is padded to the smallest bucket >= B; padding
 (slot -1) and attend to nothing (context length 0). Inputs live in static device buffers updated
 in place before each replay; the attention op reads lengths and block tables from them, so one
 graph serves any context lengths up to the table width. The backend supplies the capture mechanism
-(`Backend.graph_capture`); backends without one never reach this module.
+(`Backend.graph_capture`); backends without one never reach this module. Everything a capture
+needs (the forward function, the KV pools, the device) is passed in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from sagellm_core.attention.metadata import AttentionMetadata
-from sagellm_core.attention import hook as attention_hook
+from sagellm_core.models.inputs import build_host_batch, stage
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
-from sagellm_core.schedulers.base import SchedulerOutput
+from sagellm_core.plan import StepPlan
+
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(token ids [T], positions [T], metadata, KV pool tensor, rows to keep) -> float32 logits."""
 
 
 class GraphCapture(Protocol):
@@ -32,12 +36,15 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphRunner:
-    """Owns the static input buffers and the captured graphs of one `ModelRunner`."""
+    """Static input buffers and the captured decode graphs of one model."""
 
-    def __init__(self, runner: Any, capture: GraphCapture, max_batch: int, max_blocks_per_seq: int) -> None:
-        device = runner.device
-        self.runner = runner
+    def __init__(self, forward: Forward, kv_pools: Callable[[int], torch.Tensor], capture: GraphCapture,
+                 device: torch.device, block_size: int, max_batch: int, max_blocks_per_seq: int) -> None:
+        self.forward = forward
+        self.kv_pools = kv_pools
         self.capturer = capture
+        self.device = device
+        self.block_size = block_size
         self.buckets = bucket_sizes(max_batch)
         self.max_batch = max_batch
         self.max_blocks = max_blocks_per_seq
@@ -51,45 +58,37 @@ class DecodeGraphRunner:
         self.graphs: dict[tuple[int, int], tuple[Callable[[], torch.Tensor], AttentionMetadata]] = {}
         self.num_replays = 0
 
-    def supports(self, plan: SchedulerOutput, block_ids: list[list[int]]) -> bool:
+    def supports(self, plan: StepPlan) -> bool:
         """Decode-only steps in which every sequence samples (no one-token prefill chunks)."""
         return (0 < len(plan.chunks) <= self.max_batch
-                and all(c.num_tokens == 1 and c.request.num_computed_tokens + 1 == c.request.num_tokens
-                        for c in plan.chunks)
-                and max(len(b) for b in block_ids) <= self.max_blocks)
+                and all(c.num_tokens == 1 and c.sample for c in plan.chunks)
+                and max(len(c.block_ids) for c in plan.chunks) <= self.max_blocks)
 
-    def run(self, plan: SchedulerOutput, block_ids: list[list[int]], feed: TokenFeed | None = None) -> torch.Tensor:
+    def run(self, plan: StepPlan, feed: TokenFeed | None = None) -> torch.Tensor:
         batch = len(plan.chunks)
         bucket = next(b for b in self.buckets if b >= batch)
         entry = self.graphs.get((plan.pool, bucket))
         if entry is None:
             entry = self.graphs[(plan.pool, bucket)] = self._capture(plan.pool, bucket)
-        self._fill(plan, block_ids, bucket, feed)
+        self._fill(plan, bucket, feed)
         replay, meta = entry
         meta.generation += 1
         self.num_replays += 1
         return replay()[:batch]
 
-    def _fill(self, plan: SchedulerOutput, block_ids: list[list[int]], bucket: int, feed: TokenFeed | None) -> None:
-        bs = self.runner.block_size
-        pad = bucket - len(plan.chunks)
-        ids, positions, slots, lens = [], [], [], []
-        for chunk, blocks in zip(plan.chunks, block_ids):
-            pos = chunk.request.num_computed_tokens
-            ids.append(chunk.request.token_slice(pos, pos + 1)[0])
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-            lens.append(pos + 1)
-        # NOTE: only the first `width` columns are refreshed: the kernel never reads a block beyond a
-        # sequence's own length, and padding rows (length 0) read none.
-        width = max(len(b) for b in block_ids)
-        tables = [b + [0] * (width - len(b)) for b in block_ids] + [[0] * width] * pad
-        self.ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        feed_pending(self.ids, ids, plan.chunks, list(range(len(ids))), feed)
-        self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:bucket].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.seq_lens[:bucket].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:bucket, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+    def _fill(self, plan: StepPlan, bucket: int, feed: TokenFeed | None) -> None:
+        host = build_host_batch(plan, self.block_size, pad_to=bucket)
+        # NOTE: only the first `width` table columns are refreshed: the kernel never reads a block
+        # beyond a sequence's own length, and padding rows (length 0) read none.
+        width = host.block_tables.shape[1]
+        ids, positions, slots = stage([host.token_ids, host.positions, host.slots], torch.int64, self.device)
+        seq_lens, tables = stage([host.seq_lens, host.block_tables], torch.int32, self.device)
+        self.ids[:bucket].copy_(ids, non_blocking=True)
+        feed_pending(self.ids, host.pending_rows, host.pending_requests, feed)
+        self.positions[:bucket].copy_(positions, non_blocking=True)
+        self.slots[:bucket].copy_(slots, non_blocking=True)
+        self.seq_lens[:bucket].copy_(seq_lens, non_blocking=True)
+        self.tables[:bucket, :width].copy_(tables, non_blocking=True)
 
     def _reset(self, bucket: int) -> None:
         self.slots[:bucket].fill_(-1)
@@ -98,20 +97,17 @@ class DecodeGraphRunner:
         self.positions[:bucket].zero_()
 
     def _capture(self, pool: int, bucket: int) -> tuple[Callable[[], torch.Tensor], AttentionMetadata]:
-        runner = self.runner
-        bound = self.max_blocks * runner.block_size
+        bound = self.max_blocks * self.block_size
         meta = AttentionMetadata(
             slot_mapping=self.slots[:bucket], query_start_loc=self.query_start[: bucket + 1],
             seq_lens=self.seq_lens[:bucket], block_tables=self.tables[:bucket],
             query_lens_host=[1] * bucket, seq_lens_host=[bound] * bucket, num_decodes=bucket,
-            block_size=runner.block_size,
+            block_size=self.block_size,
         )
-        step = attention_hook.StepContext(meta=meta, kv_cache=runner.kv_caches[pool], op=runner.op)
+        kv = self.kv_pools(pool)
 
         def forward() -> torch.Tensor:
-            out = runner.model(input_ids=self.ids[None, :bucket], position_ids=self.positions[None, :bucket],
-                               use_cache=False, logits_to_keep=self.keep[:bucket], sagellm_step=step)
-            return out.logits[0].float()
+            return self.forward(self.ids[:bucket], self.positions[:bucket], meta, kv, self.keep[:bucket])
 
         self._reset(bucket)
         forward()  # warm-up: compiles kernels and allocates per-step scratch outside the graph

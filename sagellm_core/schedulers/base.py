@@ -1,14 +1,26 @@
-"""Scheduler contract and the budgeted, preempting scheduler most plugins subclass."""
+"""Scheduler contract: the request lifecycle (base class) and the budgeted, preempting policy
+scheduler most plugins subclass.
+
+The lifecycle is the base class's job and the same for every scheduler (as nano-vllm's
+``postprocess`` and vLLM's ``update_from_output``): `plan_step` turns the policy's decision into a
+plain `StepPlan` and advances ``num_computed_tokens`` (its only writer besides admission and
+preemption below); `update_from_output` puts sampled tokens in place, decides EOS / stop-id /
+length finishes and frees their KV; `finish` ends a request for any other reason. A plugin
+overrides policy only: `PolicyScheduler.waiting_key`, `preemption_victim`, `can_admit`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import attrs
 
 from sagellm_core.config import SchedulerConfig
 from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.plan import BlockTransfer, ChunkPlan, StepPlan
 from sagellm_core.request import Request, RequestStatus
+
+__all__ = ["BlockTransfer", "PolicyScheduler", "ScheduledChunk", "Scheduler", "SchedulerOutput", "TokenUpdate"]
 
 
 @attrs.define
@@ -20,19 +32,9 @@ class ScheduledChunk:
 
 
 @attrs.define
-class BlockTransfer:
-    """Copy a request's KV blocks between pools (strict PD: prefill pool -> decode pool)."""
-
-    request: Request
-    src_pool: int
-    dst_pool: int
-    src_blocks: list[int]
-    dst_blocks: list[int]
-
-
-@attrs.define
 class SchedulerOutput:
-    """The plan for one step: chunks (decodes first), the pool they run on, and bookkeeping events."""
+    """A policy's decision for one step: chunks (decodes first), the pool they run on, requests it
+    preempted, and block copies (strict PD)."""
 
     chunks: list[ScheduledChunk] = attrs.field(factory=list)
     pool: int = 0
@@ -48,20 +50,30 @@ class SchedulerOutput:
         return not self.chunks and not self.transfers
 
 
-class Scheduler:
-    """Base class: owns the waiting and running queues and the KV pools it allocates from.
+@attrs.define
+class TokenUpdate:
+    """A sampled token that reached its request. ``visible``: part of the text (not the EOS or
+    stop id that ended generation); ``may_stop``: ``min_tokens`` reached with this token."""
 
-    The engine calls ``add``, ``schedule`` once per step, ``finish`` when a request ends (stop,
-    length or abort). Subclasses implement ``schedule``.
-    """
+    request: Request
+    token_id: int
+    visible: bool
+    may_stop: bool
+
+
+class Scheduler:
+    """Base class: owns the waiting and running queues, the KV pools it allocates from, and every
+    request's lifecycle. Subclasses implement ``schedule``."""
 
     def __init__(self, config: SchedulerConfig, options: Any = None) -> None:
         self.config = config
         self.options = options
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
         self.kv: list[KVCacheManager] = []
         self.num_preemptions = 0
+        self.num_self_preemptions = 0
 
     # ---- wiring --------------------------------------------------------------------------------
     @property
@@ -80,13 +92,22 @@ class Scheduler:
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        self.requests[request.request_id] = request
 
-    def finish(self, request: Request) -> None:
-        """Remove a finished/aborted request from the queues and release its KV blocks."""
+    def finish(self, request: Request, status: RequestStatus | None = None,
+               stop_reason: str | int | None = None) -> None:
+        """End ``request`` (with ``status``, if given): drop its placeholders, remove it from the
+        queues, release its KV blocks. Idempotent."""
+        if status is not None:
+            request.status = status
+            request.stop_reason = stop_reason
+        request.drop_pending_tokens()
         if request in self.running:
             self.running.remove(request)
         if request in self.waiting:
             self.waiting.remove(request)
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
         for pool in self.kv:
             pool.free(request.request_id)
 
@@ -94,10 +115,73 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:  # pragma: no cover - abstract
+        """The policy: which requests run how many tokens this step (reads, never advances, the
+        requests' computed tokens)."""
         raise NotImplementedError
 
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def plan_step(self) -> StepPlan:
+        """Schedule one step and commit it: the plain plan for the runner; computed tokens advance
+        and each sampling request holds a placeholder for the token the step will sample."""
+        output = self.schedule()
+        plan = StepPlan(pool=output.pool, transfers=list(output.transfers),
+                        preempted=[r.request_id for r in output.preempted])
+        for chunk in output.chunks:
+            request = chunk.request
+            start = request.num_computed_tokens
+            end = start + chunk.num_tokens
+            sample = end == request.num_tokens
+            plan.chunks.append(ChunkPlan(
+                request.request_id, start, request.token_slice(start, end),
+                self.kv[request.pool].block_ids(request.request_id), sample,
+                decode=chunk.num_tokens == 1 and start >= request.num_prompt_tokens))
+            request.num_computed_tokens = end
+            if sample:
+                request.add_pending_token()
+        return plan
+
+    def on_launched(self, plan: StepPlan) -> None:
+        """The step is queued on the device: make its completed full blocks findable by later
+        requests (those holding only known tokens; the rest follow in `update_from_output`)."""
+        self._cache_blocks(c.request_id for c in plan.chunks)
+
+    def update_from_output(self, plan: StepPlan, token_ids: Sequence[int],
+                           request_ids: Sequence[str] | None = None) -> list[TokenUpdate]:
+        """Put the step's sampled tokens in place of their placeholders (one per ``request_ids``,
+        by default the ``plan.sampled`` chunks' requests) and finish requests on EOS, a stop id or
+        their length. A token of a request that ended meanwhile is dropped."""
+        updates = []
+        if request_ids is None:
+            request_ids = [c.request_id for c in plan.sampled]
+        for request_id, token_id in zip(request_ids, token_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.num_placeholders == 0:
+                continue  # ended while the step ran
+            count = request.resolve_pending_token(token_id)
+            params = request.params
+            may_stop = count >= params.min_tokens
+            visible = True
+            if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+                self.finish(request, RequestStatus.FINISHED_STOPPED)
+                visible = False
+            elif may_stop and token_id in params.stop_token_ids:
+                self.finish(request, RequestStatus.FINISHED_STOPPED, token_id)
+                visible = False
+            elif count >= request.max_tokens:
+                self.finish(request, RequestStatus.FINISHED_LENGTH)
+            updates.append(TokenUpdate(request, token_id, visible, may_stop))
+        self._cache_blocks(c.request_id for c in plan.chunks)
+        return updates
+
+    def _cache_blocks(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if (request is not None and request.status is RequestStatus.RUNNING
+                    and request.num_computed_tokens <= request.num_tokens - request.num_placeholders):
+                self.kv[request.pool].cache_full_blocks(request)
+
     def after_step(self, output: SchedulerOutput) -> None:
-        """Called after the model ran ``output`` and the engine updated the requests."""
+        """For drivers that advance requests themselves (simulations): cache completed blocks."""
         for chunk in output.chunks:
             if not chunk.request.is_finished:
                 self.kv[chunk.request.pool].cache_full_blocks(chunk.request)
@@ -116,14 +200,22 @@ class Scheduler:
         self.waiting.append(request)
         output.preempted.append(request)
 
+    def stats(self) -> dict[str, int]:
+        """Counters for `LLMEngine.get_stats` (subclasses extend)."""
+        return {"preemptions": self.num_preemptions, "self_preemptions": self.num_self_preemptions}
+
 
 class PolicyScheduler(Scheduler):
     """Continuous batching under token and sequence budgets, with chunked prefill and preemption.
 
-    Each step: running requests first (decodes and unfinished prefill chunks) in ``running_key``
+    Each step: running requests first (decodes and unfinished prefill chunks) in ``waiting_key``
     order, preempting ``preemption_victim`` when KV runs out; then waiting requests in
-    ``waiting_key`` order while budget, sequence slots and KV blocks last. Override the two keys to
-    get FCFS, priority, shortest-prompt-first, ...
+    ``waiting_key`` order while budget, sequence slots and KV blocks last. Override the keys to get
+    FCFS, priority, shortest-prompt-first, ...
+
+    No livelock: every admitted request fits its pool alone (the engine refuses the rest), and the
+    first running request in order never preempts itself while another can give way, so it always
+    progresses. A waiting request that ``can_admit`` refuses is skipped, not waited for.
     """
 
     def waiting_key(self, request: Request) -> Any:
@@ -133,6 +225,11 @@ class PolicyScheduler(Scheduler):
     def preemption_victim(self, candidates: list[Request]) -> Request:
         """Which running request gives up its KV when memory runs out. Default: the latest arrival."""
         return max(candidates, key=lambda r: (self.waiting_key(r), r.arrival_order))
+
+    def can_admit(self, request: Request) -> bool:
+        """Whether a waiting request may start now (default: always). A refused one is skipped
+        this step; the requests behind it are still considered."""
+        return True
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -151,15 +248,18 @@ class PolicyScheduler(Scheduler):
         for request in list(order):
             if budget <= 0:
                 break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if request.status is not RequestStatus.RUNNING or request.reached_length:
+                continue  # preempted earlier in this loop, or its last token is already planned
             num_tokens = min(request.num_pending_tokens, budget)
             pool = self.kv[request.pool]
             while not pool.allocate(request, num_tokens):
                 candidates = [r for r in self.running if id(r) not in scheduled and r.pool == request.pool]
+                if not scheduled and len(candidates) > 1:
+                    candidates.remove(request)  # the head never gives way while another can
                 victim = self.preemption_victim(candidates)
                 self.preempt(victim, output)
                 if victim is request:
+                    self.num_self_preemptions += 1
                     break
             if request.status is not RequestStatus.RUNNING:
                 continue
@@ -171,8 +271,12 @@ class PolicyScheduler(Scheduler):
     def _schedule_waiting(self, output: SchedulerOutput, budget: int, pool: int) -> int:
         self.waiting.sort(key=lambda r: (self.waiting_key(r), r.arrival_order))
         kv = self.kv[pool]
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.reached_length or not self.can_admit(request):
+                skipped.append(self.waiting.pop(0))
+                continue
             prefix = kv.find_prefix(request) if request.num_computed_tokens == 0 else []
             num_computed = request.num_computed_tokens + len(prefix) * kv.block_size
             pending = request.num_tokens - num_computed
@@ -180,7 +284,7 @@ class PolicyScheduler(Scheduler):
                 break  # whole prompt fits a later step; wait for it rather than chunking
             num_tokens = min(pending, budget)
             if not kv.allocate(request, num_tokens, prefix):
-                break
+                break  # it fits once running requests finish (admission checked it fits alone)
             if request.num_preemptions == 0:
                 kv.record_prefix_lookup(request.num_prompt_tokens, len(prefix) * kv.block_size)
             request.num_cached_tokens = max(request.num_cached_tokens, len(prefix) * kv.block_size)
@@ -192,4 +296,5 @@ class PolicyScheduler(Scheduler):
             output.chunks.append(ScheduledChunk(request, num_tokens))
             output.pool = pool
             budget -= num_tokens
+        self.waiting[:0] = skipped
         return budget

@@ -15,8 +15,9 @@ from typing import Any
 import attrs
 
 from sagellm_core.config import at_least, in_range, one_of
+from sagellm_core.plan import BlockTransfer
 from sagellm_core.request import Request
-from sagellm_core.schedulers.base import BlockTransfer, PolicyScheduler, SchedulerOutput
+from sagellm_core.schedulers.base import PolicyScheduler, SchedulerOutput
 
 PREFILL_POOL, DECODE_POOL = 0, 1
 
@@ -86,13 +87,9 @@ class PDScheduler(PolicyScheduler):
         src, dst = self.kv[PREFILL_POOL], self.kv[DECODE_POOL]
         for request in self._ordered([r for r in self.running if r.pool == PREFILL_POOL and not r.in_prefill]):
             src_blocks = src.block_ids(request.request_id)
-            saved = request.num_computed_tokens
-            request.num_computed_tokens = 0
-            fits = dst.allocate(request, saved)
-            request.num_computed_tokens = saved
-            if not fits:
+            if not dst.allocate_tokens(request.request_id, request.num_computed_tokens):
                 break  # decode pool full: it stays in the prefill pool until decodes finish
-            transfers.append(BlockTransfer(request, PREFILL_POOL, DECODE_POOL, src_blocks,
+            transfers.append(BlockTransfer(request.request_id, PREFILL_POOL, DECODE_POOL, src_blocks,
                                            dst.block_ids(request.request_id)))
             src.free(request.request_id)
             request.pool = DECODE_POOL
@@ -111,6 +108,7 @@ class PDScheduler(PolicyScheduler):
 
     def stats(self) -> dict[str, int]:
         return {
+            **super().stats(),
             "prefill_steps": self.num_prefill_steps,
             "decode_steps": self.num_decode_steps,
             "mixed_steps": self.num_mixed_steps,

@@ -58,3 +58,31 @@ def test_bf16_agreement_is_at_transformers_self_agreement_level(tiny_models: dic
     score = agreement(hf_single, ours)
     print(f"bf16 agreement: transformers batch1 vs batch8 {baseline:.3f}; sageLLM vs transformers {score:.3f}")
     assert score >= baseline - 0.1
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["fused", "filtered"])
+def test_huge_seeds_and_tiny_temperatures_on_gpu(top_p: float, tiny_models: dict[str, Path]) -> None:
+    """A seed of 2**70 must not overflow torch.Generator.manual_seed (top-p: torch's generator path;
+    1.0: the fused sampler's keys); a temperature of 1e-40 samples greedily."""
+    engine = LLMEngine(engine_config(tiny_models["llama"], backend={"name": "cuda"},
+                                     kv_cache={"block_size": 16, "num_blocks": 64}))
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    expected = run_engine(engine, [[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    assert run_engine(engine, [[5, 6, 7]], greedy.replace(temperature=1e-40))[0].outputs[0].token_ids == expected
+    seeded = greedy.replace(temperature=1.0, top_p=top_p, seed=2**70)
+    first = run_engine(engine, [[5, 6, 7]], seeded)[0].outputs[0].token_ids
+    assert run_engine(engine, [[5, 6, 7]], seeded)[0].outputs[0].token_ids == first and len(first) == MAX_NEW
+
+
+def test_a_poison_request_fails_alone_on_gpu(tiny_models: dict[str, Path]) -> None:
+    engine = LLMEngine(engine_config(tiny_models["llama"], backend={"name": "cuda"},
+                                     kv_cache={"block_size": 16, "num_blocks": 64}))
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_NEW, ignore_eos=True)
+    good = engine.add_request([1, 2, 3], params.replace(seed=1))
+    bad = engine.add_request([4, 5, 6], params.replace(seed="x"))  # type: ignore[arg-type]
+    finals = {}
+    while engine.has_unfinished():
+        finals |= {o.request_id: o for o in engine.step() if o.finished}
+    assert finals[bad].outputs[0].finish_reason == "error"
+    assert len(finals[good].outputs[0].token_ids) == MAX_NEW
+    assert engine.kv_pools[0].stats().used_blocks == 0
