@@ -180,3 +180,13 @@ def assert_seeded_request_ignores_its_batch(alone: Any, batched: Any, seeded: An
         finals.update({o.request_id: o for o in batched.step() if o.finished})
     assert finals[target].outputs[0].token_ids == expected
     assert len({tuple(finals[i].outputs[0].token_ids) for i in ids}) > 1
+
+
+def unvalidated(params: Any, **fields: Any) -> Any:
+    """A copy of ``params`` with ``fields`` set past `SamplingParams`' validation: a request that reached
+    the engine without the front end's checks (built by a plugin, or by a bug), which the engine must
+    still survive."""
+    copy = params.replace()
+    for name, value in fields.items():
+        object.__setattr__(copy, name, value)
+    return copy

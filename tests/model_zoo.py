@@ -101,3 +101,19 @@ def save_model(arch: str, directory: Path, seed: int = 0) -> Path:
                 param.normal_(0.0, 1.0)
     model.save_pretrained(directory)
     return directory
+
+
+def engine_unless_class_refused(config: Any) -> Any:
+    """An `LLMEngine`, or a skip where the installed transformers marks the model class as not using
+    the attention interface (that flag changes between transformers versions: GPT-J has it in 5.17)."""
+    import pytest
+
+    from sagellm_core.engine import LLMEngine
+    from sagellm_core.models.support import UnsupportedModelError
+
+    try:
+        return LLMEngine(config)
+    except UnsupportedModelError as exc:
+        if "_supports_attention_backend = False" in str(exc):
+            pytest.skip(f"refused by this transformers version: {exc}")
+        raise

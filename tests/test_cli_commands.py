@@ -38,7 +38,7 @@ class HelloPlugin:
 @pytest.fixture
 def hello_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     manager = create_plugin_manager(entry_points=False, extra={"hello": HelloPlugin()})
-    specs = [r.spec for r in manager.registry.all("command")]
+    specs = [r.command for r in manager.registry.all("command")]
     monkeypatch.setattr(plugin_commands, "registered_commands", lambda: specs)
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import engine_config, graph_engine, run_engine
+from conftest import engine_config, graph_engine, run_engine, unvalidated
 from sagellm_core.engine import LLMEngine
 from sagellm_core.engine.events import IDLE_EVENT_INTERVAL, EngineEvents
 from sagellm_core.errors import ConfigError, InvalidRequestError, PromptTooLongError
@@ -213,7 +213,7 @@ def test_every_working_step_reports_and_progress_is_visible(tiny_engine_dir: Pat
 def test_a_poison_seed_fails_its_request_only(tiny_engine_dir: Path, async_scheduling: str) -> None:
     engine = LLMEngine(engine_config(tiny_engine_dir, scheduler={"async_scheduling": async_scheduling}))
     good = engine.add_request([1, 2, 3], EXACT.replace(temperature=1.0, seed=1))
-    bad = engine.add_request([4, 5, 6], EXACT.replace(temperature=1.0, seed="x"))  # type: ignore[arg-type]
+    bad = engine.add_request([4, 5, 6], unvalidated(EXACT.replace(temperature=1.0), seed="x"))
     finals = drive(engine)
     assert finals[bad].outputs[0].finish_reason == "error" and "seed" in finals[bad].error
     assert len(finals[good].outputs[0].token_ids) == 6 and finals[good].error is None
@@ -249,6 +249,6 @@ def test_huge_seeds_and_tiny_temperatures_run(tiny_engine_dir: Path) -> None:
     greedy = run_engine(engine, [[9, 8, 7]], EXACT)[0].outputs[0].token_ids
     tiny = run_engine(engine, [[9, 8, 7]], EXACT.replace(temperature=1e-40))[0].outputs[0].token_ids
     assert tiny == greedy
-    params = EXACT.replace(temperature=1.0, top_p=0.9, seed=2**70)
+    params = unvalidated(EXACT.replace(temperature=1.0, top_p=0.9), seed=2**70)  # the front end refuses it
     first = run_engine(engine, [[9, 8, 7]], params)[0].outputs[0].token_ids
     assert run_engine(engine, [[9, 8, 7]], params)[0].outputs[0].token_ids == first and len(first) == 6

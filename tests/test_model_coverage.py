@@ -67,7 +67,7 @@ def load_hf(directory: Path) -> Any:
 
 def sagellm_greedy(directory: Path, prompts: list[list[int]]) -> list[list[int]]:
     # Prefill chunks of at most 8 tokens: chunked prefill, cached prefixes and decodes all run.
-    engine = LLMEngine(engine_config(directory, scheduler={"max_num_batched_tokens": 8}))
+    engine = model_zoo.engine_unless_class_refused(engine_config(directory, scheduler={"max_num_batched_tokens": 8}))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     first = run_engine(engine, prompts[:3], params)
     second = run_engine(engine, prompts[3:], params)

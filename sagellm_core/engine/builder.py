@@ -66,9 +66,8 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     scheduler.bind(kv_pools)
     max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
                                    min(pool_blocks) * block_size, pool_blocks)
-    graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
     runner = ModelRunner(model, backend, block_size, pool_blocks, dtype, max_model_len=max_model_len,
-                         graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
+                         graph_batch_size=graph_batch_size(config, model_config))
     mode = config.scheduler.async_scheduling
     return EngineParts(
         backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
@@ -78,6 +77,21 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         metric_sinks=selection.create_metric_sinks(config.metrics),
         async_scheduling=mode == "on" or (mode == "auto" and backend.async_output),
     )
+
+
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def graph_batch_size(config: EngineConfig, model_config: Any) -> int:
+    """Decode steps of up to this many sequences replay captured device graphs (0: none). The
+    mixture-of-experts layers of transformers route tokens with host-side index work that a graph
+    cannot capture, so those models decode eagerly."""
+    if not config.backend.cuda_graphs:
+        return 0
+    if any(getattr(model_config, name, None) for name in EXPERT_COUNT_FIELDS):
+        log.info("mixture-of-experts model: decode steps run eagerly (no device graphs)")
+        return 0
+    return min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
 
 
 def pool_sizes(config: EngineConfig, backend: Backend, model: Any, dtype: torch.dtype,

@@ -104,13 +104,14 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0, stream: bool = True) -> str:
-        """Validate and queue a request; returns its id. Raises `InvalidRequestError` subclasses.
+        """Check the prompt against the context and queue; returns its id. Raises `InvalidRequestError`
+        subclasses. ``params`` were validated when they were built (`SamplingParams` checks every
+        field on construction and assignment); a request that fails later fails alone.
 
         ``prompt``: text (tokenized here) or token ids (used as they are). With ``stream=False``
         the request's output is reported only once, when it finishes.
         """
         params = params or SamplingParams()
-        params.validate()
         text, token_ids = self.admission.prompt_ids(prompt)
         max_tokens = self.admission.max_tokens(len(token_ids), params)
         self.admission.check_queue(len(self.scheduler.waiting), params.n)

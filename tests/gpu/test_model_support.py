@@ -44,8 +44,8 @@ def test_models_needing_sinks_or_soft_cap_are_refused_on_cuda(arch: str, tmp_pat
 def test_architecture_is_token_identical_on_cuda(arch: str, tmp_path: Path) -> None:
     directory = model_zoo.save_model(arch, tmp_path / arch)
     prompts = make_prompts()
+    engine = model_zoo.engine_unless_class_refused(cuda_config(directory))
     expected = hf_greedy(directory, prompts, torch.float32, MAX_NEW)
-    engine = LLMEngine(cuda_config(directory))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in run_engine(engine, prompts[:3], params) + run_engine(engine, prompts[3:], params)]
     assert got == expected
