@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import attrs
@@ -17,6 +18,9 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.models import loader
 from sagellm_core.models.kv_cache import kv_bytes_per_block, text_config
 from sagellm_core.models.runner import ModelRunner
+from sagellm_core.parallel.distributed import external_world
+from sagellm_core.parallel.launch import (Layout, attach_workers, join, layout_of, local_pools, prepare_model,
+                                          run_worker, stop_workers)
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.sampler import Sampler
 from sagellm_core.schedulers.base import Scheduler
@@ -56,23 +60,34 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     metric_regs = {name: registry.get("metric", name) for name in config.metrics.enabled}
     backend = choice.spec.create(config.backend)
     plugins.configure(config)
-
-    dtype = backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
-    source = loader.resolve(config.model.path, config.model.gguf_file)
-    tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
-    model = loader.load_model(source, dtype, backend.device(), config.model.load_format)
-    model_config = text_config(model)
-
     scheduler = scheduler_reg.factory(config.scheduler, scheduler_options)
-    pool_blocks = pool_sizes(config, backend, model, dtype, scheduler)
-    block_size = config.kv_cache.block_size
-    kv_pools = [KVCacheManager(n, block_size, policy_reg.factory(policy_options)) for n in pool_blocks]
-    scheduler.bind(kv_pools)
-    max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
-                                   min(pool_blocks) * block_size, pool_blocks)
-    graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
-    runner = ModelRunner(model, backend, block_size, pool_blocks, dtype, max_model_len=max_model_len,
-                         graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
+    layout = distributed_layout(config, scheduler)
+    control = join(config, backend.dist_backend, layout)[1] if layout is not None else None
+    try:
+        dtype = model_dtype(config, backend)
+        source = loader.resolve(config.model.path, config.model.gguf_file)
+        tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
+        model = loader.load_model(source, dtype, backend.device(), config.model.load_format)
+        if layout is not None:
+            prepare_model(model, 0, layout)
+        model_config = text_config(model)
+
+        pool_blocks = pool_sizes(config, backend, model, dtype, scheduler)
+        block_size = config.kv_cache.block_size
+        kv_pools = [KVCacheManager(n, block_size, policy_reg.factory(policy_options)) for n in pool_blocks]
+        scheduler.bind(kv_pools)
+        max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
+                                       min(pool_blocks) * block_size, pool_blocks)
+        graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
+        graph_batch = graph_batch if config.backend.cuda_graphs else 0
+        runner = ModelRunner(model, backend, block_size, local_pools(layout, pool_blocks, 0), dtype,
+                             max_model_len=max_model_len, graph_batch_size=graph_batch)
+        if control is not None and layout is not None:
+            runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
+    except BaseException:
+        if control is not None:
+            stop_workers(control)
+        raise
     mode = config.scheduler.async_scheduling
     return EngineParts(
         backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
@@ -80,8 +95,28 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
         sampler=Sampler(config.model.seed, fused=backend.fused_sampler()),
         metric_sinks={name: reg.factory(config.metrics) for name, reg in metric_regs.items()},
-        async_scheduling=mode == "on" or (mode == "auto" and backend.async_output),
+        async_scheduling=layout is None and (mode == "on" or (mode == "auto" and backend.async_output)),
     )
+
+
+def model_dtype(config: EngineConfig, backend: Backend) -> torch.dtype:
+    return backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
+
+
+def distributed_layout(config: EngineConfig, scheduler: Scheduler) -> Layout | None:
+    """The multi-process layout ``config.parallel`` asks for (checked against the scheduler). Under
+    a launcher such as torchrun, a rank above 0 serves steps here and exits when rank 0 stops."""
+    layout = layout_of(config)
+    if layout is None:
+        return None
+    if layout.kind == "pd_split" and scheduler.num_kv_pools != 2:
+        raise ConfigError("parallel.pd_split: needs a scheduler with a separate decode pool "
+                          "(scheduler: {name: pd, options: {mode: strict}})")
+    world = external_world()
+    if world is not None and world.rank > 0:
+        run_worker(config, world.rank, layout, None)
+        os._exit(0)
+    return layout
 
 
 def pool_sizes(config: EngineConfig, backend: Backend, model: Any, dtype: torch.dtype,
