@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
+from sagellm_core.errors import InvalidRequestError
 from sagellm_core.llm import LLM, Prompt, build_config
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.parallel.router import PrefixAffinityRouter, RouteDecision
@@ -46,7 +47,12 @@ class DataParallelLLM:
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
         """Tokenize (if text), route, and queue on the chosen replica; returns its stream."""
-        token_ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids")
+            token_ids = list(self.tokenizer(prompt).input_ids)
+        else:
+            token_ids = list(prompt)
         decision = self.route(token_ids)
         stream = self.replicas[decision.replica].submit(token_ids, params, **kwargs)
         with self._lock:

@@ -100,7 +100,7 @@ def shard_model(model: nn.Module, rank: int, world_size: int, group: Any = None)
 
 
 def _text_config(model: nn.Module) -> Any:
-    config = model.config  # type: ignore[union-attr]
+    config: Any = getattr(model, "config")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
