@@ -134,6 +134,24 @@ class ServerConfig:
 
 
 @attrs.frozen
+class ParallelConfig:
+    """Several devices for one engine (see `sagellm_core.parallel`).
+
+    ``tensor_parallel_size``: shard every layer over that many devices (one process each).
+    ``pd_split``: with the ``pd`` scheduler in ``strict`` mode, keep the decode pool on a second
+    device (and process) and send prefilled blocks there. ``data_parallel_size``: independent engine
+    replicas behind one server, requests routed by prefix affinity. ``master_addr`` /
+    ``master_port`` (0: a free port) is where rank 0 listens when it starts the other ranks itself.
+    """
+
+    tensor_parallel_size: int = attrs.field(default=1, validator=at_least(1))
+    data_parallel_size: int = attrs.field(default=1, validator=at_least(1))
+    pd_split: bool = False
+    master_addr: str = "127.0.0.1"
+    master_port: int = attrs.field(default=0, validator=in_range(0, 65535))
+
+
+@attrs.frozen
 class EngineConfig:
     """Top-level configuration. Build with keyword sections, `from_dict`, or `from_yaml`."""
 
@@ -144,6 +162,7 @@ class EngineConfig:
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     benchmark: BenchmarkConfig = attrs.field(factory=BenchmarkConfig)
     server: ServerConfig = attrs.field(factory=ServerConfig)
+    parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import attrs
@@ -17,6 +18,9 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.models import loader
 from sagellm_core.models.kv_cache import kv_bytes_per_block, text_config
 from sagellm_core.models.runner import ModelRunner
+from sagellm_core.parallel.distributed import external_world
+from sagellm_core.parallel.launch import (Layout, attach_workers, join, layout_of, local_pools, prepare_model,
+                                          run_worker, stop_workers)
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.plugin_selection import validate_plugin_selection
 from sagellm_core.sampler import Sampler
@@ -52,22 +56,33 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     choice = select_backend(plugins, requested)
     backend = create_backend(choice.spec, config.backend)
     plugins.configure(config)
-
-    dtype = backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
-    source = loader.resolve(config.model.path, config.model.gguf_file)
-    tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
-    model = loader.load_model(source, dtype, backend.device(), config.model.load_format, backend=backend)
-    model_config = text_config(model)
-
     scheduler = selection.create_scheduler(config.scheduler)
-    pool_blocks = pool_sizes(config, backend, model, dtype, scheduler)
-    block_size = config.kv_cache.block_size
-    kv_pools = [KVCacheManager(n, block_size, selection.create_kv_policy()) for n in pool_blocks]
-    scheduler.bind(kv_pools)
-    max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
-                                   min(pool_blocks) * block_size, pool_blocks)
-    runner = ModelRunner(model, backend, block_size, pool_blocks, dtype, max_model_len=max_model_len,
-                         graph_batch_size=graph_batch_size(config, model_config))
+    layout = distributed_layout(config, scheduler)
+    control = join(config, backend.dist_backend, layout)[1] if layout is not None else None
+    try:
+        dtype = model_dtype(config, backend)
+        source = loader.resolve(config.model.path, config.model.gguf_file)
+        tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
+        model = loader.load_model(source, dtype, backend.device(), config.model.load_format, backend=backend)
+        if layout is not None:
+            prepare_model(model, 0, layout)
+        model_config = text_config(model)
+
+        pool_blocks = pool_sizes(config, backend, model, dtype, scheduler)
+        block_size = config.kv_cache.block_size
+        kv_pools = [KVCacheManager(n, block_size, selection.create_kv_policy()) for n in pool_blocks]
+        scheduler.bind(kv_pools)
+        max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
+                                       min(pool_blocks) * block_size, pool_blocks)
+        graph_batch = graph_batch_size(config, model_config)
+        runner = ModelRunner(model, backend, block_size, local_pools(layout, pool_blocks, 0), dtype,
+                             max_model_len=max_model_len, graph_batch_size=graph_batch)
+        if control is not None and layout is not None:
+            runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
+    except BaseException:
+        if control is not None:
+            stop_workers(control)
+        raise
     mode = config.scheduler.async_scheduling
     return EngineParts(
         backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
@@ -75,8 +90,28 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
         sampler=Sampler(config.model.seed, fused=backend.fused_sampler()),
         metric_sinks=selection.create_metric_sinks(config.metrics),
-        async_scheduling=mode == "on" or (mode == "auto" and backend.async_output),
+        async_scheduling=layout is None and (mode == "on" or (mode == "auto" and backend.async_output)),
     )
+
+
+def model_dtype(config: EngineConfig, backend: Backend) -> torch.dtype:
+    return backend.default_dtype() if config.model.dtype == "auto" else DTYPES[config.model.dtype]
+
+
+def distributed_layout(config: EngineConfig, scheduler: Scheduler) -> Layout | None:
+    """The multi-process layout ``config.parallel`` asks for (checked against the scheduler). Under
+    a launcher such as torchrun, a rank above 0 serves steps here and exits when rank 0 stops."""
+    layout = layout_of(config)
+    if layout is None:
+        return None
+    if layout.kind == "pd_split" and scheduler.num_kv_pools != 2:
+        raise ConfigError("parallel.pd_split: needs a scheduler with a separate decode pool "
+                          "(scheduler: {name: pd, options: {mode: strict}})")
+    world = external_world()
+    if world is not None and world.rank > 0:
+        run_worker(config, world.rank, layout, None)
+        os._exit(0)
+    return layout
 
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
