@@ -41,6 +41,7 @@ from sagellm_core.request_state import (
 from sagellm_core.sampler import PendingSample, Sampler
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.schedulers.base import SchedulerOutput
+from sagellm_core.structured.manager import StructuredOutputs
 
 log = logging.getLogger("sagellm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,6 +96,9 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
         self.sampler = Sampler(config.model.seed, fused=self.backend.fused_sampler())
+        # HOOK(structured outputs): the token-mask processor and per-request grammar state
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.sampler.logits_processors.append(self.structured)
         self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
                              for name in config.metrics.enabled}
         self.groups: dict[str, RequestGroup] = {}
@@ -149,6 +153,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         params.validate()
+        self.structured.check(params)  # HOOK(structured outputs): compile the grammar, 400 if bad
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty")
@@ -265,7 +270,9 @@ class LLMEngine:
         samplers = [c.request for c in plan.chunks
                     if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
         pipelined = self.async_scheduling and not plan.is_empty and not any(
-            r.params.needs_penalties or r.params.logprobs is not None for r in samplers)
+            r.params.needs_penalties or r.params.logprobs is not None
+            or r.params.structured_outputs is not None  # HOOK(structured outputs): masks need the last token
+            for r in samplers)
         outputs = [] if pipelined else self._read_inflight()
         if plan.is_empty:
             touched = self._render(self._take_deferred())
@@ -362,12 +369,15 @@ class LLMEngine:
         group.metrics.last_token_time = now
         may_stop = request.num_output_tokens >= params.min_tokens
         visible = True
+        grammar_done = self.structured.on_token(request, token_id)  # HOOK(structured outputs): advance
         if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED)
             visible = False
         elif may_stop and token_id in params.stop_token_ids:
             finish(state, RequestStatus.FINISHED_STOPPED, token_id)
             visible = False
+        elif grammar_done:
+            finish(state, RequestStatus.FINISHED_STOPPED)
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             finish(state, RequestStatus.FINISHED_LENGTH)
         if state.finish_reason is not None:
@@ -409,6 +419,7 @@ class LLMEngine:
     def _release(self, group: RequestGroup, state: CompletionState) -> None:
         self.scheduler.finish(state.request)
         self.sampler.forget(state.request.request_id)
+        self.structured.forget(state.request.request_id)  # HOOK(structured outputs)
         now = time.monotonic()
         if group.finished:
             group.metrics.finished_time = now

@@ -7,11 +7,22 @@ from typing import Any
 import attrs
 
 from sagellm_core.errors import InvalidRequestError
+from sagellm_core.structured.params import StructuredOutputsParams
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise InvalidRequestError(message)
+
+
+def _structured(value: Any) -> StructuredOutputsParams | None:
+    """A `StructuredOutputsParams`, also from a dict of its fields (``{"json": schema}``)."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(attrs.fields_dict(StructuredOutputsParams))
+        if unknown:
+            raise InvalidRequestError(f"structured_outputs: unknown field(s) {sorted(unknown)}")
+        return StructuredOutputsParams(**value)
+    return value
 
 
 @attrs.define(kw_only=True)
@@ -21,6 +32,8 @@ class SamplingParams:
     ``temperature`` 0 is greedy. ``seed`` makes this request's samples independent of the rest of the
     batch. ``stop`` strings are cut from the output; ``stop_token_ids`` end generation (the token is
     not shown). ``logprobs`` = k returns the chosen token's logprob plus the top-k alternatives.
+    ``structured_outputs`` constrains the text to a JSON schema, regex, grammar or choice
+    (`StructuredOutputsParams`, or a dict of its fields).
     """
 
     n: int = 1
@@ -39,6 +52,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = attrs.field(default=None, converter=_structured)
 
     def __attrs_post_init__(self) -> None:
         self.validate()
@@ -60,6 +74,8 @@ class SamplingParams:
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
 
     @property
     def greedy(self) -> bool:
