@@ -7,8 +7,10 @@ from typing import Any
 from sagellm_core.errors import InvalidRequestError
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of ``messages`` rendered with the model's chat template, ready for generation."""
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                    ) -> list[int]:
+    """Token ids of ``messages`` rendered with the model's chat template, ready for generation;
+    ``tools`` (OpenAI function specs) reach the template as its ``tools`` variable."""
     if tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer, so no chat template")
     if not messages:
@@ -16,7 +18,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]
     if getattr(tokenizer, "chat_template", None) is None:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return list(tokenizer(text).input_ids)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

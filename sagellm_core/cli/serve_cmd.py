@@ -17,6 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the name clients pass as `model` (default: the model's directory name)")
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="bound of the waiting queue; beyond it requests get 503 (scheduler.max_waiting)")
+    parser.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json", "mistral"],
+                        help="the model's tool-call format (default: detected from the chat template)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     config = serve_config(args)
     llm = LLM(config=config)
     try:
-        app = create_app(llm, served_model_name=config.server.served_model_name, owns_llm=True)
+        app = create_app(llm, served_model_name=config.server.served_model_name, owns_llm=True,
+                         tool_call_parser=args.tool_call_parser)
         uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=args.log_level)
     finally:
         llm.shutdown()

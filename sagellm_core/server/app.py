@@ -28,6 +28,8 @@ from sagellm_core.server.jobs import Job
 from sagellm_core.server.protocol import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest
 from sagellm_core.server.responses import ChatFormatter, CompletionFormatter, Formatter
 from sagellm_core.server.streaming import streaming_response
+from sagellm_core.server.tool_chat import ToolChatFormatter, plan_tools, template_messages
+from sagellm_core.server.tools import ToolParser, make_parser
 
 PROMETHEUS_SINK = "prometheus"
 
@@ -46,6 +48,7 @@ class ServerState:
 
     llm: LLM
     served_model_name: str
+    tool_parser: ToolParser
     created: int = attrs.field(factory=lambda: int(time.time()))
 
     @property
@@ -64,10 +67,12 @@ class ServerState:
             raise APIError(400, "echo of token prompts needs a tokenizer", param="echo")
         return self.llm.tokenizer.decode(prompt)
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        messages = request.template_messages()
+    def chat_prompt(self, request: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        messages = template_messages(request.template_messages())
+        if tools and getattr(self.llm.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model has no chat template to render tools with", param="tools")
         try:
-            return chat_prompt_ids(self.llm.tokenizer, messages)
+            return chat_prompt_ids(self.llm.tokenizer, messages, tools=tools)
         except SageLLMError:
             raise
         except Exception as exc:  # the template itself rejects the conversation (roles, order, ...)
@@ -82,8 +87,11 @@ class ServerState:
         return self.llm.is_running
 
 
-def create_app(llm: LLM, *, served_model_name: str | None = None, owns_llm: bool = False) -> FastAPI:
-    """The app serving ``llm``; with ``owns_llm`` it shuts the engine down when the app stops."""
+def create_app(llm: LLM, *, served_model_name: str | None = None, owns_llm: bool = False,
+               tool_call_parser: str = "auto") -> FastAPI:
+    """The app serving ``llm``; with ``owns_llm`` it shuts the engine down when the app stops.
+    ``tool_call_parser`` names the model's tool-call format (`sagellm_core.server.tools.PARSERS`;
+    ``auto``: detected from the chat template)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -92,7 +100,8 @@ def create_app(llm: LLM, *, served_model_name: str | None = None, owns_llm: bool
             llm.shutdown()
 
     app = FastAPI(title="sageLLM", lifespan=lifespan)
-    app.state.server = ServerState(llm, served_model_name or llm.engine.model_name)
+    app.state.server = ServerState(llm, served_model_name or llm.engine.model_name,
+                                   make_parser(tool_call_parser, llm.tokenizer))
     install_error_handlers(app)
     _add_generation_routes(app)
     _add_info_routes(app)
@@ -130,9 +139,15 @@ def _add_generation_routes(app: FastAPI) -> None:
         state = _state(request)
         state.check_model(body.model)
         params = body.sampling_params()
-        prompt = state.chat_prompt(body)
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser,
+                           params.structured_outputs is not None)
+        params = tools.sampling_params(params)
+        prompt = state.chat_prompt(body, tools.tools)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        formatter = ChatFormatter(response_id, state.served_model_name, int(time.time()), params.n)
+        formatter: Formatter = (ChatFormatter(response_id, state.served_model_name, int(time.time()), params.n)
+                                if tools.parser is None else
+                                ToolChatFormatter(response_id, state.served_model_name, int(time.time()), params.n,
+                                                  tools))
         return await _run(request, Job(state.llm, response_id, [prompt], params), formatter, body, state)
 
 
