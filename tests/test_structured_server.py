@@ -157,7 +157,7 @@ def test_grammar_through_extra_body_streaming(client: openai.OpenAI) -> None:
     ({"structured_outputs": {"regex": "(a"}}, "structured_outputs", "regular expression"),
     ({"structured_outputs": {"regexp": "a"}}, "structured_outputs", "unknown field"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar", "guided_grammar"),
-    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_regex", "only one"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "only one"),
 ])
 def test_bad_constraints_are_400_naming_the_field(url: str, body: dict, param: str, message: str) -> None:
     response = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_utils import ServerThread
+from server_utils import ServerThread, save_tiny_llama
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.llm import LLM
@@ -36,8 +36,9 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tokenizer_model: Path) -> Iterator[LLM]:
-    config = EngineConfig.from_dict({"model": {"path": str(tokenizer_model), "dtype": "float32"},
+def llm(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[LLM]:
+    model_dir = save_tiny_llama(tmp_path_factory.mktemp("tools-model") / "llama", default_model_dir)
+    config = EngineConfig.from_dict({"model": {"path": str(model_dir), "dtype": "float32"},
                                      "backend": {"name": "cpu"}, "kv_cache": {"block_size": 16, "num_blocks": 256}})
     engine = LLM(config=server_engine_config(config))
     yield engine
@@ -125,7 +126,7 @@ def test_tool_turns_in_the_history_are_rendered(client: openai.OpenAI) -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
     ]
     reply = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="required",
-                                           max_tokens=120, temperature=0)
+                                           parallel_tool_calls=False, max_tokens=120, temperature=0)
     assert reply.choices[0].finish_reason == "tool_calls"
 
 

@@ -67,7 +67,8 @@ def _chosen(tool_choice: Any, tools: list[dict[str, Any]]) -> list[dict[str, Any
         return "none"
     if tool_choice == "required":
         return tools
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function" or not name:
         raise APIError(400, "tool_choice must be none, auto, required or "
                             "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
