@@ -36,6 +36,7 @@ def __getattr__(name: str):  # lazy: importing sagellm_core must stay cheap (no 
         "LLM": ("sagellm_core.llm", "LLM"),
         "AsyncLLM": ("sagellm_core.async_llm", "AsyncLLM"),
         "SamplingParams": ("sagellm_core.sampling_params", "SamplingParams"),
+        "StructuredOutputsParams": ("sagellm_core.structured.params", "StructuredOutputsParams"),
         "EngineConfig": ("sagellm_core.config", "EngineConfig"),
         "RequestOutput": ("sagellm_core.outputs", "RequestOutput"),
         "CompletionOutput": ("sagellm_core.outputs", "CompletionOutput"),

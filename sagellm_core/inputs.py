@@ -113,19 +113,21 @@ class InputProcessor:
 
     # ---- chat ----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        """``messages`` rendered with the model's chat template (``template_kwargs`` reach the template)."""
+                    add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+        """``messages`` rendered with the model's chat template (``template_kwargs`` and ``tools``
+        reach the template)."""
         from sagellm_core.chat import render_chat
 
         for message in messages:
             if isinstance(message.get("content"), str):
                 check_text(message["content"], "messages")
-        return render_chat(self.tokenizer, messages, template_kwargs, add_generation_prompt)
+        return render_chat(self.tokenizer, messages, template_kwargs, add_generation_prompt, tools)
 
     def process_chat(self, messages: list[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
-                     add_generation_prompt: bool = True) -> ProcessedPrompt:
+                     add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+                     ) -> ProcessedPrompt:
         """The chat prompt: rendered, pre-checked for length, tokenized (the template has the BOS)."""
-        text = self.render_chat(messages, template_kwargs, add_generation_prompt)
+        text = self.render_chat(messages, template_kwargs, add_generation_prompt, tools)
         has_template = getattr(self.tokenizer, "chat_template", None) is not None
         return ProcessedPrompt(self.encode(text, add_special_tokens=not has_template), text)
 

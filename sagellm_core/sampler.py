@@ -3,7 +3,7 @@ per-request seeded generators, and logprobs with top-k alternatives."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 import numpy as np
@@ -105,6 +105,9 @@ class Sampler:
         self._np_generators: dict[str, np.random.Generator] = {}
         self._np_default: np.random.Generator | None = None
         self._noise = torch.empty(0, dtype=torch.float32)
+        # Objects with ``apply(logits, requests) -> logits`` run after penalties, before sampling
+        # (structured outputs' token masks: `sagellm_core.structured.StructuredOutputs`).
+        self.logits_processors: list[Any] = []
 
     def forget(self, request_id: str) -> None:
         self._fused_keys.pop(request_id, None)
@@ -149,6 +152,8 @@ class Sampler:
             return PendingSample([], torch.empty(0, dtype=torch.int64, device=logits.device), None)
         logits = self._apply_penalties(logits, requests)
         logits = self._apply_min_tokens(logits, requests)
+        for processor in self.logits_processors:  # HOOK(structured outputs): token masks
+            logits = processor.apply(logits, requests)
         logprob_info = self._logprob_source(logits, requests)
         greedy = [i for i, r in enumerate(requests) if is_greedy(r)]
         sampled = [i for i, r in enumerate(requests) if not is_greedy(r)]

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from sagellm_core.errors import InvalidRequestError
+from sagellm_core.structured.params import StructuredOutputsParams
 
 GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as vLLM's and OpenAI's APIs take
@@ -84,6 +85,22 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _structured(value: Any) -> Any:
+    """A `StructuredOutputsParams`, also from a dict of its fields (``{"json": schema}``)."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(attrs.fields_dict(StructuredOutputsParams))
+        if unknown:
+            raise InvalidRequestError(f"structured_outputs: unknown field(s) {sorted(unknown)}",
+                                      param="structured_outputs")
+        return StructuredOutputsParams(**value)
+    return value
+
+
+def _structured_type(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not isinstance(value, StructuredOutputsParams):
+        _fail(attribute.name, "must be a StructuredOutputsParams (or a dict of its fields)", value)
+
+
 @attrs.define(kw_only=True, on_setattr=[attrs.setters.convert, attrs.setters.validate])
 class SamplingParams:
     """How to pick tokens and when to stop (vLLM / OpenAI meanings).
@@ -94,6 +111,8 @@ class SamplingParams:
     ``logprobs`` = k returns the chosen token's logprob plus the top-k alternatives.
     Bad values, wrong types (``seed="x"``, ``True`` for an integer), NaN and infinities raise
     `InvalidRequestError` naming the parameter, at construction or on assignment.
+    ``structured_outputs`` constrains the text to a JSON schema, regex, grammar or choice
+    (`StructuredOutputsParams`, or a dict of its fields).
     """
 
     n: int = attrs.field(default=1, validator=_int_at_least(1))
@@ -113,6 +132,8 @@ class SamplingParams:
     ignore_eos: bool = attrs.field(default=False, validator=_boolean)
     logprobs: int | None = attrs.field(default=None, validator=_int_at_least(0, optional=True))
     skip_special_tokens: bool = attrs.field(default=True, validator=_boolean)
+    structured_outputs: StructuredOutputsParams | None = attrs.field(default=None, converter=_structured,
+                                                                     validator=_structured_type)
 
     def __attrs_post_init__(self) -> None:
         self._check_together()

@@ -42,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="seconds without engine progress while requests wait before /health says "
                              "503 (0: no watchdog)")
+    parser.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json", "mistral"],
+                        help="the model's tool-call format (default: detected from the chat template)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -69,7 +71,8 @@ def server_settings(args: argparse.Namespace) -> Any:
 
     return ServerSettings.from_env(api_keys=args.api_key, auth_health_metrics=args.auth_health_metrics,
                                    max_request_bytes=args.max_request_bytes,
-                                   generation_config=args.generation_config, drain_timeout_s=args.drain_timeout)
+                                   generation_config=args.generation_config, drain_timeout_s=args.drain_timeout,
+                                   tool_call_parser=getattr(args, "tool_call_parser", None))
 
 
 def make_server(app: Any, config: EngineConfig, settings: Any, log_level: str) -> Any:

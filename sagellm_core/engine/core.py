@@ -35,6 +35,8 @@ from sagellm_core.request import Request, RequestStatus
 from sagellm_core.request_state import CompletionState, RequestGroup
 from sagellm_core.sampler import PendingSample
 from sagellm_core.sampling_params import SamplingParams
+from sagellm_core.schedulers.base import TokenUpdate
+from sagellm_core.structured.manager import StructuredOutputs
 
 _request_counter = itertools.count()
 
@@ -78,6 +80,8 @@ class LLMEngine:
         self.scheduler, self.kv_pools, self.runner = parts.scheduler, parts.kv_pools, parts.runner
         self.sampler, self.async_scheduling = parts.sampler, parts.async_scheduling
         self.metric_sinks = parts.metric_sinks
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.sampler.logits_processors.append(self.structured)
         block_size = config.kv_cache.block_size
         self.admission = Admission(self.tokenizer, self.vocab_size, self.max_model_len,
                                    min(p.num_blocks for p in self.kv_pools) * block_size, block_size,
@@ -112,6 +116,7 @@ class LLMEngine:
         the request's output is reported only once, when it finishes.
         """
         params = params or SamplingParams()
+        self.structured.check(params)
         text, token_ids = self.admission.prompt_ids(prompt)
         max_tokens = self.admission.max_tokens(len(token_ids), params)
         self.admission.check_queue(len(self.scheduler.waiting), params.n)
@@ -194,7 +199,8 @@ class LLMEngine:
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         requests = [self.scheduler.requests[c.request_id] for c in plan.sampled]
-        host_tokens = any(r.params.needs_penalties or r.params.logprobs is not None for r in requests)
+        host_tokens = any(r.params.needs_penalties or r.params.logprobs is not None
+                          or r.params.structured_outputs is not None for r in requests)
         self.phase_seconds["schedule"] += time.perf_counter() - tick
         feed = self._inflight.feed if self._inflight is not None else None
         return PlannedStep(plan, feed, requests, host_tokens)
@@ -230,14 +236,24 @@ class LLMEngine:
         self.phase_seconds["sample"] += tock - tick
         request_ids = [r.request_id for r in inflight.sample.requests]
         updates = self.scheduler.update_from_output(inflight.plan, token_ids, request_ids)
+        self._advance_grammars(updates)
         self.outputs.process(updates, dict(zip(request_ids, logprobs)), time.monotonic())
         self.events.tokens_since_step += len(updates)
         outputs = self.outputs.take_outputs()
         self.phase_seconds["update"] += time.perf_counter() - tock
         return outputs
 
+    def _advance_grammars(self, updates: list[TokenUpdate]) -> None:
+        """Constrained requests: the grammar takes each accepted token; a complete (or broken) one ends
+        its request."""
+        for update in updates:
+            request = update.request
+            if self.structured.on_token(request, update.token_id) and not request.is_finished:
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+
     def _on_finished(self, group: RequestGroup, state: CompletionState) -> None:
         self.sampler.forget(state.request.request_id)
+        self.structured.forget(state.request.request_id)
         self.events.request_finished(group, state, time.monotonic())
 
     # ---- metrics -------------------------------------------------------------------------------

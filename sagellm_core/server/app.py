@@ -39,6 +39,8 @@ from sagellm_core.server.responses import ChatFormatter, CompletionFormatter, Fo
 from sagellm_core.server.settings import ServerSettings
 from sagellm_core.server.streaming import streaming_response
 from sagellm_core.server.summary import startup_summary
+from sagellm_core.server.tool_chat import ToolChatFormatter, plan_tools, template_messages
+from sagellm_core.server.tools import ToolParser, make_parser
 
 PROMETHEUS_SINK = "prometheus"
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -61,6 +63,7 @@ class ServerState:
     served_name: str | None
     settings: ServerSettings = attrs.field(factory=ServerSettings)
     address: str | None = None
+    tool_parser: ToolParser | None = None
     created: int = attrs.field(factory=lambda: int(time.time()))
     sampling_defaults: dict[str, Any] = attrs.field(factory=dict)
     load_error: BaseException | None = None
@@ -74,6 +77,7 @@ class ServerState:
         if self.sampling_defaults:
             log.info("sampling defaults from the model's generation config: %s (--generation-config vllm "
                      "ignores them)", self.sampling_defaults)
+        self.tool_parser = make_parser(self.settings.tool_call_parser, llm.tokenizer)
         log.info("%s", startup_summary(llm, self.served_model_name, self.address))
 
     @property
@@ -117,7 +121,9 @@ async def in_pool(llm: LLM, function: Callable[..., Any], *args: Any) -> Any:
 def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str | None = None, owns_llm: bool = False,
                settings: ServerSettings | None = None, address: str | None = None) -> FastAPI:
     """The app serving ``llm`` (or what the function ``llm`` builds, loaded once the app starts);
-    with ``owns_llm`` it shuts the engine down when the app stops."""
+    with ``owns_llm`` it shuts the engine down when the app stops. ``settings.tool_call_parser``
+    names the model's tool-call format (`sagellm_core.server.tools.PARSERS`; ``auto``: detected from
+    the chat template)."""
     settings = settings or ServerSettings()
     state = ServerState(None, served_model_name, settings, address)
     loader = None if isinstance(llm, LLM) else llm
@@ -199,9 +205,18 @@ def _add_generation_routes(app: FastAPI) -> None:
         llm = state.engine()
         state.check_model(body.model)
         params = llm.inputs.check_params(body.sampling_params(state.sampling_defaults))
-        prompt = await in_pool(llm, llm.inputs.process_chat, body.template_messages(), body.chat_template_kwargs)
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser,
+                           params.structured_outputs is not None)
+        params = tools.sampling_params(params)
+        if tools.tools and getattr(llm.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model has no chat template to render tools with", param="tools")
+        messages = template_messages(body.template_messages())
+        prompt = await in_pool(llm, llm.inputs.process_chat, messages, body.chat_template_kwargs, True, tools.tools)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        formatter = ChatFormatter(response_id, state.served_model_name, int(time.time()), params.n)
+        formatter: Formatter = (ChatFormatter(response_id, state.served_model_name, int(time.time()), params.n)
+                                if tools.parser is None else
+                                ToolChatFormatter(response_id, state.served_model_name, int(time.time()), params.n,
+                                                  tools))
         return await _run(request, Job(llm, response_id, [prompt], params), formatter, body, state)
 
 

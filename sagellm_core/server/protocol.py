@@ -2,7 +2,9 @@
 
 Unknown fields are rejected (400 "Unrecognized request argument"), as OpenAI does. vLLM-style extras
 are accepted: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
-``stop_token_ids``, ``skip_special_tokens``. Fields we cannot honour (tools, logit_bias, suffix, ...)
+``stop_token_ids``, ``skip_special_tokens``, and the structured-output options (``response_format``,
+``structured_outputs``, ``guided_json`` / ``guided_regex`` / ``guided_grammar`` / ``guided_choice``:
+see `sagellm_core.server.structured_requests`). Fields we cannot honour (logit_bias, suffix, ...)
 are declared so that a non-trivial value is a clear 400 rather than silently ignored.
 """
 
@@ -14,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.server.errors import APIError
+from sagellm_core.server.structured_requests import request_constraint
 
 Prompt = str | list[int]
 
@@ -50,6 +53,13 @@ class SamplingRequest(_Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # structured outputs (OpenAI's response_format, vLLM's names)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -86,6 +96,7 @@ class SamplingRequest(_Strict):
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "skip_special_tokens": self.skip_special_tokens,
+            "structured_outputs": request_constraint(self),
         }
 
 
@@ -160,10 +171,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # see sagellm_core.server.tool_chat
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. Qwen3's enable_thinking
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -173,12 +183,6 @@ class ChatCompletionRequest(SamplingRequest):
         """Validated `SamplingParams`; ``max_completion_tokens`` wins over the older ``max_tokens``;
         ``defaults`` (the model's generation config) fill what the request left unset."""
         self._check_common()
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported", param="tool_choice")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

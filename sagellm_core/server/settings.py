@@ -39,13 +39,15 @@ class ServerSettings:
     ``max_request_bytes``: larger bodies get 413 before they are read. ``generation_config``:
     ``auto`` applies the model's generation_config.json sampling defaults to requests that do not
     set them (as vLLM does); ``vllm`` ignores them. ``drain_timeout_s``: on SIGTERM, requests in
-    flight get this long to finish; a second SIGTERM or SIGINT exits at once."""
+    flight get this long to finish; a second SIGTERM or SIGINT exits at once. ``tool_call_parser``:
+    the model's tool-call format (``auto``: detected from the chat template)."""
 
     api_keys: tuple[str, ...] = attrs.field(default=(), converter=_keys)
     auth_health_metrics: bool = False
     max_request_bytes: int = attrs.field(default=DEFAULT_MAX_REQUEST_BYTES, validator=_positive)
     generation_config: str = attrs.field(default="auto", validator=_generation_config)
     drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    tool_call_parser: str = "auto"
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ServerSettings":

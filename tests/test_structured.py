@@ -1,0 +1,160 @@
+"""Structured outputs below the server: constraint validation, grammar compilation errors, the
+token bitmask, and the library API (`SamplingParams.structured_outputs`) on a tiny random model with
+a real tokenizer, on a synchronous and an async-scheduling engine."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import jsonschema
+import pytest
+import torch
+
+from sagellm_core.errors import InvalidRequestError
+from sagellm_core.llm import LLM
+from sagellm_core.sampling_params import SamplingParams
+from sagellm_core.structured import StructuredOutputsParams
+from sagellm_core.structured.bitmask import apply_bitmask, unpack_device, unpack_host
+from sagellm_core.structured.grammar import compile_grammar
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+        "owner": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                   "verified": {"type": "boolean"}},
+                  "required": ["city", "verified"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "kind", "legs", "owner", "tags"],
+    "additionalProperties": False,
+}
+
+
+# ---- constraints and compilation ------------------------------------------------------------------
+def test_exactly_one_constraint_is_required() -> None:
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputsParams(regex="a+", choice=["a"])
+    with pytest.raises(InvalidRequestError, match="structured_outputs.choice"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(InvalidRequestError, match="structured_outputs.json"):
+        StructuredOutputsParams(json="{not json")
+    assert StructuredOutputsParams(json=json.dumps(SCHEMA)).json == SCHEMA
+
+
+def test_sampling_params_take_a_dict_and_reject_unknown_fields() -> None:
+    params = SamplingParams(structured_outputs={"regex": "[0-9]+"})
+    assert params.structured_outputs == StructuredOutputsParams(regex="[0-9]+")
+    with pytest.raises(InvalidRequestError, match="unknown field"):
+        SamplingParams(structured_outputs={"jsn": {}})
+
+
+@pytest.mark.parametrize("params, message", [
+    (StructuredOutputsParams(json={"type": "no-such-type"}), "structured_outputs.json: invalid JSON schema"),
+    (StructuredOutputsParams(json={"$ref": "#/missing"}), "structured_outputs.json"),
+    (StructuredOutputsParams(regex="[a-"), "structured_outputs.regex: invalid regular expression"),
+    (StructuredOutputsParams(grammar="root ::= ( "), "structured_outputs.grammar"),
+    (StructuredOutputsParams(grammar="start: undefined_rule"), "structured_outputs.grammar"),
+])
+def test_bad_constraints_name_the_problem(params: StructuredOutputsParams, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        compile_grammar(params)
+
+
+@pytest.mark.parametrize("params", [
+    StructuredOutputsParams(json=SCHEMA), StructuredOutputsParams(json_object=True),
+    StructuredOutputsParams(regex=r"\d{3}"), StructuredOutputsParams(choice=['say "yes"', "no"]),
+    StructuredOutputsParams(grammar='root ::= "a" | "b" root'),  # GBNF
+    StructuredOutputsParams(grammar='start: "x"+'),  # Lark
+])
+def test_good_constraints_compile(params: StructuredOutputsParams) -> None:
+    assert compile_grammar(params)
+
+
+# ---- the bitmask ---------------------------------------------------------------------------------
+def _reference_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    words = bitmask.tolist()
+    return torch.tensor([[(row[i // 32] >> (i % 32)) & 1 for i in range(vocab)] for row in words]).bool()
+
+
+def test_bitmask_bits_map_to_tokens_on_both_paths() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=generator)
+    expected = _reference_allowed(bitmask, 100)
+    assert torch.equal(torch.from_numpy(unpack_host(bitmask, 100).copy()), expected)
+    assert torch.equal(unpack_device(bitmask, 100, torch.device("cpu")), expected)  # the accelerator path
+
+
+def test_apply_bitmask_masks_only_the_constrained_rows() -> None:
+    generator = torch.Generator().manual_seed(1)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, 4), dtype=torch.int32, generator=generator)
+    with torch.inference_mode():  # the model's logits are inference tensors
+        logits = torch.randn(4, 128, generator=generator)
+    out = apply_bitmask(logits, bitmask, [1, 3])
+    allowed = _reference_allowed(bitmask, 128)
+    assert torch.equal(torch.isinf(out[[1, 3]]), ~allowed)
+    assert torch.equal(out[[0, 2]], logits[[0, 2]])
+    assert torch.equal(out[[1, 3]][allowed], logits[[1, 3]][allowed])
+    full = apply_bitmask(logits[:2], bitmask, [0, 1])
+    assert torch.equal(torch.isinf(full), ~allowed)
+
+
+def test_vocabulary_padding_past_the_bitmask_is_disallowed() -> None:
+    bitmask = torch.full((1, 1), -1, dtype=torch.int32)  # 32 tokens allowed
+    out = apply_bitmask(torch.zeros(1, 40), bitmask, [0])
+    assert not torch.isinf(out[0, :32]).any() and torch.isinf(out[0, 32:]).all()
+
+
+# ---- the library API -----------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def llm(tokenizer_model: Path, request: pytest.FixtureRequest) -> Iterator[LLM]:
+    engine = LLM(config={"model": {"path": str(tokenizer_model), "dtype": "float32"}, "backend": {"name": "cpu"},
+                         "kv_cache": {"block_size": 16, "num_blocks": 256},
+                         "scheduler": {"async_scheduling": request.param}})
+    yield engine
+    engine.shutdown()
+
+
+def _texts(llm: LLM, constraint: dict, n: int = 4, max_tokens: int = 120, **sampling: object) -> list[str]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=3, n=n, structured_outputs=constraint,
+                            **sampling)
+    outputs = llm.generate(["Write something:"], params, use_tqdm=False)[0].outputs
+    assert all(o.finish_reason == "stop" for o in outputs), [(o.text, o.finish_reason) for o in outputs]
+    return [o.text for o in outputs]
+
+
+def test_json_schema_holds_even_for_a_random_model(llm: LLM) -> None:
+    for text in _texts(llm, {"json": SCHEMA}, max_tokens=200):
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_regex_choice_and_grammar_hold(llm: LLM) -> None:
+    assert all(re.fullmatch(r"[A-Z][a-z]{2,5}-\d{3}", t) for t in _texts(llm, {"regex": r"[A-Z][a-z]{2,5}-\d{3}"}))
+    assert all(t in ("red", "green", "blue") for t in _texts(llm, {"choice": ["red", "green", "blue"]}))
+    gbnf = 'root ::= "(" digit ("," digit){0,3} ")"\ndigit ::= [0-9]'
+    assert all(re.fullmatch(r"\(\d(,\d){0,3}\)", t) for t in _texts(llm, {"grammar": gbnf}))
+
+
+def test_constrained_and_free_requests_share_a_batch(llm: LLM) -> None:
+    free = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    constrained = SamplingParams(max_tokens=40, temperature=0.0, structured_outputs={"choice": ["alpha", "beta"]})
+    alone = llm.generate(["Hello there"], free, use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate(["Hello there", "Pick one:", "Hello there"], [free, constrained, free], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone == outs[2].outputs[0].token_ids  # masks stay on their rows
+    assert outs[1].outputs[0].text in ("alpha", "beta")
+    stats = llm.engine.structured.stats
+    assert stats.masked_rows > 0 and stats.mask_seconds > 0
+
+
+def test_json_object_and_a_bad_grammar_through_the_library(llm: LLM) -> None:
+    text = _texts(llm, {"json_object": True}, n=1, max_tokens=300, top_k=5)[0]
+    assert isinstance(json.loads(text), dict)
+    with pytest.raises(InvalidRequestError, match="structured_outputs.regex"):
+        llm.generate(["x"], SamplingParams(structured_outputs={"regex": "(unclosed"}), use_tqdm=False)
