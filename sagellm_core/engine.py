@@ -29,6 +29,7 @@ from sagellm_core.models.runner import ModelRunner, kv_bytes_per_block, text_con
 from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
+from sagellm_core.quant import kv_cache_dtype, quantize_loaded_model
 from sagellm_core.request import PENDING_TOKEN, Request, RequestStatus
 from sagellm_core.request_state import (
     CompletionState,
@@ -75,6 +76,8 @@ class LLMEngine:
         self.model_name = source.name
         self.tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
         self.model = loader.load_model(source, self.dtype, self.backend.device(), config.model.load_format)
+        self.quantization = quantize_loaded_model(self.model, config.model, self.backend, self.dtype, source.gguf_path)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache.dtype, self.dtype)
         model_config = text_config(self.model)
         self.vocab_size = model_config.vocab_size
         self.max_model_len = config.model.max_model_len or getattr(model_config, "max_position_embeddings", 2048)
@@ -92,7 +95,7 @@ class LLMEngine:
         self.scheduler.bind(self.kv_pools)
         graph_batch = min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
         self.runner = ModelRunner(self.model, self.backend, config.kv_cache.block_size, pool_blocks, self.dtype,
-                                  max_model_len=self.max_model_len,
+                                  cache_dtype=self.kv_dtype, max_model_len=self.max_model_len,
                                   graph_batch_size=graph_batch if config.backend.cuda_graphs else 0)
         self.sampler = Sampler(config.model.seed, fused=self.backend.fused_sampler())
         self.metric_sinks = {name: registry.get("metric", name).factory(config.metrics)
@@ -125,7 +128,7 @@ class LLMEngine:
         kv = self.config.kv_cache
         total = kv.num_blocks
         if total is None:
-            per_block = kv_bytes_per_block(self.model, kv.block_size, self.dtype)
+            per_block = kv_bytes_per_block(self.model, kv.block_size, self.kv_dtype)
             if self.backend.device_type == "cpu":
                 budget = kv.cpu_memory_bytes
             else:

@@ -21,6 +21,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    parser.add_argument("--quantization", default=None, choices=["auto", "none", "int8", "int4", "fp8"],
+                        help="weight format (default auto: a GGUF's own on the CPU backend, else none)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"])
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -32,6 +35,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         (args.load_format, "model", "load_format"), (args.backend, "backend", "name"),
         (args.scheduler, "scheduler", "name"), (args.kv_policy, "kv_cache", "policy"),
         (args.num_kv_blocks, "kv_cache", "num_blocks"),
+        (getattr(args, "quantization", None), "model", "quantization"),
+        (getattr(args, "kv_cache_dtype", None), "kv_cache", "dtype"),
     ):
         if value is not None:
             sections[section][key] = value

@@ -37,14 +37,15 @@ class ModelRunner:
     """Turns a `SchedulerOutput` into one flattened forward pass and returns the logits to sample."""
 
     def __init__(self, model: Any, backend: Backend, block_size: int, pool_blocks: list[int],
-                 kv_dtype: torch.dtype, max_model_len: int = 0, graph_batch_size: int = 0) -> None:
+                 kv_dtype: torch.dtype, max_model_len: int = 0, graph_batch_size: int = 0,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.backend = backend
         self.device = backend.device()
         self.block_size = block_size
         layers, kv_heads, head_dim = kv_shape(model)
         self.kv_caches = [
-            backend.allocate_kv_cache(layers, blocks, block_size, kv_heads, head_dim, kv_dtype)
+            backend.allocate_kv_cache(layers, blocks, block_size, kv_heads, head_dim, cache_dtype or kv_dtype)
             for blocks in pool_blocks
         ]
         self.op = backend.attention_op()
