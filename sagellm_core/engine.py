@@ -76,7 +76,7 @@ class LLMEngine:
         self.model_name = source.name
         self.tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
         self.model = loader.load_model(source, self.dtype, self.backend.device(), config.model.load_format)
-        self.quantization = quantize_loaded_model(self.model, config.model, self.backend, self.dtype, source.gguf_path)
+        self.quantization = quantize_loaded_model(self.model, config.model, self.backend, self.dtype, source)
         self.kv_dtype = kv_cache_dtype(config.kv_cache.dtype, self.dtype)
         model_config = text_config(self.model)
         self.vocab_size = model_config.vocab_size

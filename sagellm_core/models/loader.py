@@ -162,8 +162,11 @@ def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = 
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             _randomize(model)
         else:
+            from sagellm_core.quant.compressed import load_kwargs
+
             model = AutoModelForCausalLM.from_pretrained(
-                str(source.directory), gguf_file=source.gguf_file, dtype=dtype, device_map=str(device)
+                str(source.directory), gguf_file=source.gguf_file, dtype=dtype, device_map=str(device),
+                **load_kwargs(source.directory),
             )
     except ModelLoadError:
         raise

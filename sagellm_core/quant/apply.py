@@ -146,10 +146,19 @@ def _to_device(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
 
 
 def quantize_loaded_model(model: torch.nn.Module, model_config: Any, backend: Any, dtype: torch.dtype,
-                          gguf_path: Path | None) -> QuantizationReport:
-    """`resolve_method` on a `ModelConfig`, then `quantize_model` (the engine's one call)."""
+                          source: Any) -> QuantizationReport:
+    """`resolve_method` on a `ModelConfig`, then `quantize_model` (the engine's one call). A
+    compressed-tensors FP8 checkpoint (loaded de-quantized) runs as ``fp8`` under ``auto`` where the
+    backend has an FP8 GEMM. ``source``: the `sagellm_core.models.loader.ModelSource` loaded."""
+    from sagellm_core.quant.compressed import checkpoint_quantization_config, is_fp8
+
+    gguf_path = source.gguf_path
     method = resolve_method(model_config.quantization, model_config.dtype, backend.device_type, gguf_path,
                             model_config.load_format)
+    if (model_config.quantization == "auto" and model_config.load_format != "dummy"
+            and is_fp8(checkpoint_quantization_config(source.directory))
+            and backend.quantized_linear("fp8") is not None):
+        method = "fp8"
     return quantize_model(model, method, backend, dtype, gguf_path)
 
 
