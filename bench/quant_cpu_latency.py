@@ -93,6 +93,7 @@ def main() -> None:
     for method in args.methods:
         config = EngineConfig.from_dict({"model": {"quantization": method}, "backend": {"name": "cpu"}})
         engines[method] = LLMEngine(config)
+        print(f"built {method}: {engines[method].quantization.summary()}", flush=True)
     first = next(iter(engines.values()))
     ids = prompt_ids(first, args.input_len)
     text = first.tokenizer.decode(ids)
@@ -102,10 +103,11 @@ def main() -> None:
     outputs: dict[str, list[int]] = {}
     for name, engine in engines.items():  # warm-up
         time_decode(engine, ids, 4)
-    for _ in range(args.iters):
+    for round_index in range(args.iters):
         for name, engine in engines.items():
             tpot, outputs[name] = time_decode(engine, ids, args.output_len)
             results[name].append(tpot)
+            print(f"round {round_index}: {name} {tpot * 1e3:.2f} ms/token", flush=True)
         peer = llama_cpp_decode(text, args.output_len, torch.get_num_threads())
         if peer is not None:
             results["llama.cpp"].append(peer[0])
