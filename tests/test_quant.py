@@ -161,3 +161,14 @@ def test_cli_flags() -> None:
     config = engine_config(parser.parse_args(["--quantization", "int8", "--kv-cache-dtype", "fp8"]))
     assert config.model.quantization == "int8" and config.kv_cache.dtype == "fp8"
     assert engine_config(parser.parse_args([])).model.quantization == "auto"
+
+
+def test_quantized_modules_report_their_shape_through_weight() -> None:
+    """Code that inspects ``lm_head.weight`` (benchmark floors) still works on a quantized model."""
+    from sagellm_core.bench.floors import param_counts
+
+    model = _tiny_llama()
+    quantize_model(model, "int4", CPUBackend(), torch.float32)
+    head = model.get_output_embeddings()
+    assert head.weight.shape == (256, 64) and head.weight.device.type == "meta"
+    assert param_counts(model).lm_head == 256 * 64

@@ -38,6 +38,12 @@ class _WeightOnlyLinear(torch.nn.Module):
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor [N, K] standing for the weight (shape and code dtype only, no data), for code
+        that inspects ``module.weight`` (parameter counts of benchmark floors)."""
+        return torch.empty((self.out_features, self.in_features), dtype=self.qweight.dtype, device="meta")
+
     def weight_bytes(self) -> int:
         """Bytes a forward reads for the weight (codes and scales)."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")

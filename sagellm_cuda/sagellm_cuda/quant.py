@@ -48,6 +48,11 @@ class Fp8Linear(torch.nn.Module):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor [N, K] in float8 standing for the weight (shape and dtype only, no data)."""
+        return torch.empty((self.out_features, self.in_features), dtype=self.qweight.dtype, device="meta")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
 
