@@ -32,6 +32,9 @@ def decode_bytes(model: torch.nn.Module) -> int:
     tables aside) except the embedding table, of which one row is read."""
     embedding = model.get_input_embeddings().weight
     total = embedding[0].numel() * embedding.element_size()
+    head = model.get_output_embeddings()
+    if head is not None and isinstance(head, torch.nn.Linear) and head.weight is embedding:
+        total += embedding.numel() * embedding.element_size()  # a tied head reads the whole table
     seen = {embedding.data_ptr()}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.data_ptr() in seen or "rotary" in name or "inv_freq" in name:
