@@ -19,6 +19,7 @@ import torch
 
 from sagellm_core import SamplingParams
 from sagellm_bench import floors
+from sagellm_core.builtin.cpu_backend import CPUBackend
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
 from sagellm_core.models.loader import default_gguf_path
@@ -100,7 +101,7 @@ def main() -> None:
     first = next(iter(engines.values()))
     ids = prompt_ids(first, args.input_len)
     text = first.tokenizer.decode(ids)
-    bandwidth = floors.measure_read_bandwidth(torch.device("cpu"))["bytes_per_s"]
+    bandwidth = floors.measure_read_bandwidth(CPUBackend())["bytes_per_s"]
     results: dict[str, list[float]] = {name: [] for name in engines}
     results["llama.cpp"] = []
     outputs: dict[str, list[int]] = {}
