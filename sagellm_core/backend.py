@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from sagellm_core.attention.metadata import AttentionMetadata
     from sagellm_core.config import BackendConfig
+    from sagellm_core.quant.weights import LinearFactory
 
 
 @attrs.frozen
@@ -165,6 +166,13 @@ class Backend(abc.ABC):
 
         Must keep the model's function: greedy outputs stay those of the unmodified model.
         """
+
+    def quantized_linear(self, kind: str) -> "LinearFactory | None":
+        """The module factory for linear layers with weights in format ``kind`` (``int8``, ``int4``,
+        ``fp8``; see `sagellm_core.quant.weights`), or None when this device has no GEMM for it: those
+        layers then run with the de-quantized weights in the model dtype. A factory may also return
+        None for a single weight whose shape its kernel does not take. Default: none."""
+        return None
 
     def fused_sampler(self) -> FusedSampler | None:
         """Optionally, a one-pass sampler used when no request of the batch filters (top-k/p, min-p):

@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @attrs.frozen
@@ -33,6 +35,9 @@ class ModelConfig:
 
     ``path``: a local directory (safetensors), a ``.gguf`` file, or a hub id found in the offline HF
     cache. ``load_format="dummy"`` initialises random weights from the config (benchmarks).
+    ``quantization``: weight format of the linear layers (`sagellm_core.quant`): ``auto`` runs a GGUF
+    model in its own quantization on the CPU backend (with ``dtype: auto``) and unquantized elsewhere;
+    ``int8`` / ``int4`` weight-only, ``fp8`` (E4M3 weights and activations, CUDA), ``none``.
     """
 
     path: str | None = None
@@ -42,11 +47,16 @@ class ModelConfig:
     max_model_len: int | None = attrs.field(default=None, validator=at_least(1))
     seed: int = 0
     load_format: str = attrs.field(default="auto", validator=one_of("auto", "dummy"))
+    quantization: str = attrs.field(default="auto", validator=one_of(*QUANTIZATIONS))
 
 
 @attrs.frozen
 class KVCacheConfig:
-    """Paged KV pool: block size, pool size (explicit or from memory) and the reuse/eviction policy."""
+    """Paged KV pool: block size, pool size (explicit or from memory) and the reuse/eviction policy.
+
+    ``dtype``: ``auto`` stores K/V in the model dtype; ``fp8`` in float8 E4M3 (scale 1.0, saturating),
+    half the bytes of bf16 per block.
+    """
 
     block_size: int = attrs.field(default=16, validator=at_least(1))
     num_blocks: int | None = attrs.field(default=None, validator=at_least(1))
@@ -54,6 +64,7 @@ class KVCacheConfig:
     cpu_memory_bytes: int = attrs.field(default=2 << 30, validator=at_least(1 << 20))
     policy: str = "prefix_lru"
     policy_options: dict[str, Any] = attrs.field(factory=dict)
+    dtype: str = attrs.field(default="auto", validator=one_of(*KV_CACHE_DTYPES))
 
 
 @attrs.frozen

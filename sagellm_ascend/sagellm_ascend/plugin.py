@@ -40,6 +40,18 @@ class AscendBackend(TorchNamespaceBackend):
     namespace = "npu"
     vendor_module = VENDOR_MODULE
 
+    QUANTIZED_GEMMS = {
+        "int8": "torch_npu.npu_weight_quant_batchmatmul (W8A16, per-channel scales)",
+        "int4": "torch_npu.npu_weight_quant_batchmatmul with int4 packed weights (W4A16, group-wise)",
+        "fp8": "none on Atlas A2 (no FP8 cube units); would run W8A8 torch_npu.npu_quant_matmul instead",
+    }
+    """What this backend would call per format; none is wired (no hardware to verify on)."""
+
+    def quantized_linear(self, kind: str) -> Any:
+        """None for every format: quantized layers run de-quantized in the model dtype. With hardware
+        to verify on, `QUANTIZED_GEMMS` names the torch_npu kernels that would serve each format."""
+        return None
+
 
 SPEC = backend_spec(AscendBackend, PRIORITY, probe, "Huawei Ascend NPUs via torch_npu")
 

@@ -40,6 +40,18 @@ class CambriconBackend(TorchNamespaceBackend):
     namespace = "mlu"
     vendor_module = VENDOR_MODULE
 
+    QUANTIZED_GEMMS = {
+        "int8": "torch_mlu_ops.weight_only_quant_matmul (W8A16, per-channel scales)",
+        "int4": "torch_mlu_ops.weight_only_quant_matmul with int4 weights (W4A16, group-wise)",
+        "fp8": "torch_mlu_ops.smooth_quant_matmul in int8 (MLU370/590 have no FP8 GEMM)",
+    }
+    """What this backend would call per format; none is wired (no hardware to verify on)."""
+
+    def quantized_linear(self, kind: str) -> Any:
+        """None for every format: quantized layers run de-quantized in the model dtype. With hardware
+        to verify on, `QUANTIZED_GEMMS` names the torch_mlu_ops kernels that would serve each format."""
+        return None
+
 
 SPEC = backend_spec(CambriconBackend, PRIORITY, probe, "Cambricon MLUs via torch_mlu")
 

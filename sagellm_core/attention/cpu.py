@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from sagellm_core.attention.features import ALL_FEATURES
 from sagellm_core.attention.metadata import AttentionMetadata
-from sagellm_core.attention.reference import explicit_attention, folded_sinks
+from sagellm_core.attention.reference import FP8_DTYPES, explicit_attention, folded_sinks, reference_paged_attention
 
 # Context tokens per decode chunk: the chunk's gathered K takes CHUNK_TOKENS * Hkv * D * 4 bytes in
 # fp32 (6 MB for 3 KV heads of 64). Smaller chunks stay in faster caches but cost more calls; on a
@@ -230,6 +230,8 @@ class CPUPagedAttention:
         softcap: float | None = None,
     ) -> torch.Tensor:
         """See `sagellm_core.backend.PagedAttentionOp`."""
+        if k_cache.dtype in FP8_DTYPES:  # an fp8 KV cache (kv_cache.dtype: fp8) runs the reference op
+            return reference_paged_attention(query, key, value, k_cache, v_cache, meta, scale, sliding_window)
         plan = _step_plan(meta)
         num_kv_heads, head_dim = k_cache.shape[-2:]
         if plan.write_slots.numel():

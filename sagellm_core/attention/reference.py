@@ -15,15 +15,30 @@ from sagellm_core.attention.features import ALL_FEATURES
 from sagellm_core.attention.metadata import AttentionMetadata
 
 
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def _store(cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
+    """Copy rows into cache slots in the cache's dtype. An fp8 cache (scale 1.0) saturates at +-448
+    and is written through a byte view (index_copy_ has no float8 kernel on the CPU)."""
+    num_kv_heads, head_dim = cache.shape[-2:]
+    flat = cache.view(-1, num_kv_heads, head_dim)
+    if cache.dtype in FP8_DTYPES:
+        limit = torch.finfo(cache.dtype).max
+        rows = rows.float().clamp(-limit, limit).to(cache.dtype)
+        flat.view(torch.uint8).index_copy_(0, slot_mapping, rows.view(torch.uint8))
+        return
+    flat.index_copy_(0, slot_mapping, rows.to(cache.dtype))
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter the step's new K/V into their cache slots (negative slots: padding, skipped)."""
-    num_kv_heads, head_dim = k_cache.shape[-2:]
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    _store(k_cache, slot_mapping, key)
+    _store(v_cache, slot_mapping, value)
 
 
 def _decode_plan(meta: AttentionMetadata, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:

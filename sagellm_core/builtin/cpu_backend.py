@@ -45,6 +45,13 @@ class CPUBackend(Backend):
 
         return CPUPagedAttention()
 
+    def quantized_linear(self, kind: str) -> Any:
+        """Weight-only int8 / int4 through torch's packed CPU kernels (`sagellm_core.quant.cpu_linear`);
+        fp8 runs de-quantized."""
+        from sagellm_core.quant.cpu_linear import cpu_quantized_linear
+
+        return cpu_quantized_linear(kind)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "attention": "cpu_attention"}
 

@@ -42,6 +42,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    parser.add_argument("--quantization", default=None, choices=["auto", "none", "int8", "int4", "fp8"],
+                        help="weight format (default auto: a GGUF's own on the CPU backend, else none)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
+                        help="KV cache storage (default auto: the model dtype; fp8: E4M3, half the bytes)")
     parser.add_argument("--metric", action="append", default=None, metavar="NAME",
                         help="run this metric sink as well as the configured ones (repeatable)")
     for dest, (flag, _, _) in PLUGIN_OPTION_FLAGS.items():
@@ -90,6 +94,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         (args.scheduler, "scheduler", "name"), (args.kv_policy, "kv_cache", "policy"),
         (args.num_kv_blocks, "kv_cache", "num_blocks"), (args.max_num_seqs, "scheduler", "max_num_seqs"),
         (args.max_num_batched_tokens, "scheduler", "max_num_batched_tokens"),
+        (getattr(args, "quantization", None), "model", "quantization"),
+        (getattr(args, "kv_cache_dtype", None), "kv_cache", "dtype"),
     ):
         if value is not None:
             sections[section][key] = value

@@ -22,6 +22,7 @@ from sagellm_core.parallel.distributed import external_world
 from sagellm_core.parallel.launch import (Layout, attach_workers, join, layout_of, local_pools, prepare_model,
                                           run_worker, stop_workers)
 from sagellm_core.plugin_manager import SageLLMPluginManager
+from sagellm_core.quant import QuantizationReport, kv_cache_dtype, quantize_loaded_model
 from sagellm_core.plugin_selection import validate_plugin_selection
 from sagellm_core.sampler import Sampler
 from sagellm_core.schedulers.base import Scheduler
@@ -38,6 +39,8 @@ class EngineParts:
     model_name: str
     tokenizer: Any
     model: Any
+    quantization: QuantizationReport
+    kv_dtype: torch.dtype
     vocab_size: int
     max_model_len: int
     eos_token_ids: frozenset[int]
@@ -66,9 +69,11 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         model = loader.load_model(source, dtype, backend.device(), config.model.load_format, backend=backend)
         if layout is not None:
             prepare_model(model, 0, layout)
+        quantization = quantize_loaded_model(model, config.model, backend, dtype, source)
+        kv_dtype = kv_cache_dtype(config.kv_cache.dtype, dtype)
         model_config = text_config(model)
 
-        pool_blocks = pool_sizes(config, backend, model, dtype, scheduler)
+        pool_blocks = pool_sizes(config, backend, model, kv_dtype, scheduler)
         block_size = config.kv_cache.block_size
         kv_pools = [KVCacheManager(n, block_size, selection.create_kv_policy()) for n in pool_blocks]
         scheduler.bind(kv_pools)
@@ -76,7 +81,7 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
                                        min(pool_blocks) * block_size, pool_blocks)
         graph_batch = graph_batch_size(config, model_config)
         runner = ModelRunner(model, backend, block_size, local_pools(layout, pool_blocks, 0), dtype,
-                             max_model_len=max_model_len, graph_batch_size=graph_batch)
+                             max_model_len=max_model_len, graph_batch_size=graph_batch, cache_dtype=kv_dtype)
         if control is not None and layout is not None:
             runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
     except BaseException:
@@ -86,7 +91,7 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     mode = config.scheduler.async_scheduling
     return EngineParts(
         backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
-        model=model, vocab_size=model_config.vocab_size, max_model_len=max_model_len,
+        model=model, quantization=quantization, kv_dtype=kv_dtype, vocab_size=model_config.vocab_size, max_model_len=max_model_len,
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
         sampler=Sampler(config.model.seed, fused=backend.fused_sampler()),
         metric_sinks=selection.create_metric_sinks(config.metrics),

@@ -75,6 +75,7 @@ class LLMEngine:
         parts = build_engine(config, self.plugins)
         self.backend_choice, self.backend, self.dtype = parts.backend_choice, parts.backend, parts.dtype
         self.model_name, self.tokenizer, self.model = parts.model_name, parts.tokenizer, parts.model
+        self.quantization, self.kv_dtype = parts.quantization, parts.kv_dtype
         self.vocab_size, self.max_model_len = parts.vocab_size, parts.max_model_len
         self.eos_token_ids = parts.eos_token_ids
         self.scheduler, self.kv_pools, self.runner = parts.scheduler, parts.kv_pools, parts.runner

@@ -24,11 +24,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 @attrs.frozen
 class ModelSource:
-    """A resolved model location: a directory (safetensors / config) or a directory + GGUF file name."""
+    """A resolved model location: a directory (safetensors / config) or a directory + GGUF file name.
+
+    ``gguf_path``: the GGUF file a converted directory came from (its quantized blocks are what
+    ``model.quantization: auto`` runs on the CPU backend).
+    """
 
     directory: Path
     gguf_file: str | None
     name: str
+    gguf_path: Path | None = None
 
 
 def cache_dir() -> Path:
@@ -94,16 +99,16 @@ def default_model_dir() -> Path:
 def resolve(path: str | None, gguf_file: str | None = None) -> ModelSource:
     """Turn a user's model reference into a local source, or raise `ModelLoadError` saying what was tried."""
     if path is None or path == "default":
-        return ModelSource(default_model_dir(), None, DEFAULT_MODEL_NAME)
+        return ModelSource(default_model_dir(), None, DEFAULT_MODEL_NAME, default_gguf_path())
     candidate = Path(path).expanduser()
     if candidate.is_file() and candidate.suffix == ".gguf":
         converted = cache_dir() / "models" / f"gguf-{candidate.stem}-{candidate.stat().st_size}"
         if not (converted / "config.json").is_file():
             convert_gguf_to_safetensors(candidate.resolve(), converted)
-        return ModelSource(converted, None, candidate.stem)
+        return ModelSource(converted, None, candidate.stem, candidate.resolve())
     if candidate.is_dir():
         if gguf_file:
-            return ModelSource(candidate, gguf_file, candidate.name)
+            return ModelSource(candidate, gguf_file, candidate.name, candidate / gguf_file)
         if not (candidate / "config.json").is_file():
             raise ModelLoadError(f"model directory {candidate} has no config.json")
         return ModelSource(candidate, None, candidate.name)
@@ -163,8 +168,11 @@ def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = 
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             _randomize(model)
         else:
+            from sagellm_core.quant.compressed import load_kwargs
+
             model = AutoModelForCausalLM.from_pretrained(
-                str(source.directory), gguf_file=source.gguf_file, dtype=dtype, device_map=str(device)
+                str(source.directory), gguf_file=source.gguf_file, dtype=dtype, device_map=str(device),
+                **load_kwargs(source.directory),
             )
     except ModelLoadError:
         raise

@@ -23,11 +23,12 @@ class ModelRunner:
     """Turns a `StepPlan` into one flattened forward pass and returns the logits to sample."""
 
     def __init__(self, model: Any, backend: Backend, block_size: int, pool_blocks: list[int],
-                 kv_dtype: torch.dtype, max_model_len: int = 0, graph_batch_size: int = 0) -> None:
+                 kv_dtype: torch.dtype, max_model_len: int = 0, graph_batch_size: int = 0,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.device = backend.device()
         self.block_size = block_size
-        self.kv_cache = KVCache(backend, model, pool_blocks, block_size, kv_dtype)
+        self.kv_cache = KVCache(backend, model, pool_blocks, block_size, cache_dtype or kv_dtype)
         self.op = backend.attention_op()
         backend.prepare_model(model, kv_dtype)
         model.config._attn_implementation = attention_hook.register()

@@ -81,6 +81,7 @@ def run_worker(config: Any, rank: int, layout: Layout, init_method: str | None) 
     from sagellm_core.models import loader
     from sagellm_core.models.runner import ModelRunner
     from sagellm_core.plugin_manager import create_plugin_manager
+    from sagellm_core.quant import kv_cache_dtype, quantize_loaded_model
 
     plugins = create_plugin_manager()
     requested = None if config.backend.name == "auto" else config.backend.name
@@ -94,12 +95,14 @@ def run_worker(config: Any, rank: int, layout: Layout, init_method: str | None) 
         source = loader.resolve(config.model.path, config.model.gguf_file)
         model = prepare_model(loader.load_model(source, dtype, backend.device(), config.model.load_format,
                                                 backend=backend), rank, layout)
+        quantize_loaded_model(model, config.model, backend, dtype, source)
         init = control.receive()
         if init[0] == "stop":  # rank 0 failed to start
             return
         _, pool_blocks, max_model_len, graph_batch = init
         runner = ModelRunner(model, backend, config.kv_cache.block_size, pool_blocks, dtype,
-                             max_model_len=max_model_len, graph_batch_size=graph_batch)
+                             max_model_len=max_model_len, graph_batch_size=graph_batch,
+                             cache_dtype=kv_cache_dtype(config.kv_cache.dtype, dtype))
         serve_steps(runner, control, layout.kind)
     finally:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

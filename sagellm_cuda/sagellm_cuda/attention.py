@@ -25,8 +25,10 @@ Softmax is online, in fp32 and base 2. Supported: fp32 / fp16 / bf16 queries (fp
 precision, not tf32), any head dim (padded to a power of two with masks), any power-of-two
 ``block_size`` (16 and 32 are tested), GQA / MQA / MHA, optional sliding window (a query at position
 p sees keys with ``p - window < pos <= p``). The cache may have another dtype than the query (it is
-read in its own dtype and cast). Not implemented: attention sinks and logit soft-capping; the op says
-so in ``supported_features`` and the loader refuses models that need them on this op.
+read in its own dtype and cast): an fp8 E4M3 cache (``kv_cache.dtype: fp8``, scale 1.0) is written
+saturated to +-448 and read back cast to the query dtype; it halves the bytes the decode kernel reads.
+Not implemented: attention sinks and logit soft-capping; the op says so in ``supported_features`` and
+the loader refuses models that need them on this op.
 
 Measured on one NVIDIA H200 (bench/kernels/check_attention.py; device copy 4.25 TB/s read+write): decode
 256 seqs x 1024 ctx, Hq/Hkv/D 16/8/128 bf16, 254 us per layer = 4.2 TB/s of KV read (SDPA over a dense,
@@ -89,7 +91,7 @@ def _write_kv_kernel(
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -103,6 +105,9 @@ def _write_kv_kernel(
     t64 = t.to(tl.int64)
     k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if SATURATE > 0:  # fp8 cache: clamp to its finite range (the cast itself does not saturate)
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -SATURATE), SATURATE)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -SATURATE), SATURATE)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -370,6 +375,11 @@ def _check_inputs(query, k_cache, v_cache) -> None:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
 
 
+def _saturation(cache_dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 cache dtype (stores clamp to it), 0.0 for other dtypes."""
+    return float(torch.finfo(cache_dtype).max) if cache_dtype == torch.float8_e4m3fn else 0.0
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Scatter the step's new K/V [T, Hkv, D] into their cache slots (negative slots are skipped)."""
@@ -389,7 +399,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=h_pad, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        num_warps=4 if h_pad * d_pad >= 1024 else 1,
+        SATURATE=_saturation(k_cache.dtype), num_warps=4 if h_pad * d_pad >= 1024 else 1,
     )
 
 

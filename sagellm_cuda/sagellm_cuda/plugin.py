@@ -141,6 +141,15 @@ class CUDABackend(TorchNamespaceBackend):
                 kinds[kind] = kinds.get(kind, 0) + 1
             logger.info("sagellm-cuda: fused kernels in %s", ", ".join(f"{n} {k}" for k, n in kinds.items()))
 
+    def quantized_linear(self, kind: str) -> Any:
+        """FP8 (E4M3 weights and per-token activations) through ``torch._scaled_mm`` on SM 9.0+
+        (`sagellm_cuda.quant`); int8 / int4 weights run de-quantized in the model dtype."""
+        if kind != "fp8":
+            return None
+        from sagellm_cuda.quant import make_fp8_linear
+
+        return make_fp8_linear
+
     def fused_sampler(self) -> Any:
         """`sagellm_cuda.sampling.gumbel_argmax` (one Triton pass per row) unless Triton is missing or
         ``SAGELLM_FUSED_SAMPLING=0``."""

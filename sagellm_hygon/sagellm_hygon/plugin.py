@@ -94,6 +94,18 @@ class HygonBackend(TorchNamespaceBackend):
     dist_backend = DIST_BACKEND
     visible_devices_env = VISIBLE_DEVICES_ENV
 
+    QUANTIZED_GEMMS = {
+        "int8": "hipBLASLt int8 GEMM through torch._int_mm after per-token activation quantization (W8A8)",
+        "int4": "lightop / DTK's AWQ-GPTQ int4 kernels (W4A16, group-wise)",
+        "fp8": "hipBLASLt FP8 via torch._scaled_mm on DCUs that have FP8 (BW1000); others none",
+    }
+    """What this backend would call per format; none is wired (no hardware to verify on)."""
+
+    def quantized_linear(self, kind: str) -> Any:
+        """None for every format: quantized layers run de-quantized in the model dtype. With hardware
+        to verify on, `QUANTIZED_GEMMS` names the kernels that would serve each format."""
+        return None
+
 
 
 SPEC = backend_spec(HygonBackend, PRIORITY, probe, "Hygon DCUs via ROCm/DTK torch")
