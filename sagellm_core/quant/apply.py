@@ -122,7 +122,9 @@ def quantize_model(model: torch.nn.Module, method: str, backend: Any, dtype: tor
     with torch.no_grad():
         for name, target in _planned_weights(model, method, gguf_path).items():
             linear = model.get_submodule(name)
-            qw = quantize(target, linear.weight, linear.bias) if isinstance(target, str) else target
+            weight: torch.Tensor = linear.weight  # type: ignore[assignment]
+            bias: torch.Tensor | None = linear.bias  # type: ignore[assignment]
+            qw = quantize(target, weight, bias) if isinstance(target, str) else target
             if qw.kind not in factories:
                 factories[qw.kind] = backend.quantized_linear(qw.kind)
             factory = factories[qw.kind]
@@ -141,8 +143,11 @@ def quantize_model(model: torch.nn.Module, method: str, backend: Any, dtype: tor
 
 
 def _to_device(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    move = (lambda t: None if t is None else t.to(device))
-    return QuantizedWeight(qw.kind, move(qw.codes), move(qw.scales), move(qw.offsets), qw.group_size, move(qw.bias))
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return QuantizedWeight(qw.kind, qw.codes.to(device), qw.scales.to(device), move(qw.offsets), qw.group_size,
+                           move(qw.bias))
 
 
 def quantize_loaded_model(model: torch.nn.Module, model_config: Any, backend: Any, dtype: torch.dtype,

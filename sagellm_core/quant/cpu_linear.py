@@ -34,15 +34,17 @@ class _WeightOnlyLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         out = self._matmul(rows.contiguous()).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
+        bias: torch.Tensor | None = self.bias  # type: ignore[assignment]
+        if bias is not None:
+            out = out + bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
         """A meta tensor [N, K] standing for the weight (shape and code dtype only, no data), for code
         that inspects ``module.weight`` (parameter counts of benchmark floors)."""
-        return torch.empty((self.out_features, self.in_features), dtype=self.qweight.dtype, device="meta")
+        codes: torch.Tensor = self.qweight  # type: ignore[assignment]
+        return torch.empty((self.out_features, self.in_features), dtype=codes.dtype, device="meta")
 
     def weight_bytes(self) -> int:
         """Bytes a forward reads for the weight (codes and scales)."""

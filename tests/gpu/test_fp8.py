@@ -94,7 +94,8 @@ def test_triton_attention_over_fp8_cache(decode_ctx, prefills, hq, hkv, d, block
 
     op = _attention_module().triton_paged_attention
     query, key, value, k_cache, v_cache, meta = _case(decode_ctx, prefills, hq, hkv, d, block_size, torch.bfloat16, 0)
-    k_cache[0, 0, 0, 0] = 1000.0  # out of E4M3 range: both paths saturate it to 448
+    # saturation of out-of-range values is tested on the CPU path (tests/test_quant_kv.py); here the
+    # cache starts in range (torch's own cast does not saturate: out-of-range values become NaN)
     k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     ref_k8, ref_v8 = k8.clone(), v8.clone()
     scale = d ** -0.5
