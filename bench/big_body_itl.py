@@ -29,11 +29,10 @@ import httpx
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    """The engine's one definition (linear interpolation); NaN for no values."""
+    from sagellm_core.metrics.latency import percentile as linear
+
+    return linear(values, q) if values else float("nan")
 
 
 async def one_stream(http: httpx.AsyncClient, index: int, max_tokens: int, started: list[int],
