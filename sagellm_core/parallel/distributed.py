@@ -79,8 +79,9 @@ def _without_transfers(plan: StepPlan) -> StepPlan:
     return attrs.evolve(plan, transfers=[])
 
 
-class TensorParallelRunner:
-    """Rank 0's runner under tensor parallelism: each plan goes to every rank, then runs here too."""
+class RankZeroRunner:
+    """Rank 0's runner in a multi-process layout: wraps the local `ModelRunner`, tells the workers
+    what to run, and stops them on `release`."""
 
     def __init__(self, runner: Any, control: ControlPlane) -> None:
         self.runner = runner
@@ -101,6 +102,16 @@ class TensorParallelRunner:
     def replays_graph(self, plan: StepPlan) -> bool:
         return bool(self.runner.replays_graph(plan))
 
+    def release(self) -> None:
+        """Stop the workers, drop this rank's KV and graphs, and leave the process group."""
+        self.control.send(("stop",))
+        self.runner.release()
+        dist.destroy_process_group()
+
+
+class TensorParallelRunner(RankZeroRunner):
+    """Each plan goes to every rank, then runs here too."""
+
     def execute(self, plan: StepPlan, feed: Any = None, replay: bool | None = None) -> torch.Tensor:
         if feed is not None:
             raise RuntimeError("tensor-parallel steps run at pipeline depth 0 (no tokens fed from the device)")
@@ -109,32 +120,17 @@ class TensorParallelRunner:
         self.control.send(("step", plan, replay))
         return self.runner.execute(plan, None, replay=replay)
 
-    def release(self) -> None:
-        """Stop the workers, drop this rank's KV and graphs, and leave the process group."""
-        self.control.send(("stop",))
-        self.runner.release()
-        dist.destroy_process_group()
 
-
-class SplitPoolRunner:
-    """Rank 0's runner when the decode pool lives on rank 1: prefill runs here, transfers send the
-    prefilled blocks to rank 1, decode steps run there and their logits come back."""
+class SplitPoolRunner(RankZeroRunner):
+    """The decode pool lives on rank 1: prefill runs here, transfers send the prefilled blocks to
+    rank 1, decode steps run there and their logits come back."""
 
     def __init__(self, runner: Any, control: ControlPlane, decode_pool: int = 1, peer: int = 1) -> None:
-        self.runner = runner
-        self.control = control
+        super().__init__(runner, control)
         self.decode_pool = decode_pool
         self.peer = peer
         self.bytes_sent = 0
         self.remote_forward_tokens = 0
-
-    @property
-    def captures_graphs(self) -> bool:
-        return bool(self.runner.captures_graphs)
-
-    @property
-    def kv_caches(self) -> list[torch.Tensor]:
-        return list(self.runner.kv_caches)
 
     @property
     def num_forward_tokens(self) -> int:
@@ -155,12 +151,6 @@ class SplitPoolRunner:
             self.remote_forward_tokens += plan.num_tokens
             return receive_logits(self.peer, self.runner.device)
         return self.runner.execute(_without_transfers(plan), None, replay=replay)
-
-    def release(self) -> None:
-        """Stop the workers, drop this rank's KV and graphs, and leave the process group."""
-        self.control.send(("stop",))
-        self.runner.release()
-        dist.destroy_process_group()
 
 
 def send_blocks(pool: torch.Tensor, blocks: list[int], peer: int) -> int:
