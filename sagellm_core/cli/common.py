@@ -39,6 +39,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default=None, help="KV policy plugin name (prefix_lru, no_reuse)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="shard every layer over this many devices, one process each (parallel.tensor_parallel_size)")
+    parser.add_argument("--pd-split", action="store_true", default=None,
+                        help="strict PD with the decode pool on a second device and process (parallel.pd_split)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
@@ -87,7 +91,8 @@ def _plugin_options(args: argparse.Namespace, base: EngineConfig) -> dict[str, d
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """Config file, then the environment, then the command-line flags (errors name the field path)."""
     base = load_config(args.config)
-    sections: dict[str, dict[str, Any]] = {"model": {}, "backend": {}, "scheduler": {}, "kv_cache": {}, "metrics": {}}
+    sections: dict[str, dict[str, Any]] = {"model": {}, "backend": {}, "scheduler": {}, "kv_cache": {}, "metrics": {},
+                                           "parallel": {}}
     for value, section, key in (
         (args.model, "model", "path"), (args.dtype, "model", "dtype"), (args.max_model_len, "model", "max_model_len"),
         (args.load_format, "model", "load_format"), (args.backend, "backend", "name"),
@@ -96,6 +101,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         (args.max_num_batched_tokens, "scheduler", "max_num_batched_tokens"),
         (getattr(args, "quantization", None), "model", "quantization"),
         (getattr(args, "kv_cache_dtype", None), "kv_cache", "dtype"),
+        (getattr(args, "tensor_parallel_size", None), "parallel", "tensor_parallel_size"),
+        (getattr(args, "pd_split", None), "parallel", "pd_split"),
     ):
         if value is not None:
             sections[section][key] = value
