@@ -5,7 +5,7 @@ Starts `sagellm serve` in a subprocess (default model unless --model), then runs
 ``--streams`` streaming completions (``ignore_eos``, ``--max-tokens`` each): a baseline, and the same
 while one more client posts a ``--body-mb`` MB completion body (``--big-kind prompt``: one huge prompt;
 ``chat``: one huge chat message) once every stream has its first token: ``--big-count`` bodies one
-after the other (default 1; 0: back to back until the streams end, a flood rather than one client).
+after the other (default 1), from a process of its own.
 The server's body limit is raised above the body so the server has to read, parse and pre-check it.
 ITL is measured by the client: the gaps between consecutive SSE chunks of each stream.
 
@@ -56,28 +56,45 @@ async def one_stream(http: httpx.AsyncClient, index: int, max_tokens: int, start
     return gaps
 
 
-async def big_client(http: httpx.AsyncClient, payload: bytes, path: str, count: int, start: asyncio.Event,
-                     stop: asyncio.Event) -> list[tuple[int, float]]:
-    answers: list[tuple[int, float]] = []
-    await start.wait()
-    while not stop.is_set() and (count == 0 or len(answers) < count):
+BIG_CLIENT = """
+import json, sys, time, httpx
+url, path, kind, megabytes, count = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+text = "lorem ipsum " * int(megabytes * 1e6 / 12)
+body = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
+payload = json.dumps({**body, "max_tokens": 4}).encode()
+answers = []
+with httpx.Client(base_url=url, timeout=600) as http:
+    while len(answers) < count:
         start = time.perf_counter()
-        response = await http.post(path, content=payload, headers={"content-type": "application/json"})
-        answers.append((response.status_code, time.perf_counter() - start))
-    return answers
+        status = http.post(path, content=payload, headers={"content-type": "application/json"}).status_code
+        answers.append((status, time.perf_counter() - start))
+print(json.dumps(answers))
+"""
 
 
-async def round_(url: str, streams: int, max_tokens: int, big: tuple[bytes, str] | None, count: int = 1
+async def big_client(url: str, big: tuple[str, float], count: int, start: asyncio.Event) -> list[tuple[int, float]]:
+    """The big client runs in a process of its own: building and sending a 10 MB body must not
+    delay this process's reading of the streams (that would show as ITL the server never caused)."""
+    await start.wait()
+    kind, megabytes = big
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BIG_CLIENT, url, path, kind, str(megabytes), str(count),
+        stdout=asyncio.subprocess.PIPE)
+    output, _ = await process.communicate()
+    return [tuple(answer) for answer in json.loads(output)]
+
+
+async def round_(url: str, streams: int, max_tokens: int, big: tuple[str, float] | None, count: int = 1
                  ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        stop, all_started, started = asyncio.Event(), asyncio.Event(), [streams]
-        big_task = asyncio.create_task(big_client(http, big[0], big[1], count, all_started, stop)) if big else None
+        all_started, started = asyncio.Event(), [streams]
+        big_task = asyncio.create_task(big_client(url, big, count, all_started)) if big else None
         start = time.perf_counter()
         results = await asyncio.gather(*(one_stream(http, i, max_tokens, started, all_started)
                                          for i in range(streams)))
         wall = time.perf_counter() - start
-        stop.set()
         answers = await big_task if big_task else []
     gaps = [gap for result in results for gap in result]
     return {"itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99),
@@ -96,17 +113,18 @@ def big_payload(kind: str, megabytes: float) -> tuple[bytes, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--backend", default="cpu")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--body-mb", type=float, default=10.0)
     parser.add_argument("--big-kind", choices=["prompt", "chat"], default="prompt")
-    parser.add_argument("--big-count", type=int, default=1, help="big bodies sent one after the other (0: until "
-                        "the streams end)")
+    parser.add_argument("--big-count", type=int, default=1, help="big bodies sent one after the other")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
 
     payload = big_payload(args.big_kind, args.body_mb)
-    command = [sys.executable, "-m", "sagellm_core", "serve", "--port", str(args.port), "--backend", "cpu",
+    big = (args.big_kind, args.body_mb)
+    command = [sys.executable, "-m", "sagellm_core", "serve", "--port", str(args.port), "--backend", args.backend,
                "--max-request-bytes", str(len(payload[0]) + 1024), "--log-level", "warning"]
     if args.model:
         command += ["--model", args.model]
@@ -125,7 +143,7 @@ def main() -> int:
             time.sleep(0.5)
         asyncio.run(round_(url, 4, 8, None))  # warm-up
         baseline = asyncio.run(round_(url, args.streams, args.max_tokens, None))
-        loaded = asyncio.run(round_(url, args.streams, args.max_tokens, payload, args.big_count))
+        loaded = asyncio.run(round_(url, args.streams, args.max_tokens, big, args.big_count))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
