@@ -4,7 +4,8 @@ Weights: E4M3 codes with one float32 scale per output channel (`sagellm_core.qua
 [N, K] row-major and handed to the GEMM as its transpose, a column-major [K, N] ``mat2`` as cuBLASLt
 wants. Activations: quantized per token on the fly (row absolute maximum -> 448), so ``scale_a`` is
 [M, 1] and ``scale_b`` is [1, N] float32 ("row-wise" scaling, SM 9.0+). The GEMM accumulates in fp32
-and writes bf16; the bias is added after it in the model dtype.
+and writes bf16; the bias is added after it in the model dtype. Up to `GEMV_MAX_ROWS` rows (decode
+at small batch) the activations stay in the model dtype and `fp8_gemv` reads the weights once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sagellm_core.quant.weights import FP8_DTYPE, FP8_MAX, QuantizedWeight
 
 MIN_CAPABILITY = (9, 0)
 ALIGNMENT = 16  # _scaled_mm needs K and N divisible by 16
+GEMV_MAX_ROWS = 16  # rows up to which the weight-only kernel (`sagellm_cuda.fp8_gemv`) runs
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +31,9 @@ class Fp8Linear(torch.nn.Module):
 
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         super().__init__()
+        from sagellm_cuda.fp8_gemv import fp8_gemv  # Triton: imported where a CUDA layer is built
+
+        self._gemv = fp8_gemv
         if qw.kind != "fp8":
             raise ValueError(f"Fp8Linear needs an fp8 weight, got {qw.kind}")
         self.in_features = qw.in_features
@@ -40,10 +45,12 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        codes, scales = quantize_rows(rows)
-        out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scales, scale_b=self.weight_scale,
-                               out_dtype=torch.bfloat16)
-        out = out.to(x.dtype)
+        if rows.shape[0] <= GEMV_MAX_ROWS and rows.dtype in (torch.bfloat16, torch.float16):
+            out = self._gemv(rows, self.qweight, self.weight_scale.view(-1))
+        else:
+            codes, scales = quantize_rows(rows)
+            out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scales, scale_b=self.weight_scale,
+                                   out_dtype=torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

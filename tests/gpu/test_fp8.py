@@ -2,8 +2,9 @@
 and an engine with FP8 weights and KV cache (needs CUDA; the linear needs SM 9.0+).
 
 Error bounds (relative Frobenius norm of the difference):
-- FP8 linear vs the same fp8 codes de-quantized to fp32 (weights and per-token activations): <= 1%
-  (only accumulation order and the bf16 output rounding differ);
+- FP8 linear vs the same fp8 codes de-quantized to fp32 (weights, and per-token activations where
+  the layer quantizes them: above `GEMV_MAX_ROWS` rows): <= 1% (only accumulation order and the bf16
+  output rounding differ);
 - FP8 linear vs the unquantized bf16 weight: <= 8% (two E4M3 roundings of 2^-4 relative each);
 - Triton attention over an fp8 cache vs the reference op over the same fp8 cache: <= 2% (bf16);
 - attention over an fp8 cache vs a bf16 cache: <= 10% (E4M3 K and V).
@@ -46,11 +47,28 @@ def test_fp8_linear_against_dequantized_reference(m: int, n: int, k: int) -> Non
     assert layer is not None
     out = layer(x)
     assert out.shape == (2, m, n) and out.dtype == torch.bfloat16
-    codes, scales = quantize_rows(x.reshape(-1, k))
-    x_deq = codes.float() * scales
+    from sagellm_cuda.quant import GEMV_MAX_ROWS
+
+    if 2 * m <= GEMV_MAX_ROWS:  # the weight-only kernel keeps the activations as they are
+        x_deq = x.reshape(-1, k).float()
+    else:
+        codes, scales = quantize_rows(x.reshape(-1, k))
+        x_deq = codes.float() * scales
     exact = (x_deq @ qw.dequantize().t() + bias).view(2, m, n)
     assert _rel(out, exact) <= 0.01
     assert _rel(out, x.float() @ weight.t() + bias) <= 0.08
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 100, 300), (5, 4096, 14336), (16, 33, 1024)])
+def test_fp8_gemv_against_dequantized_weights(m: int, n: int, k: int) -> None:
+    from sagellm_cuda.fp8_gemv import fp8_gemv
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    qw = quantize_fp8((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = fp8_gemv(x, qw.codes, qw.scales.float().reshape(-1))
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert _rel(out, x.float() @ qw.dequantize().float().t()) <= 0.01
 
 
 def test_fp8_linear_refuses_unaligned_shapes() -> None:

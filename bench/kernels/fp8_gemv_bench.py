@@ -1,0 +1,71 @@
+"""Time the weight-only FP8 decode GEMM (sagellm_cuda/sagellm_cuda/fp8_gemv.py) on Llama-3-8B's linear
+shapes against ``torch._scaled_mm`` with per-token activation quantization (the layer's path above
+16 rows) and a bf16 ``torch.mm``, each as achieved weight bandwidth against a device-to-device copy
+measured in the same run (the floor of a weight pass is bytes over that bandwidth).
+
+    PYTHONPATH=.:sagellm_cuda python3 bench/kernels/fp8_gemv_bench.py [--rows 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from sagellm_core.quant.weights import quantize_fp8
+from sagellm_cuda.fp8_gemv import fp8_gemv
+from sagellm_cuda.quant import quantize_rows
+
+LLAMA_3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print("| shape | rows | fp8_gemv us (GB/s) | _scaled_mm+quant us | bf16 mm us | gemv / floor |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    total = {"gemv": 0.0, "scaled": 0.0, "bf16": 0.0, "floor": 0.0}
+    for name, (n, k) in LLAMA_3_8B.items():
+        weight = torch.randn(n, k, device="cuda") * 0.02
+        qw = quantize_fp8(weight)
+        scales = qw.scales.float().reshape(-1)
+        scale_b = scales.reshape(1, -1)
+        w16 = weight.to(torch.bfloat16)
+        del weight
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+
+            def scaled() -> torch.Tensor:
+                codes, s = quantize_rows(x)
+                return torch._scaled_mm(codes, qw.codes.t(), scale_a=s, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+            gemv_ms = triton.testing.do_bench(lambda: fp8_gemv(x, qw.codes, scales))
+            scaled_ms = triton.testing.do_bench(scaled)
+            bf16_ms = triton.testing.do_bench(lambda: x @ w16.t())
+            floor_ms = n * k / bandwidth * 1e3  # one pass over the fp8 weight bytes
+            if rows == args.rows[0]:
+                for key, value in (("gemv", gemv_ms), ("scaled", scaled_ms), ("bf16", bf16_ms), ("floor", floor_ms)):
+                    total[key] += value
+            print(f"| {name} {n}x{k} | {rows} | {gemv_ms * 1e3:.1f} ({n * k / gemv_ms / 1e6:.0f}) | "
+                  f"{scaled_ms * 1e3:.1f} | {bf16_ms * 1e3:.1f} | {gemv_ms / floor_ms:.2f}x |")
+    layers = 32
+    print(f"Llama-3-8B linears, {args.rows[0]} row(s), 32 layers: fp8_gemv {total['gemv'] * layers:.2f} ms, "
+          f"_scaled_mm {total['scaled'] * layers:.2f} ms, bf16 {total['bf16'] * layers:.2f} ms, "
+          f"fp8 floor {total['floor'] * layers:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
