@@ -3,18 +3,22 @@ shapes against ``torch._scaled_mm`` with per-token activation quantization (the 
 16 rows) and a bf16 ``torch.mm``, each as achieved weight bandwidth against a device-to-device copy
 measured in the same run (the floor of a weight pass is bytes over that bandwidth).
 
-    PYTHONPATH=.:sagellm_cuda python3 bench/kernels/fp8_gemv_bench.py [--rows 1]
+    PYTHONPATH=.:sagellm_cuda python3 bench/kernels/fp8_gemv_bench.py [--rows 1] [--sweep]
+
+``--sweep`` first times every tile configuration of both kernels (one row; 4 and 16 rows) summed
+over the four shapes, prints the five best of each and uses the best for the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
 
 from sagellm_core.quant.weights import quantize_fp8
-from sagellm_cuda.fp8_gemv import fp8_gemv
+from sagellm_cuda.fp8_gemv import DOT_TILES, ROW_TILES, Tiles, fp8_gemv
 from sagellm_cuda.quant import quantize_rows
 
 LLAMA_3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -28,10 +32,38 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def sweep(rows: int) -> Tiles:
+    """The tile configuration with the least summed time over the four shapes at ``rows`` rows."""
+    cases = []
+    for n, k in LLAMA_3_8B.values():
+        qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        cases.append((torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), qw.codes, qw.scales.float()))
+    results = []
+    for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8), (3, 4)):
+        if rows > 1 and block_n < 16:
+            continue
+        tiles = Tiles(block_n, block_k, warps, stages)
+        try:
+            total = sum(triton.testing.do_bench(lambda: fp8_gemv(x, codes, scales, tiles), warmup=5, rep=20)
+                        for x, codes, scales in cases)
+        except Exception as exc:  # a configuration the compiler cannot fit (shared memory, registers)
+            print(f"  {tiles}: {type(exc).__name__}")
+            continue
+        results.append((total, tiles))
+    results.sort()
+    for total, tiles in results[:5]:
+        print(f"  rows {rows}: {tiles} {total * 1e3:.1f} us over the four shapes")
+    return results[0][1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
+    best = {1: ROW_TILES, 4: DOT_TILES}
+    if args.sweep:
+        best = {1: sweep(1), 4: sweep(4)}
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -52,7 +84,8 @@ def main() -> None:
                 codes, s = quantize_rows(x)
                 return torch._scaled_mm(codes, qw.codes.t(), scale_a=s, scale_b=scale_b, out_dtype=torch.bfloat16)
 
-            gemv_ms = triton.testing.do_bench(lambda: fp8_gemv(x, qw.codes, scales))
+            tiles = best[1] if rows == 1 else best[4]
+            gemv_ms = triton.testing.do_bench(lambda: fp8_gemv(x, qw.codes, scales, tiles))
             scaled_ms = triton.testing.do_bench(scaled)
             bf16_ms = triton.testing.do_bench(lambda: x @ w16.t())
             floor_ms = n * k / bandwidth * 1e3  # one pass over the fp8 weight bytes

@@ -3,26 +3,53 @@ activations and E4M3 weights de-quantized in registers.
 
 At one to a few rows a linear layer is a pass over its weights: the floor is the weight bytes over
 memory bandwidth. ``torch._scaled_mm`` needs the activations quantized first (several small
-kernels per layer) and its tiles are sized for many rows; this kernel reads each weight byte once
-and launches once per layer. Tiles: ``BLOCK_N`` output channels per program (enough programs to
-fill the SMs at N = 4096), ``BLOCK_K`` of the reduction per iteration; the rows are padded to 16
-for ``tl.dot``.
+kernels per layer) and its tiles are sized for many rows; these kernels read each weight byte once
+and launch once per layer. One row: a [BLOCK_N, BLOCK_K] fp32 accumulator reduced once at the end
+(no tensor cores, no cross-thread reduction inside the loop). Two to `MAX_ROWS` rows: ``tl.dot`` with
+the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py --sweep` on an H200.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_ROWS = 16  # the rows are padded to this for tl.dot
-_BLOCK_N = 16
-_BLOCK_K = 512
+
+
+class Tiles(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+ROW_TILES = Tiles(block_n=8, block_k=1024, num_warps=4, num_stages=3)
+DOT_TILES = Tiles(block_n=32, block_k=512, num_warps=4, num_stages=3)
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemv_row_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, stride_wn,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = tl.sum(acc, axis=1) * scale
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _fp8_gemv_dot_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -40,16 +67,24 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, strid
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tiles: Tiles | None = None
+             ) -> torch.Tensor:
     """``x [M, K] (bf16/fp16, M <= MAX_ROWS) @ (codes [N, K] e4m3 * scales [N]).T`` -> [M, N] in x's
-    dtype, accumulated in fp32."""
+    dtype, accumulated in fp32. ``tiles`` overrides the tuned tile sizes (for the sweep)."""
     m, k = x.shape
     n = codes.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fp8_gemv takes at most {MAX_ROWS} rows, got {m}")
     x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, _BLOCK_N),)
-    _fp8_gemv_kernel[grid](x, codes, scales, out, m, n, k, x.stride(0), codes.stride(0), out.stride(0),
-                           BLOCK_M=MAX_ROWS, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=4, num_stages=3)
+    if m == 1:
+        t = tiles or ROW_TILES
+        _fp8_gemv_row_kernel[(triton.cdiv(n, t.block_n),)](
+            x, codes, scales, out, n, k, codes.stride(0), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            num_warps=t.num_warps, num_stages=t.num_stages)
+    else:
+        t = tiles or DOT_TILES
+        _fp8_gemv_dot_kernel[(triton.cdiv(n, t.block_n),)](
+            x, codes, scales, out, m, n, k, x.stride(0), codes.stride(0), out.stride(0), BLOCK_M=MAX_ROWS,
+            BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages)
     return out
