@@ -1,0 +1,118 @@
+"""Top-k, top-p and min-p without sorting the vocabulary: each filter finds a per-row threshold and
+masks the logits below it to -inf (what transformers' warpers do, ties at the threshold kept).
+
+* top-k: ``torch.topk`` with the batch's largest k; row r's threshold is its k-th value.
+* top-p with a top-k: the kept tokens are among the top-k values already, so their cumulative
+  probabilities give the threshold exactly.
+* top-p alone: the threshold ``t`` (keep ``p >= t``) is the largest one whose kept mass still
+  reaches ``top_p``, found by `BISECTION_STEPS` halvings of ``[0, max p]`` over the row; a token
+  kept beyond the sorted reference has a probability within ``max p * 2**-BISECTION_STEPS`` of the
+  threshold.
+* min-p: keep ``p >= min_p * max p``, i.e. ``logit >= max logit + log(min_p)`` (no softmax).
+
+All are fixed sequences of torch operations (no host reads, no data-dependent shapes): they run on
+every backend and inside captured graphs. `reference_filter` is the sort-based definition, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BISECTION_STEPS = 32
+_NEG_INF = float("-inf")
+
+
+def _column(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True).unsqueeze(1)
+
+
+def _rows(indices: list[int], count: int) -> list[int] | None:
+    """None when ``indices`` are all the rows (no gather needed)."""
+    return None if len(indices) == count else indices
+
+
+def filter_logits(scaled: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """``scaled`` [N, V]: logits already divided by each row's temperature. Returns them with the
+    tokens that top-k (0: off), top-p (1.0: off) and min-p (0.0: off) remove set to -inf, applied
+    in that order (as vLLM and transformers)."""
+    rows, vocab = scaled.shape
+    device = scaled.device
+    with_k = [i for i in range(rows) if 0 < top_k[i] < vocab]
+    p_only = [i for i in range(rows) if top_p[i] < 1.0 and not 0 < top_k[i] < vocab]
+    if with_k:
+        scaled = _apply_rows(scaled, with_k, lambda x: _top_k_top_p(
+            x, [top_k[i] for i in with_k], [top_p[i] for i in with_k]))
+    if p_only:
+        scaled = _apply_rows(scaled, p_only, lambda x: _top_p_bisect(x, [top_p[i] for i in p_only]))
+    if any(m > 0.0 for m in min_p):
+        floor = _column([math.log(m) if m > 0.0 else _NEG_INF for m in min_p], device, scaled.dtype)
+        scaled = scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + floor, _NEG_INF)
+    return scaled
+
+
+def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    subset = _rows(indices, x.shape[0])
+    if subset is None:
+        return fn(x)
+    index = torch.tensor(subset, dtype=torch.int64).to(x.device, non_blocking=True)
+    return x.index_copy(0, index, fn(x.index_select(0, index)))
+
+
+def _top_k_top_p(x: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+    """Rows with a top-k (and maybe a top-p): the threshold is read off the sorted top-k values."""
+    device = x.device
+    kmax = max(ks)
+    values = x.topk(kmax, dim=-1).values  # [M, kmax], descending
+    k = _column(ks, device, torch.int64)
+    ranks = torch.arange(kmax, device=device).unsqueeze(0)
+    values = values.masked_fill(ranks >= k, _NEG_INF)
+    if any(p < 1.0 for p in ps):
+        probs = values.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
+        removed = (before >= _column(ps, device, probs.dtype)) & (ranks > 0)
+        values = values.masked_fill(removed, _NEG_INF)
+    kept = (values > _NEG_INF).sum(dim=-1, keepdim=True)
+    threshold = values.gather(1, kept - 1)
+    return x.masked_fill(x < threshold, _NEG_INF)
+
+
+def _top_p_bisect(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Rows with a top-p and no top-k: bisection for the probability threshold."""
+    probs = x.softmax(dim=-1)
+    target = _column(ps, x.device, probs.dtype)
+    high = probs.amax(dim=-1, keepdim=True)
+    low = torch.zeros_like(high)
+
+    def mass_at_least(t: torch.Tensor) -> torch.Tensor:
+        return probs.masked_fill(probs < t, 0.0).sum(dim=-1, keepdim=True)
+
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) * 0.5
+        enough = mass_at_least(middle) >= target
+        low = torch.where(enough, middle, low)
+        high = torch.where(enough, high, middle)
+    threshold = torch.where(mass_at_least(high) >= target, high, low)
+    return x.masked_fill(probs < threshold, _NEG_INF)
+
+
+def reference_filter(scaled: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
+                     ) -> torch.Tensor:
+    """The sort-based definition (one full sort per row): what `filter_logits` must match."""
+    out = scaled.clone()
+    vocab = scaled.shape[1]
+    for row in range(scaled.shape[0]):
+        values, order = scaled[row].sort(descending=True)
+        remove = torch.zeros(vocab, dtype=torch.bool)
+        if 0 < top_k[row] < vocab:
+            remove[top_k[row]:] = True
+        probs = values.masked_fill(remove, _NEG_INF).softmax(dim=-1)
+        if top_p[row] < 1.0:
+            remove |= (probs.cumsum(dim=-1) - probs) >= top_p[row]
+            remove[0] = False
+        kept = values.masked_fill(remove, _NEG_INF)
+        if min_p[row] > 0.0:
+            kept = kept.masked_fill(kept < kept[0] + math.log(min_p[row]), _NEG_INF)
+        out[row] = torch.empty_like(kept).scatter_(0, order, kept)
+    return out
