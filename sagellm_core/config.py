@@ -67,6 +67,11 @@ class KVCacheConfig:
     dtype: str = attrs.field(default="auto", validator=one_of(*KV_CACHE_DTYPES))
 
 
+FALLBACK_MAX_NUM_SEQS = 128
+FALLBACK_MAX_NUM_BATCHED_TOKENS = 2048
+"""Budgets of a scheduler built from an unresolved config outside an engine (and the CPU's)."""
+
+
 @attrs.frozen
 class SchedulerConfig:
     """Scheduler plugin and budgets per step.

@@ -9,7 +9,7 @@ import logging
 import attrs
 
 from sagellm_core.backend import Backend
-from sagellm_core.config import EngineConfig
+from sagellm_core.config import FALLBACK_MAX_NUM_BATCHED_TOKENS, FALLBACK_MAX_NUM_SEQS, EngineConfig
 
 log = logging.getLogger("sagellm")
 GIB = 1 << 30
@@ -17,7 +17,7 @@ MAX_GRAPH_BATCH = 512
 
 # (minimum device memory in GiB, max_num_seqs, max_num_batched_tokens), largest first
 GPU_CLASSES: tuple[tuple[int, int, int], ...] = ((70, 512, 16384), (30, 256, 8192), (12, 128, 4096), (0, 64, 2048))
-CPU_BUDGETS = (128, 2048)
+CPU_BUDGETS = (FALLBACK_MAX_NUM_SEQS, FALLBACK_MAX_NUM_BATCHED_TOKENS)
 
 
 @attrs.frozen

@@ -71,8 +71,8 @@ class Drawer:
         seeded = [i for i in sampled if requests[i].params.seed is not None]
         unseeded = [i for i in sampled if requests[i].params.seed is None]
         if seeded:
-            keys = on_device([self.key(requests[i]) for i in seeded], device, torch.int64)
-            self._race(x, inverse, seeded, out, keyed_exponential(keys, x.shape[1]))
+            row_keys = on_device([self.key(requests[i]) for i in seeded], device, torch.int64)
+            self._race(x, inverse, seeded, out, keyed_exponential(row_keys, x.shape[1]))
         if unseeded:
             self._race(x, inverse, unseeded, out, self._shared_noise(len(unseeded), x.shape[1], device))
         return out

@@ -58,5 +58,5 @@ def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     if not rows:
         return logits
     device = logits.device
-    bias = torch.tensor(values, dtype=logits.dtype).to(device, non_blocking=True)
-    return logits.index_put((_index(rows, device), _index(cols, device)), bias, accumulate=True)
+    biases = torch.tensor(values, dtype=logits.dtype).to(device, non_blocking=True)
+    return logits.index_put((_index(rows, device), _index(cols, device)), biases, accumulate=True)
