@@ -4,10 +4,12 @@ masks the logits below it to -inf (what transformers' warpers do, ties at the th
 * top-k: ``torch.topk`` with the batch's largest k; row r's threshold is its k-th value.
 * top-p with a top-k: the kept tokens are among the top-k values already, so their cumulative
   probabilities give the threshold exactly.
-* top-p alone: the threshold ``t`` (keep ``p >= t``) is the largest one whose kept mass still
-  reaches ``top_p``, found by `BISECTION_STEPS` halvings of ``[0, max p]`` over the row; a token
-  kept beyond the sorted reference has a probability within ``max p * 2**-BISECTION_STEPS`` of the
-  threshold.
+* top-p alone: each token's distance below the row's largest logit, in steps of 2**-18 (up to
+  64 logits; anything further is one last step), split into 4096 coarse buckets of 4096 fine ones.
+  One scatter-add gives the probability mass per coarse bucket, its cumulative sum the bucket where
+  the mass reaches ``top_p``; a second scatter-add over that bucket's tokens finds the fine step.
+  Tokens up to that step are kept: the sorted reference's set, plus tokens within 2**-18 of the
+  threshold's logit (ties, for any practical purpose).
 * min-p: keep ``p >= min_p * max p``, i.e. ``logit >= max logit + log(min_p)`` (no softmax).
 
 All are fixed sequences of torch operations (no host reads, no data-dependent shapes): they run on
@@ -20,7 +22,10 @@ import math
 
 import torch
 
-BISECTION_STEPS = 32
+_BITS = 12
+_FINE = 1 << _BITS  # buckets per histogram level
+LEVELS_PER_LOGIT = float(1 << 18)
+"""Top-p's resolution: tokens whose logits are within 2**-18 of the threshold are kept together."""
 _NEG_INF = float("-inf")
 
 
@@ -45,7 +50,7 @@ def filter_logits(scaled: torch.Tensor, top_k: list[int], top_p: list[float], mi
         scaled = _apply_rows(scaled, with_k, lambda x: _top_k_top_p(
             x, [top_k[i] for i in with_k], [top_p[i] for i in with_k]))
     if p_only:
-        scaled = _apply_rows(scaled, p_only, lambda x: _top_p_bisect(x, [top_p[i] for i in p_only]))
+        scaled = _apply_rows(scaled, p_only, lambda x: _top_p_histogram(x, [top_p[i] for i in p_only]))
     if any(m > 0.0 for m in min_p):
         floor = _column([math.log(m) if m > 0.0 else _NEG_INF for m in min_p], device, scaled.dtype)
         scaled = scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + floor, _NEG_INF)
@@ -78,23 +83,29 @@ def _top_k_top_p(x: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tenso
     return x.masked_fill(x < threshold, _NEG_INF)
 
 
-def _top_p_bisect(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
-    """Rows with a top-p and no top-k: bisection for the probability threshold."""
+def _top_p_histogram(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Rows with a top-p and no top-k: the threshold from a two-level histogram of the tokens'
+    distance to the row's largest logit (no sort; two scatter-adds over the row)."""
     probs = x.softmax(dim=-1)
     target = _column(ps, x.device, probs.dtype)
-    high = probs.amax(dim=-1, keepdim=True)
-    low = torch.zeros_like(high)
+    distance = (x.amax(dim=-1, keepdim=True) - x).mul_(LEVELS_PER_LOGIT)
+    level = distance.clamp_(max=_FINE * _FINE - 1).to(torch.int64)  # -inf logits: the last level
+    coarse = level >> _BITS
+    coarse_hist = probs.new_zeros((x.shape[0], _FINE)).scatter_add_(1, coarse, probs)
+    first = _crossing(coarse_hist, target, None)
+    above = (coarse_hist.cumsum(dim=-1) - coarse_hist).gather(1, first)  # mass of the buckets before
+    inside = torch.where(coarse == first, level & (_FINE - 1), _FINE)
+    fine_hist = probs.new_zeros((x.shape[0], _FINE + 1)).scatter_add_(1, inside, probs)[:, :_FINE]
+    last = first * _FINE + _crossing(fine_hist, target, above)
+    return x.masked_fill(level > last, _NEG_INF)
 
-    def mass_at_least(t: torch.Tensor) -> torch.Tensor:
-        return probs.masked_fill(probs < t, 0.0).sum(dim=-1, keepdim=True)
 
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) * 0.5
-        enough = mass_at_least(middle) >= target
-        low = torch.where(enough, middle, low)
-        high = torch.where(enough, high, middle)
-    threshold = torch.where(mass_at_least(high) >= target, high, low)
-    return x.masked_fill(probs < threshold, _NEG_INF)
+def _crossing(hist: torch.Tensor, target: torch.Tensor, above: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the first bucket at which the cumulative mass (plus ``above``) reaches ``target``."""
+    cumulative = hist.cumsum(dim=-1)
+    if above is not None:
+        cumulative = cumulative + above
+    return (cumulative < target).sum(dim=-1, keepdim=True).clamp_(max=hist.shape[1] - 1)
 
 
 def reference_filter(scaled: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
