@@ -2,12 +2,12 @@
 
 Counts live on the device in a slot table with one row per request that uses penalties (requests
 without penalties cost nothing): ``counts[slot, token]`` holds how often ``token`` was generated and
-``prompt[slot, token]`` whether it is in the prompt. A slot is filled from the host's tokens when a
-request first samples, and afterwards only from the sampled token tensor on the device, in stream
-order, so a step with penalties stays in the asynchronous pipeline (the host never reads tokens for
+``seen[slot, token]`` whether it is in the prompt or the output. A slot is filled from the host's
+tokens when a request first samples, and afterwards only from the sampled token tensor on the
+device, in stream order, so a step with penalties stays in the asynchronous pipeline (the host never reads tokens for
 it). Memory: 5 bytes per vocabulary entry per penalized request in flight (760 KB for a
-151,936-token vocabulary); the table grows by doubling and is never larger than the most penalized
-requests sampled at once.
+151,936-token vocabulary); the table grows by doubling up to the most penalized requests in flight
+at once (a slot is freed when its request finishes).
 
 Meanings (as vLLM and transformers): ``repetition_penalty`` r divides positive logits by r and
 multiplies negative ones by r for every token in the prompt or the output so far;
@@ -33,7 +33,7 @@ class PenaltyState:
         self.slots: dict[str, int] = {}
         self.free: list[int] = []
         self.counts: torch.Tensor | None = None  # [capacity, vocab] int32
-        self.prompt: torch.Tensor | None = None  # [capacity, vocab] bool
+        self.seen: torch.Tensor | None = None  # [capacity, vocab] bool: in the prompt or the output
 
     @property
     def capacity(self) -> int:
@@ -51,18 +51,20 @@ class PenaltyState:
             return logits
         device, vocab = logits.device, logits.shape[1]
         slots = _on([self._slot(requests[i], vocab, device) for i in rows], device)
-        assert self.counts is not None and self.prompt is not None
-        counts = self.counts.index_select(0, slots).to(logits.dtype)
-        seen = self.prompt.index_select(0, slots) | (counts > 0)
+        assert self.counts is not None and self.seen is not None
         params = [requests[i].params for i in rows]
-        repetition = _on([p.repetition_penalty for p in params], device, logits.dtype).unsqueeze(1)
-        presence = _on([p.presence_penalty for p in params], device, logits.dtype).unsqueeze(1)
-        frequency = _on([p.frequency_penalty for p in params], device, logits.dtype).unsqueeze(1)
-        index = _on(rows, device)
-        x = logits.index_select(0, index)
-        x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
-        x = x - frequency * counts - presence * (counts > 0).to(x.dtype)
-        return logits.index_copy(0, index, x)
+        every_row = len(rows) == len(requests)
+        index = None if every_row else _on(rows, device)
+        x = logits if index is None else logits.index_select(0, index)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            repetition = _on([p.repetition_penalty for p in params], device, x.dtype).unsqueeze(1)
+            x = torch.where(self.seen.index_select(0, slots), torch.where(x > 0, x / repetition, x * repetition), x)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = self.counts.index_select(0, slots).to(x.dtype)
+            presence = _on([p.presence_penalty for p in params], device, x.dtype).unsqueeze(1)
+            frequency = _on([p.frequency_penalty for p in params], device, x.dtype).unsqueeze(1)
+            x = x - frequency * counts - presence * (counts > 0).to(x.dtype)
+        return x if index is None else logits.index_copy(0, index, x)
 
     def record(self, requests: list[Request], token_ids: torch.Tensor) -> None:
         """Count each penalized request's sampled token (``token_ids`` [N] on the device)."""
@@ -74,6 +76,7 @@ class PenaltyState:
         tokens = token_ids.index_select(0, _on(rows, device))
         ones = torch.ones(len(rows), dtype=self.counts.dtype, device=device)
         self.counts.index_put_((slots, tokens), ones, accumulate=True)
+        self.seen.index_put_((slots, tokens), torch.ones(len(rows), dtype=torch.bool, device=device))  # type: ignore[union-attr]
 
     def _slot(self, request: Request, vocab: int, device: torch.device) -> int:
         slot = self.slots.get(request.request_id)
@@ -89,23 +92,23 @@ class PenaltyState:
         old = self.capacity
         new = max(4, 2 * old)
         counts = torch.zeros((new, vocab), dtype=torch.int32, device=device)
-        prompt = torch.zeros((new, vocab), dtype=torch.bool, device=device)
-        if self.counts is not None and self.prompt is not None:
+        seen = torch.zeros((new, vocab), dtype=torch.bool, device=device)
+        if self.counts is not None and self.seen is not None:
             counts[:old].copy_(self.counts)
-            prompt[:old].copy_(self.prompt)
-        self.counts, self.prompt = counts, prompt
+            seen[:old].copy_(self.seen)
+        self.counts, self.seen = counts, seen
         self.free.extend(range(new - 1, old - 1, -1))
 
     def _fill(self, slot: int, request: Request, vocab: int, device: torch.device) -> None:
         """A new slot from the host's tokens: the prompt, and outputs already read (a request that
         resumes after preemption)."""
-        assert self.counts is not None and self.prompt is not None
+        assert self.counts is not None and self.seen is not None
         self.counts[slot].zero_()
-        self.prompt[slot].zero_()
-        prompt = [t for t in request.prompt_token_ids if 0 <= t < vocab]
-        if prompt:
-            self.prompt[slot].index_fill_(0, _on(prompt, device), True)
+        self.seen[slot].zero_()
         outputs = [t for t in request.prior_output_ids if 0 <= t < vocab]
+        seen = [t for t in request.prompt_token_ids if 0 <= t < vocab] + outputs
+        if seen:
+            self.seen[slot].index_fill_(0, _on(seen, device), True)
         if outputs:
             ones = torch.ones(len(outputs), dtype=torch.int32, device=device)
             self.counts[slot].index_put_((_on(outputs, device),), ones, accumulate=True)
