@@ -85,6 +85,7 @@ def timed_run(llm: LLM, workload: Workload, params_for: ParamsFor, temperature: 
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"[{label}] {elapsed:.2f} s, {tokens / elapsed:.0f} output tok/s", flush=True)
     return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed if elapsed else 0.0}
 
 
