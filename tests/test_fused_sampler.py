@@ -43,8 +43,8 @@ def _request(rid: str, params: SamplingParams, outputs: int = 0) -> Request:
 
 
 def test_every_batch_goes_through_the_fused_sampler() -> None:
-    """Without filters it gets the raw logits and inverse temperatures; with top-k / top-p / min-p
-    it gets the filtered, temperature-scaled logits (removed tokens -inf) and inverse 1."""
+    """It gets the logits and inverse temperatures; with top-k / top-p / min-p the removed tokens
+    are -inf in the logits it gets."""
     fused = RecordingSampler()
     sampler = Sampler(fused=fused)
     logits = torch.randn(2, 50)
@@ -55,10 +55,10 @@ def test_every_batch_goes_through_the_fused_sampler() -> None:
     assert len(fused.calls) == 2 and greedy.token_ids == logits.argmax(dim=-1).tolist()
     for params in (SamplingParams(top_k=5, temperature=0.5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1)):
         sampler.sample(logits, [_request("d", params), plain[0]])
-        assert fused.calls[-1][0] == [1.0, 1.0]
+        assert fused.calls[-1][0] == [1.0 / params.temperature, 2.0]
         assert torch.isinf(fused.logits[-1][0]).any() and not torch.isinf(fused.logits[-1][1]).any()
     assert len(fused.calls) == 5
-    torch.testing.assert_close(fused.logits[2][1], logits[1] * 2.0)  # plain[0] (row 1) at temperature 0.5
+    torch.testing.assert_close(fused.logits[2][1], logits[1])
     assert int((~torch.isinf(fused.logits[2][0])).sum()) == 5
 
 

@@ -10,7 +10,10 @@ masks the logits below it to -inf (what transformers' warpers do, ties at the th
   the mass reaches ``top_p``; a second scatter-add over that bucket's tokens finds the fine step.
   Tokens up to that step are kept: the sorted reference's set, plus tokens within 2**-18 of the
   threshold's logit (ties, for any practical purpose).
-* min-p: keep ``p >= min_p * max p``, i.e. ``logit >= max logit + log(min_p)`` (no softmax).
+* min-p: keep ``p >= min_p * max p``, i.e. ``logit >= max logit + T log(min_p)`` (no softmax).
+
+Thresholds apply to the unscaled logits (temperature keeps their order), so no scaled copy of
+the [N, V] logits is written; only top-p without top-k scales its rows for the histogram.
 
 All are fixed sequences of torch operations (no host reads, no data-dependent shapes): they run on
 every backend and inside captured graphs. `reference_filter` is the sort-based definition, for tests.
@@ -38,23 +41,28 @@ def _rows(indices: list[int], count: int) -> list[int] | None:
     return None if len(indices) == count else indices
 
 
-def filter_logits(scaled: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
-    """``scaled`` [N, V]: logits already divided by each row's temperature. Returns them with the
-    tokens that top-k (0: off), top-p (1.0: off) and min-p (0.0: off) remove set to -inf, applied
-    in that order (as vLLM and transformers)."""
-    rows, vocab = scaled.shape
-    device = scaled.device
+def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float],
+                  temperatures: list[float] | None = None) -> torch.Tensor:
+    """``logits`` [N, V] with the tokens that top-k (0: off), top-p (1.0: off) and min-p (0.0: off)
+    remove set to -inf, applied in that order (as vLLM and transformers) to the distribution at each
+    row's temperature (``temperatures``, default 1; the logits themselves stay unscaled: the draw
+    divides them)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    temps = temperatures or [1.0] * rows
     with_k = [i for i in range(rows) if 0 < top_k[i] < vocab]
     p_only = [i for i in range(rows) if top_p[i] < 1.0 and not 0 < top_k[i] < vocab]
     if with_k:
-        scaled = _apply_rows(scaled, with_k, lambda x: _top_k_top_p(
-            x, [top_k[i] for i in with_k], [top_p[i] for i in with_k]))
+        logits = _apply_rows(logits, with_k, lambda x: _top_k_top_p(
+            x, [top_k[i] for i in with_k], [top_p[i] for i in with_k], [temps[i] for i in with_k]))
     if p_only:
-        scaled = _apply_rows(scaled, p_only, lambda x: _top_p_histogram(x, [top_p[i] for i in p_only]))
-    if any(m > 0.0 for m in min_p):
-        floor = _column([math.log(m) if m > 0.0 else _NEG_INF for m in min_p], device, scaled.dtype)
-        scaled = scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + floor, _NEG_INF)
-    return scaled
+        logits = _apply_rows(logits, p_only, lambda x: _top_p_histogram(
+            x, [top_p[i] for i in p_only], [temps[i] for i in p_only]))
+    if any(m > 0.0 for m in min_p):  # p >= min_p * max p  <=>  logit >= max logit + T log(min_p)
+        floor = _column([t * math.log(m) if m > 0.0 else _NEG_INF for t, m in zip(temps, min_p)], device,
+                        logits.dtype)
+        logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + floor, _NEG_INF)
+    return logits
 
 
 def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -65,16 +73,16 @@ def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # typ
     return x.index_copy(0, index, fn(x.index_select(0, index)))
 
 
-def _top_k_top_p(x: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+def _top_k_top_p(x: torch.Tensor, ks: list[int], ps: list[float], temps: list[float]) -> torch.Tensor:
     """Rows with a top-k (and maybe a top-p): the threshold is read off the sorted top-k values."""
     device = x.device
     kmax = max(ks)
-    values = x.topk(kmax, dim=-1).values  # [M, kmax], descending
+    values = x.topk(kmax, dim=-1).values  # [M, kmax], descending (temperature keeps the order)
     k = _column(ks, device, torch.int64)
     ranks = torch.arange(kmax, device=device).unsqueeze(0)
     values = values.masked_fill(ranks >= k, _NEG_INF)
     if any(p < 1.0 for p in ps):
-        probs = values.softmax(dim=-1)
+        probs = (values / _column(temps, device, values.dtype)).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
         removed = (before >= _column(ps, device, probs.dtype)) & (ranks > 0)
         values = values.masked_fill(removed, _NEG_INF)
@@ -83,12 +91,13 @@ def _top_k_top_p(x: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tenso
     return x.masked_fill(x < threshold, _NEG_INF)
 
 
-def _top_p_histogram(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+def _top_p_histogram(x: torch.Tensor, ps: list[float], temps: list[float]) -> torch.Tensor:
     """Rows with a top-p and no top-k: the threshold from a two-level histogram of the tokens'
     distance to the row's largest logit (no sort; two scatter-adds over the row)."""
-    probs = x.softmax(dim=-1)
+    scaled = x / _column(temps, x.device, x.dtype)
+    probs = scaled.softmax(dim=-1)
     target = _column(ps, x.device, probs.dtype)
-    distance = (x.amax(dim=-1, keepdim=True) - x).mul_(LEVELS_PER_LOGIT)
+    distance = (scaled.amax(dim=-1, keepdim=True) - scaled).mul_(LEVELS_PER_LOGIT)
     level = distance.clamp_(max=_FINE * _FINE - 1).to(torch.int64)  # -inf logits: the last level
     coarse = level >> _BITS
     coarse_hist = probs.new_zeros((x.shape[0], _FINE)).scatter_add_(1, coarse, probs)

@@ -22,16 +22,20 @@ class LogprobTensors:
 
     rows: list[int]
     counts: list[int]  # alternatives each row asked for
-    source: torch.Tensor  # [M, V] log-softmax of the processed logits
-    top_values: torch.Tensor  # [M, max count]
+    logits: torch.Tensor  # [M, V] the processed logits of those rows
+    normalizer: torch.Tensor  # [M, 1] their logsumexp
+    top_values: torch.Tensor  # [M, max count] logprobs
     top_ids: torch.Tensor  # [M, max count]
     chosen: torch.Tensor | None = None  # [M] logprob of the sampled token, after `choose`
 
     def choose(self, token_ids: torch.Tensor) -> None:
         """Gather the sampled tokens' logprobs (``token_ids`` [N] on the device)."""
-        index = torch.tensor(self.rows, dtype=torch.int64).to(token_ids.device, non_blocking=True)
-        self.chosen = self.source.gather(1, token_ids.index_select(0, index).unsqueeze(1)).squeeze(1)
-        self.source = self.source[:0]  # only the small tensors are kept alive
+        tokens = token_ids
+        if len(self.rows) != token_ids.shape[0]:
+            index = torch.tensor(self.rows, dtype=torch.int64).to(token_ids.device, non_blocking=True)
+            tokens = token_ids.index_select(0, index)
+        self.chosen = (self.logits.gather(1, tokens.unsqueeze(1)) - self.normalizer).squeeze(1)
+        self.logits = self.logits[:0]  # only the small tensors are kept alive
 
     def start_copy(self, copy: HostCopy) -> Callable[[], dict[int, Logprobs]]:
         """Start the host copies (``copy``: the backend's `start_host_copy`); the returned function
@@ -59,14 +63,16 @@ def logprob_tensors(logits: torch.Tensor, requests: list[Request]) -> LogprobTen
     counts = [int(requests[i].params.logprobs or 0) for i in rows]
     if len(rows) != len(requests):
         logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
-    source = logits.log_softmax(dim=-1)
+    # log-softmax without writing it: logsumexp and top-k read the logits once each
+    normalizer = logits.logsumexp(dim=-1, keepdim=True)
     width = max(counts)
     if width:
-        top_values, top_ids = source.topk(width, dim=-1)
+        top_values, top_ids = logits.topk(width, dim=-1)
+        top_values = top_values - normalizer
     else:
-        top_values = source.new_empty((len(rows), 0))
-        top_ids = torch.empty((len(rows), 0), dtype=torch.int64, device=source.device)
-    return LogprobTensors(rows, counts, source, top_values, top_ids)
+        top_values = logits.new_empty((len(rows), 0))
+        top_ids = torch.empty((len(rows), 0), dtype=torch.int64, device=logits.device)
+    return LogprobTensors(rows, counts, logits, normalizer, top_values, top_ids)
 
 
 def read_logprobs(info: LogprobTensors | None, copy: HostCopy, num_rows: int) -> Callable[[], list[Logprobs | None]]:

@@ -12,12 +12,12 @@ import attrs
 import torch
 
 from sagellm_core.request import Request
-from sagellm_core.sampling.draw import Drawer, FusedSampler, on_device
+from sagellm_core.sampling.draw import Drawer, FusedSampler
 from sagellm_core.sampling.filters import filter_logits
 from sagellm_core.sampling.logprobs import HostCopy, LogprobTensors, Logprobs, logprob_tensors, read_logprobs
 from sagellm_core.sampling.masks import apply_bans, apply_logit_bias
 from sagellm_core.sampling.penalties import PenaltyState
-from sagellm_core.sampling.seeds import GREEDY_EPSILON, is_greedy
+from sagellm_core.sampling.seeds import is_greedy
 
 
 @attrs.define
@@ -119,12 +119,10 @@ class Sampler:
         return self.launch(logits.index_select(0, rows), [requests[i] for i in good]), failed
 
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Temperature, top-k / top-p / min-p and the draw."""
-        if not any(r.params.needs_filtering for r in requests):
-            inverse = [0.0 if is_greedy(r) else 1.0 / r.params.temperature for r in requests]
-            return self.drawer.draw(logits, inverse, requests)
-        scale = [1.0 / max(r.params.temperature, GREEDY_EPSILON) if not is_greedy(r) else 1.0 for r in requests]
-        scaled = logits * on_device(scale, logits.device, logits.dtype).unsqueeze(1)
-        filtered = filter_logits(scaled, [r.params.top_k for r in requests], [r.params.top_p for r in requests],
-                                 [r.params.min_p for r in requests])
-        return self.drawer.draw(filtered, [0.0 if is_greedy(r) else 1.0 for r in requests], requests)
+        """Top-k / top-p / min-p (at each row's temperature), then the draw at that temperature."""
+        inverse = [0.0 if is_greedy(r) else 1.0 / r.params.temperature for r in requests]
+        if any(r.params.needs_filtering for r in requests):
+            temperatures = [1.0 / inv if inv > 0.0 else 1.0 for inv in inverse]
+            logits = filter_logits(logits, [r.params.top_k for r in requests], [r.params.top_p for r in requests],
+                                   [r.params.min_p for r in requests], temperatures)
+        return self.drawer.draw(logits, inverse, requests)
