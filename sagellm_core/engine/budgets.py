@@ -61,7 +61,8 @@ def resolve_budgets(config: EngineConfig, backend: Backend) -> tuple[EngineConfi
         backend_config = attrs.evolve(backend_config,
                                       max_graph_batch_size=min(MAX_GRAPH_BATCH, scheduler.max_num_seqs or seqs))
     config = attrs.evolve(config, scheduler=scheduler, backend=backend_config)
-    budgets = Budgets(int(config.scheduler.max_num_seqs or seqs), int(config.scheduler.max_num_batched_tokens or tokens),
+    budgets = Budgets(int(config.scheduler.max_num_seqs or seqs),
+                      int(config.scheduler.max_num_batched_tokens or tokens),
                       int(config.backend.max_graph_batch_size or MAX_GRAPH_BATCH), source, device_class)
     log.info("budgets for %s: max_num_seqs=%d (%s), max_num_batched_tokens=%d (%s), graph batch <= %d (%s)",
              device_class, budgets.max_num_seqs, source["max_num_seqs"], budgets.max_num_batched_tokens,

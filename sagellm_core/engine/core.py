@@ -10,8 +10,9 @@ behind device work. A step whose sampling needs host tokens drains the pipeline 
 0: only structured outputs, whose grammar state lives on the host; penalties, bans, logit_bias,
 filters, seeds and logprobs are device work read with the tokens. On a backend with captured
 graphs, a step that must run eagerly (prefill) is not launched behind a step in flight: that call
-hands out the in-flight step's outputs and the next call launches the planned step (TTFT). Outputs arrive one step later at
-depth 1, and a request that ends on EOS or a stop has one more token computed and dropped.
+hands out the in-flight step's outputs and the next call launches the planned step (TTFT).
+Outputs arrive one step later at depth 1, and a request that ends on EOS or a stop has one more
+token computed and dropped.
 """
 
 from __future__ import annotations
