@@ -67,6 +67,11 @@ class KVCacheConfig:
     dtype: str = attrs.field(default="auto", validator=one_of(*KV_CACHE_DTYPES))
 
 
+FALLBACK_MAX_NUM_SEQS = 128
+FALLBACK_MAX_NUM_BATCHED_TOKENS = 2048
+"""Budgets of a scheduler built from an unresolved config outside an engine (and the CPU's)."""
+
+
 @attrs.frozen
 class SchedulerConfig:
     """Scheduler plugin and budgets per step.
@@ -74,16 +79,21 @@ class SchedulerConfig:
     ``async_scheduling``: queue step N+1 on the device before reading step N's sampled tokens, so
     the host's scheduling and input preparation hide behind device work (vLLM's async scheduling).
     ``auto``: on where the backend copies asynchronously (CUDA), off on the CPU. Steps with
-    repetition/presence/frequency penalties or logprobs need the tokens on the host and run
-    synchronously. A request that ends (EOS, stop) has one extra token computed and dropped.
+    structured outputs need the tokens on the host and run synchronously (penalties, logprobs and
+    every other sampling parameter stay asynchronous). A request that ends (EOS, stop) has one extra
+    token computed and dropped.
+
+    ``max_num_seqs`` / ``max_num_batched_tokens``: null (the default) derives them from the
+    backend and its memory when the engine starts (`sagellm_core.engine.budgets`): 512 / 16384 on
+    a GPU of 70 GiB or more, down to 128 / 2048 on the CPU; values given explicitly win.
 
     ``overlap_output``: without async scheduling, for batches of 8+ sequences, detokenize and emit
     a step's outputs while the device runs the next step (outputs arrive one step later).
     """
 
     name: str = "fcfs"
-    max_num_seqs: int = attrs.field(default=128, validator=at_least(1))
-    max_num_batched_tokens: int = attrs.field(default=2048, validator=at_least(1))
+    max_num_seqs: int | None = attrs.field(default=None, validator=at_least(1))
+    max_num_batched_tokens: int | None = attrs.field(default=None, validator=at_least(1))
     max_waiting: int = attrs.field(default=4096, validator=at_least(1))
     chunked_prefill: bool = True
     async_scheduling: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
@@ -96,12 +106,15 @@ class BackendConfig:
     """Device backend: ``auto`` picks by priority; ``SAGELLM_BACKEND`` overrides ``auto``.
 
     ``options``: validated against the options class the selected backend registered (if any).
+    ``cuda_graphs``: capture decode steps as device graphs at start-up, for every batch bucket up to
+    ``max_graph_batch_size`` (null: ``scheduler.max_num_seqs``, at most 512); false (the CLI's
+    ``--enforce-eager``) runs every step eagerly.
     """
 
     name: str = "auto"
     device_index: int = attrs.field(default=0, validator=at_least(0))
     cuda_graphs: bool = True
-    max_graph_batch_size: int = attrs.field(default=256, validator=at_least(1))
+    max_graph_batch_size: int | None = attrs.field(default=None, validator=at_least(1))
     options: dict[str, Any] = attrs.field(factory=dict)
 
 

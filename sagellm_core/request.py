@@ -64,6 +64,7 @@ class Request:
     parent_id: str | None = None
     index: int = 0
     stop_reason: str | int | None = None
+    bad_token_ids: frozenset[int] = frozenset()  # never sampled (`SamplingParams.bad_words`, resolved)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ from sagellm_core.structured.params import StructuredOutputsParams
 GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as vLLM's and OpenAI's APIs take
 MAX_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 
 
 def _fail(name: str, message: str, value: Any) -> None:
@@ -68,12 +69,31 @@ def _seed(_: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 def _stop_strings(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-        _fail("stop", "must be a non-empty string or a list of non-empty strings", value)
+        _fail(attribute.name, "must be a non-empty string or a list of non-empty strings", value)
 
 
 def _token_ids(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, list) or not all(_integer(t) and t >= 0 for t in value):
         _fail(attribute.name, "must be a list of non-negative integers", value)
+
+
+def _logit_bias_keys(value: Any) -> Any:
+    """OpenAI sends token ids as JSON object keys (strings): ``{"50256": -100}`` -> ``{50256: -100}``."""
+    if isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v for k, v in value.items()}
+    return value
+
+
+def _logit_bias(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        _fail("logit_bias", "must be a mapping of token id to bias, or null", value)
+    for token, bias in value.items():
+        if not _integer(token) or token < 0:
+            _fail("logit_bias", "keys must be non-negative token ids", token)
+        if not _number(bias) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            _fail("logit_bias", f"values must be numbers in [{-LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]", bias)
 
 
 def _as_list(value: Any) -> Any:
@@ -111,6 +131,11 @@ class SamplingParams:
     ``logprobs`` = k returns the chosen token's logprob plus the top-k alternatives.
     Bad values, wrong types (``seed="x"``, ``True`` for an integer), NaN and infinities raise
     `InvalidRequestError` naming the parameter, at construction or on assignment.
+    ``logit_bias`` ({token id: bias in [-100, 100]}, OpenAI's) is added to those logits before
+    sampling. ``bad_words``: the single-token forms of each word (the word, and the word after a
+    space, as vLLM tokenizes them) are never sampled; a word with no single-token form is refused
+    when the request is added (banning a multi-token sequence needs the host's view of the last
+    tokens, which the asynchronous pipeline does not have).
     ``structured_outputs`` constrains the text to a JSON schema, regex, grammar or choice
     (`StructuredOutputsParams`, or a dict of its fields).
     """
@@ -132,6 +157,8 @@ class SamplingParams:
     ignore_eos: bool = attrs.field(default=False, validator=_boolean)
     logprobs: int | None = attrs.field(default=None, validator=_int_at_least(0, optional=True))
     skip_special_tokens: bool = attrs.field(default=True, validator=_boolean)
+    logit_bias: dict[int, float] | None = attrs.field(default=None, converter=_logit_bias_keys, validator=_logit_bias)
+    bad_words: list[str] = attrs.field(factory=list, converter=_as_list, validator=_stop_strings)
     structured_outputs: StructuredOutputsParams | None = attrs.field(default=None, converter=_structured,
                                                                      validator=_structured_type)
 

@@ -46,14 +46,35 @@ def test_tokens_are_read_one_step_later_and_fed_from_the_device(tiny_engine_dir:
     assert engine.kv_pools[0].stats().used_blocks == 0
 
 
-@pytest.mark.parametrize("params", [GREEDY.replace(logprobs=2), GREEDY.replace(repetition_penalty=1.3)],
-                         ids=["logprobs", "penalty"])
-def test_steps_that_need_host_tokens_run_synchronously(tiny_engine_dir: Path, params: SamplingParams) -> None:
+SAMPLING_MIXES = {
+    "logprobs": GREEDY.replace(logprobs=2),
+    "repetition": GREEDY.replace(repetition_penalty=1.3),
+    "presence+frequency": SamplingParams(temperature=0.8, seed=3, presence_penalty=0.5, frequency_penalty=0.5,
+                                         max_tokens=6, ignore_eos=True),
+    "filters+bias": SamplingParams(temperature=0.8, seed=4, top_p=0.9, top_k=20, min_p=0.02, logit_bias={7: 3.0},
+                                   min_tokens=3, max_tokens=6, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("params", list(SAMPLING_MIXES.values()), ids=list(SAMPLING_MIXES))
+def test_every_sampling_parameter_stays_in_the_async_pipeline(tiny_engine_dir: Path, params: SamplingParams) -> None:
+    """Penalties, logprobs, filters and biases run at depth 1 (the step is in flight when step()
+    returns) and give the tokens and logprobs of the synchronous engine."""
+    prompts = [[5, 6, 7], [8, 9], [3, 1, 4, 1, 5]]
+    expected = run_engine(async_engine(tiny_engine_dir, "off"), prompts, params)
     engine = async_engine(tiny_engine_dir)
-    engine.add_request([5, 6, 7], params)
+    for index, prompt in enumerate(prompts):
+        engine.add_request(prompt, params, request_id=str(index))
     engine.step()
-    assert engine._inflight is None
-    assert PENDING_TOKEN not in engine.scheduler.running[0].output_token_ids
+    assert engine._inflight is not None
+    assert all(r.output_token_ids == [PENDING_TOKEN] for r in engine.scheduler.running)
+    finals = {}
+    while engine.has_unfinished():
+        finals |= {o.request_id: o for o in engine.step() if o.finished}
+    outs = [finals[str(index)].outputs[0] for index in range(len(prompts))]
+    assert [o.token_ids for o in outs] == [e.outputs[0].token_ids for e in expected]
+    if params.logprobs is not None:
+        assert [o.logprobs for o in outs] == [e.outputs[0].logprobs for e in expected]
 
 
 def test_abort_while_a_step_is_in_flight_drops_its_token(tiny_engine_dir: Path) -> None:

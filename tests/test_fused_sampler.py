@@ -21,9 +21,11 @@ class RecordingSampler:
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[float], list[int]]] = []
+        self.logits: list[torch.Tensor] = []
 
     def __call__(self, logits: torch.Tensor, inverse: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         self.calls.append((inverse.tolist(), keys.tolist()))
+        self.logits.append(logits.clone())
         out = []
         for row, scale, key in zip(logits, inverse.tolist(), keys.tolist()):
             if scale == 0:
@@ -40,7 +42,9 @@ def _request(rid: str, params: SamplingParams, outputs: int = 0) -> Request:
     return request
 
 
-def test_routes_to_the_fused_sampler_only_without_filters() -> None:
+def test_every_batch_goes_through_the_fused_sampler() -> None:
+    """It gets the logits and inverse temperatures; with top-k / top-p / min-p the removed tokens
+    are -inf in the logits it gets."""
     fused = RecordingSampler()
     sampler = Sampler(fused=fused)
     logits = torch.randn(2, 50)
@@ -49,9 +53,13 @@ def test_routes_to_the_fused_sampler_only_without_filters() -> None:
     assert len(fused.calls) == 1 and fused.calls[0][0] == [2.0, 0.0]
     greedy = sampler.sample(logits, [_request("c", SamplingParams(temperature=0.0))] * 2)
     assert len(fused.calls) == 2 and greedy.token_ids == logits.argmax(dim=-1).tolist()
-    for params in (SamplingParams(top_k=5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1)):
+    for params in (SamplingParams(top_k=5, temperature=0.5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1)):
         sampler.sample(logits, [_request("d", params), plain[0]])
-    assert len(fused.calls) == 2
+        assert fused.calls[-1][0] == [1.0 / params.temperature, 2.0]
+        assert torch.isinf(fused.logits[-1][0]).any() and not torch.isinf(fused.logits[-1][1]).any()
+    assert len(fused.calls) == 5
+    torch.testing.assert_close(fused.logits[2][1], logits[1])
+    assert int((~torch.isinf(fused.logits[2][0])).sum()) == 5
 
 
 def test_seeded_keys_depend_on_seed_and_position_not_on_the_batch() -> None:

@@ -45,6 +45,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="strict PD with the decode pool on a second device and process (parallel.pd_split)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="scheduler.max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="scheduler.max_num_batched_tokens")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="no decode graphs: every step runs eagerly (backend.cuda_graphs: false)")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"])
     parser.add_argument("--quantization", default=None, choices=["auto", "none", "int8", "int4", "fp8"],
                         help="weight format (default auto: a GGUF's own on the CPU backend, else none)")
@@ -103,6 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         (getattr(args, "kv_cache_dtype", None), "kv_cache", "dtype"),
         (getattr(args, "tensor_parallel_size", None), "parallel", "tensor_parallel_size"),
         (getattr(args, "pd_split", None), "parallel", "pd_split"),
+        (False if getattr(args, "enforce_eager", None) else None, "backend", "cuda_graphs"),
     ):
         if value is not None:
             sections[section][key] = value

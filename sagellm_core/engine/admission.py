@@ -62,6 +62,28 @@ class Admission:
                 f"{self.pool_tokens} ({self.pool_tokens // self.block_size} blocks of {self.block_size})")
         return max_tokens
 
+    def check_token_params(self, params: SamplingParams) -> frozenset[int]:
+        """Checks ``logit_bias`` ids against the vocabulary; returns the tokens ``bad_words`` ban."""
+        for token in params.logit_bias or {}:
+            if token >= self.vocab_size:
+                raise InvalidRequestError(f"logit_bias: token id {token} is not in the vocabulary "
+                                          f"[0, {self.vocab_size})", param="logit_bias")
+        banned: set[int] = set()
+        for word in params.bad_words:
+            forms = {tuple(self.encode_plain(text)) for text in (word, " " + word.lstrip())}
+            single = {ids[0] for ids in forms if len(ids) == 1 and ids[0] < self.vocab_size}
+            if not single:
+                raise InvalidRequestError(f"bad_words: {word!r} is not a single token of this model's vocabulary "
+                                          "(multi-token bad words are not supported)", param="bad_words")
+            banned |= single
+        return frozenset(banned)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """``text``'s tokens without special tokens (BOS)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: bad_words need one", param="bad_words")
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
     def check_queue(self, num_waiting: int, n: int) -> None:
         if n > self.max_waiting:
             raise InvalidRequestError(f"n={n} is larger than the waiting queue ({self.max_waiting} requests)")
@@ -69,14 +91,16 @@ class Admission:
             raise EngineOverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
 
     def new_group(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
-                  max_tokens: int, priority: int, stream: bool, eos_token_ids: frozenset[int]) -> RequestGroup:
+                  max_tokens: int, priority: int, stream: bool, eos_token_ids: frozenset[int],
+                  bad_token_ids: frozenset[int] = frozenset()) -> RequestGroup:
         """The request's ``n`` completions (ids ``id#0``, ``id#1``, ... when ``n`` > 1)."""
         now = time.monotonic()
         completions = []
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(child_id, token_ids, params, max_tokens, eos_token_ids=eos_token_ids,
-                              priority=priority, arrival_time=now, parent_id=request_id, index=index)
+                              priority=priority, arrival_time=now, parent_id=request_id, index=index,
+                              bad_token_ids=bad_token_ids)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             completions.append(CompletionState(request, detok, logprobs=[] if params.logprobs is not None else None))
         return RequestGroup(request_id, text, token_ids, params, completions, RequestMetrics(arrival_time=now),

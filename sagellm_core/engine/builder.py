@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import attrs
@@ -13,6 +14,7 @@ import torch
 from sagellm_core.backend import Backend
 from sagellm_core.backend_selection import BackendChoice, create_backend, select_backend
 from sagellm_core.config import EngineConfig
+from sagellm_core.engine.budgets import Budgets, resolve_budgets
 from sagellm_core.errors import ConfigError
 from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.models import loader
@@ -24,7 +26,7 @@ from sagellm_core.parallel.launch import (Layout, attach_workers, join, layout_o
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.quant import QuantizationReport, kv_cache_dtype, quantize_loaded_model
 from sagellm_core.plugin_selection import validate_plugin_selection
-from sagellm_core.sampler import Sampler
+from sagellm_core.sampling import Sampler
 from sagellm_core.schedulers.base import Scheduler
 
 log = logging.getLogger("sagellm")
@@ -33,6 +35,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @attrs.define
 class EngineParts:
+    config: EngineConfig  # with the budgets resolved
+    budgets: Budgets
+    graph_capture_seconds: float
     backend_choice: BackendChoice
     backend: Backend
     dtype: torch.dtype
@@ -58,6 +63,7 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     requested = None if config.backend.name == "auto" else config.backend.name
     choice = select_backend(plugins, requested)
     backend = create_backend(choice.spec, config.backend)
+    config, budgets = resolve_budgets(config, backend)
     plugins.configure(config)
     scheduler = selection.create_scheduler(config.scheduler)
     layout = distributed_layout(config, scheduler)
@@ -82,15 +88,20 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         graph_batch = graph_batch_size(config, model_config)
         runner = ModelRunner(model, backend, block_size, local_pools(layout, pool_blocks, 0), dtype,
                              max_model_len=max_model_len, graph_batch_size=graph_batch, cache_dtype=kv_dtype)
+        capture_seconds = 0.0
         if control is not None and layout is not None:
             runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
+        elif runner.captures_graphs:
+            capture_seconds = runner.capture_graphs(progress=sys.stderr.isatty())
+            log.info("captured %d decode graphs (batch <= %d) in %.1f s", len(runner.graphs.graphs),  # type: ignore[union-attr]
+                     graph_batch, capture_seconds)
     except BaseException:
         if control is not None:
             stop_workers(control)
         raise
     mode = config.scheduler.async_scheduling
     return EngineParts(
-        backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
+        config=config, budgets=budgets, graph_capture_seconds=capture_seconds, backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
         model=model, quantization=quantization, kv_dtype=kv_dtype, vocab_size=model_config.vocab_size, max_model_len=max_model_len,
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
         sampler=Sampler(config.model.seed, fused=backend.fused_sampler()),
@@ -131,7 +142,7 @@ def graph_batch_size(config: EngineConfig, model_config: Any) -> int:
     if any(getattr(model_config, name, None) for name in EXPERT_COUNT_FIELDS):
         log.info("mixture-of-experts model: decode steps run eagerly (no device graphs)")
         return 0
-    return min(config.backend.max_graph_batch_size, config.scheduler.max_num_seqs)
+    return min(config.backend.max_graph_batch_size or 0, config.scheduler.max_num_seqs or 0)
 
 
 def pool_sizes(config: EngineConfig, backend: Backend, model: Any, dtype: torch.dtype,

@@ -6,11 +6,13 @@ One overlap mechanism, a pipeline of depth 0 or 1. Depth 1 (async scheduling; ``
 on for backends whose host copies are asynchronous, i.e. CUDA): step N+1 is planned and queued on
 the device before step N's sampled tokens are read; the plan holds placeholders for them and the
 runner feeds them from device memory, so planning, input preparation and text processing hide
-behind device work. A step whose sampling needs host tokens (penalties, logprobs) drains the
-pipeline and runs at depth 0. On a backend with captured graphs, a step that must run eagerly
-(prefill) is not launched behind a step in flight: that call hands out the in-flight step's
-outputs and the next call launches the planned step (TTFT). Outputs arrive one step later at
-depth 1, and a request that ends on EOS or a stop has one more token computed and dropped.
+behind device work. A step whose sampling needs host tokens drains the pipeline and runs at depth
+0: only structured outputs, whose grammar state lives on the host; penalties, bans, logit_bias,
+filters, seeds and logprobs are device work read with the tokens. On a backend with captured
+graphs, a step that must run eagerly (prefill) is not launched behind a step in flight: that call
+hands out the in-flight step's outputs and the next call launches the planned step (TTFT).
+Outputs arrive one step later at depth 1, and a request that ends on EOS or a stop has one more
+token computed and dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sagellm_core.plan import StepPlan
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
 from sagellm_core.request import Request, RequestStatus
 from sagellm_core.request_state import CompletionState, RequestGroup
-from sagellm_core.sampler import PendingSample
+from sagellm_core.sampling import Logprobs, PendingSample
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.schedulers.base import TokenUpdate
 from sagellm_core.structured.manager import StructuredOutputs
@@ -58,7 +60,7 @@ class InflightStep:
     plan: StepPlan
     sample: PendingSample
     feed: TokenFeed
-    read: Callable[[], list[int]]
+    read: Callable[[], tuple[list[int], list[Logprobs | None]]]
 
 
 class LLMEngine:
@@ -73,6 +75,8 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.plugins = plugin_manager or create_plugin_manager()
         parts = build_engine(config, self.plugins)
+        self.config, self.budgets = parts.config, parts.budgets  # budgets resolved from the device
+        self.graph_capture_seconds = parts.graph_capture_seconds
         self.backend_choice, self.backend, self.dtype = parts.backend_choice, parts.backend, parts.dtype
         self.model_name, self.tokenizer, self.model = parts.model_name, parts.tokenizer, parts.model
         self.quantization, self.kv_dtype = parts.quantization, parts.kv_dtype
@@ -119,13 +123,14 @@ class LLMEngine:
         params = params or SamplingParams()
         self.structured.check(params)
         text, token_ids = self.admission.prompt_ids(prompt)
+        bad_token_ids = self.admission.check_token_params(params)
         max_tokens = self.admission.max_tokens(len(token_ids), params)
         self.admission.check_queue(len(self.scheduler.waiting), params.n)
         request_id = request_id or f"req-{next(_request_counter)}"
         if request_id in self.outputs.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         group = self.admission.new_group(request_id, text, token_ids, params, max_tokens, priority, stream,
-                                         self.eos_token_ids)
+                                         self.eos_token_ids, bad_token_ids)
         self.outputs.add(group)
         for state in group.completions:
             self.scheduler.add(state.request)
@@ -200,8 +205,7 @@ class LLMEngine:
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         requests = [self.scheduler.requests[c.request_id] for c in plan.sampled]
-        host_tokens = any(r.params.needs_penalties or r.params.logprobs is not None
-                          or r.params.structured_outputs is not None for r in requests)
+        host_tokens = any(r.params.structured_outputs is not None for r in requests)
         self.phase_seconds["schedule"] += time.perf_counter() - tick
         feed = self._inflight.feed if self._inflight is not None else None
         return PlannedStep(plan, feed, requests, host_tokens)
@@ -223,7 +227,7 @@ class LLMEngine:
         rows = {r.request_id: row for row, r in enumerate(sample.requests)}
         self.phase_seconds["execute"] += time.perf_counter() - tick
         return InflightStep(plan, sample, TokenFeed(sample.token_ids, rows),
-                            self.backend.start_host_copy(sample.token_ids))
+                            sample.start_host_copy(self.backend.start_host_copy))
 
     def _drain(self) -> list[RequestOutput]:
         """Read the step in flight (waits for the device), accept its tokens, return the outputs."""
@@ -231,8 +235,7 @@ class LLMEngine:
         if inflight is None:
             return []
         tick = time.perf_counter()
-        token_ids = inflight.read()
-        logprobs = self.sampler.logprobs(inflight.sample, token_ids)
+        token_ids, logprobs = inflight.read()
         tock = time.perf_counter()
         self.phase_seconds["sample"] += tock - tick
         request_ids = [r.request_id for r in inflight.sample.requests]
@@ -270,4 +273,8 @@ class LLMEngine:
         stats["last_progress_time"] = self.last_progress_time
         stats["phase_seconds"] = dict(self.phase_seconds)
         stats["scheduler"] = self.scheduler.stats()
+        stats["budgets"] = self.budgets.as_dict()
+        graphs = self.runner.graphs if hasattr(self.runner, "graphs") else None
+        stats["graph_capture"] = {"graphs": len(graphs.graphs) if graphs is not None else 0,
+                                  "seconds": self.graph_capture_seconds}
         return stats

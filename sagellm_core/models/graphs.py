@@ -10,7 +10,8 @@ needs (the forward function, the KV pools, the device) is passed in.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import time
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -57,6 +58,20 @@ class DecodeGraphRunner:
         self.keep = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[Callable[[], torch.Tensor], AttentionMetadata]] = {}
         self.num_replays = 0
+
+    def capture_all(self, pools: Iterable[int], progress: bool = True) -> float:
+        """Capture every bucket of every pool now (largest first, as vLLM: smaller graphs reuse the
+        larger ones' memory); returns the seconds it took. Without it graphs are captured lazily,
+        inside the first steps of each size."""
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        todo = [(pool, bucket) for pool in pools for bucket in reversed(self.buckets)
+                if (pool, bucket) not in self.graphs]
+        for pool, bucket in tqdm(todo, desc="Capturing decode graphs", unit="graph", disable=not progress,
+                                 leave=False):
+            self.graphs[(pool, bucket)] = self._capture(pool, bucket)
+        return time.perf_counter() - start
 
     def supports(self, plan: StepPlan) -> bool:
         """Decode-only steps in which every sequence samples (no one-token prefill chunks)."""

@@ -43,6 +43,13 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(self.forward, self.kv_cache.pool, capture, self.device, block_size,
                                             graph_batch_size, -(-max_model_len // block_size))
 
+    def capture_graphs(self, progress: bool = True) -> float:
+        """Capture the decode graphs of every batch bucket and KV pool now; the seconds it took
+        (0.0 without graphs)."""
+        if self.graphs is None:
+            return 0.0
+        return self.graphs.capture_all(range(len(self.kv_cache.pools)), progress)
+
     @property
     def kv_caches(self) -> list[torch.Tensor]:
         """The per-pool KV tensors (read-only view for tests and tools)."""

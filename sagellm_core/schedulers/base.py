@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import attrs
 
-from sagellm_core.config import SchedulerConfig
+from sagellm_core.config import FALLBACK_MAX_NUM_BATCHED_TOKENS, FALLBACK_MAX_NUM_SEQS, SchedulerConfig
 from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.plan import BlockTransfer, ChunkPlan, StepPlan
 from sagellm_core.request import Request, RequestStatus
@@ -74,6 +74,16 @@ class Scheduler:
         self.kv: list[KVCacheManager] = []
         self.num_preemptions = 0
         self.num_self_preemptions = 0
+
+    @property
+    def max_num_seqs(self) -> int:
+        """``config.max_num_seqs`` (the engine resolves it from the device when unset)."""
+        return self.config.max_num_seqs or FALLBACK_MAX_NUM_SEQS
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        """``config.max_num_batched_tokens`` (the engine resolves it from the device when unset)."""
+        return self.config.max_num_batched_tokens or FALLBACK_MAX_NUM_BATCHED_TOKENS
 
     # ---- wiring --------------------------------------------------------------------------------
     @property
@@ -233,7 +243,7 @@ class PolicyScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         budget = self._schedule_running(output, budget, self.running_order())
         if not output.preempted:
             self._schedule_waiting(output, budget, pool=0)
@@ -272,7 +282,7 @@ class PolicyScheduler(Scheduler):
         self.waiting.sort(key=lambda r: (self.waiting_key(r), r.arrival_order))
         kv = self.kv[pool]
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.reached_length or not self.can_admit(request):
                 skipped.append(self.waiting.pop(0))
@@ -280,7 +290,7 @@ class PolicyScheduler(Scheduler):
             prefix = kv.find_prefix(request) if request.num_computed_tokens == 0 else []
             num_computed = request.num_computed_tokens + len(prefix) * kv.block_size
             pending = request.num_tokens - num_computed
-            if not self.config.chunked_prefill and budget < pending <= self.config.max_num_batched_tokens:
+            if not self.config.chunked_prefill and budget < pending <= self.max_num_batched_tokens:
                 break  # whole prompt fits a later step; wait for it rather than chunking
             num_tokens = min(pending, budget)
             if not kv.allocate(request, num_tokens, prefix):

@@ -63,13 +63,13 @@ class PDScheduler(PolicyScheduler):
         want_prefill = bool(self.waiting or prefills)
         if want_prefill and (not decodes or self.decode_streak >= self.options.max_decode_steps):
             self.decode_streak = 0
-            budget = self._schedule_running(output, self.config.max_num_batched_tokens, self._ordered(prefills))
+            budget = self._schedule_running(output, self.max_num_batched_tokens, self._ordered(prefills))
             if not output.preempted:
                 self._schedule_waiting(output, budget, pool=PREFILL_POOL)
             output.pool = PREFILL_POOL
         elif decodes:
             self.decode_streak += 1
-            self._schedule_running(output, self.config.max_num_batched_tokens, self._ordered(decodes))
+            self._schedule_running(output, self.max_num_batched_tokens, self._ordered(decodes))
             output.pool = self._decode_pool
         self._count(output)
         return output

@@ -2,9 +2,9 @@
 
 Unknown fields are rejected (400 "Unrecognized request argument"), as OpenAI does. vLLM-style extras
 are accepted: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
-``stop_token_ids``, ``skip_special_tokens``, and the structured-output options (``response_format``,
+``stop_token_ids``, ``skip_special_tokens``, ``bad_words``, and the structured-output options (``response_format``,
 ``structured_outputs``, ``guided_json`` / ``guided_regex`` / ``guided_grammar`` / ``guided_choice``:
-see `sagellm_core.server.structured_requests`). Fields we cannot honour (logit_bias, suffix, ...)
+see `sagellm_core.server.structured_requests`). Fields we cannot honour (suffix, ...)
 are declared so that a non-trivial value is a clear 400 rather than silently ignored.
 """
 
@@ -53,6 +53,7 @@ class SamplingRequest(_Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    bad_words: list[str] | None = None
     # structured outputs (OpenAI's response_format, vLLM's names)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -68,8 +69,6 @@ class SamplingRequest(_Strict):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
     def _sampling_kwargs(self, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Keyword arguments for `SamplingParams`. Where the request sent null: ``defaults`` (the
@@ -96,6 +95,8 @@ class SamplingRequest(_Strict):
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "skip_special_tokens": self.skip_special_tokens,
+            "logit_bias": self.logit_bias or None,
+            "bad_words": self.bad_words or [],
             "structured_outputs": request_constraint(self),
         }
 

@@ -1,4 +1,4 @@
-"""`sagellm bench {throughput,latency,serve,prefix,pd}`: benchmarks that write JSON, markdown and PNG files.
+"""`sagellm bench {throughput,sampling,latency,serve,prefix,pd}`: benchmarks that write JSON, markdown and PNG files.
 
 Workload defaults come from the config's ``benchmark`` section (`BenchmarkConfig`, nano-vllm's shape)
 unless given on the command line. ``--model-shape`` benchmarks a real architecture with random weights.
@@ -22,13 +22,13 @@ from sagellm_core.errors import ConfigError
 
 SHAPE_NAMES = tuple(SHAPES)
 DEFAULTS = BenchmarkConfig()
-HELP = "benchmarks: throughput, latency, serve, prefix, pd"
+HELP = "benchmarks: throughput, sampling, latency, serve, prefix, pd"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` sub-commands (the ``add_arguments`` of the registered command)."""
     benches = parser.add_subparsers(dest="bench", required=True)
-    for add in (_add_throughput, _add_latency, _add_serve, _add_prefix, _add_pd):
+    for add in (_add_throughput, _add_sampling, _add_latency, _add_serve, _add_prefix, _add_pd):
         add(benches)
 
 
@@ -72,6 +72,19 @@ def _add_throughput(benches: argparse._SubParsersAction) -> None:
                         help="transformers continuous batching as a second peer (auto: on GPUs only)")
     _add_common(parser, temperature=0.6)
     parser.set_defaults(bench_run=_run_throughput)
+
+
+def _add_sampling(benches: argparse._SubParsersAction) -> None:
+    from sagellm_bench.sampling import MIXES
+
+    parser = benches.add_parser("sampling", help="each sampling parameter, the default configuration and the "
+                                                 "first run, as ratios to the plain path (one run)")
+    _add_lengths(parser)
+    parser.add_argument("--mix", action="append", choices=list(MIXES), default=None,
+                        help="run only these mixes (repeatable; plain always runs)")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the default-configuration engine")
+    _add_common(parser, temperature=0.6)
+    parser.set_defaults(bench_run=_run_sampling)
 
 
 def _add_latency(benches: argparse._SubParsersAction) -> None:
@@ -175,6 +188,18 @@ def _run_throughput(args: argparse.Namespace) -> int:
             compare_hf=args.compare == "hf", hf_batch_size=args.hf_batch_size, hf_continuous=args.hf_continuous,
             output_dir=args.output_dir)
         throughput.run(config, options, args)
+    return 0
+
+
+def _run_sampling(args: argparse.Namespace) -> int:
+    from sagellm_bench import sampling
+
+    mixes = tuple(dict.fromkeys([sampling.PLAIN, *(args.mix or sampling.MIXES)]))
+    with bench_config(args) as config:
+        options = sampling.SamplingBenchOptions(
+            **_workload_args(args, config), seed=_seed(args, config), temperature=args.temperature, mixes=mixes,
+            compare_defaults=not args.no_defaults, output_dir=args.output_dir)
+        sampling.run(config, options, args)
     return 0
 
 

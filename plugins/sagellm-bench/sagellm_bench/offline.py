@@ -148,7 +148,7 @@ def rate_label(rate: float) -> str:
 
 def describe_engine(llm: LLM) -> dict[str, Any]:
     """Model, backend, device, dtype and the engine settings a reader needs to reproduce a run."""
-    engine, config = llm.engine, llm.config
+    engine, config = llm.engine, llm.engine.config  # budgets as resolved from the device
     return {
         "model": engine.model_name, "model_path": config.model.path or "default",
         "load_format": config.model.load_format, "architecture": type(engine.model).__name__,

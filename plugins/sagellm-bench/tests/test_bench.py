@@ -52,6 +52,22 @@ def test_throughput_compare_hf(tiny_llama: Path, tmp_path: Path) -> None:
     assert "--compare hf" in data["environment"]["command"]
 
 
+def test_sampling_mixes_defaults_and_first_run(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _bench("sampling", tiny_llama, tmp_path, "--num-requests", "6", "--min-input-len", "4",
+                  "--max-input-len", "12", "--min-output-len", "3", "--max-output-len", "8", "--max-num-seqs", "4")
+    _assert_header(data, "sampling")
+    workload = random_workload(6, (4, 12), (3, 8), 512, 0)
+    from sagellm_bench.sampling import MIXES
+
+    mixes = data["results"]["mixes"]
+    assert list(mixes) == list(MIXES) and mixes["plain"]["ratio_to_plain"] == 1.0
+    for name, result in [*mixes.items(), *data["results"]["engine"].items()]:
+        assert result["output_tokens"] == workload.num_output_tokens, name
+        assert result["ratio_to_plain"] > 0
+    assert data["setup"]["budgets"]["max_num_seqs"] == 4  # the flag wins
+    assert data["setup"]["default_budgets"]["source"]["max_num_seqs"] == "derived"
+
+
 def test_prefix_policies(tiny_llama: Path, tmp_path: Path) -> None:
     data = _bench("prefix", tiny_llama, tmp_path, "--num-groups", "2", "--requests-per-group", "3",
                   "--prefix-len", "64", "--suffix-len", "8", "--output-len", "4")
