@@ -3,8 +3,9 @@
 Per request rate: TTFT, TPOT, ITL and E2E (mean / median / p99), request and token throughput, and
 goodput (requests per second meeting every given SLO). ``--launch`` starts ``sagellm serve`` as a
 subprocess with every engine option given (`server_launch`) and reports the configuration it runs
-with. ``--compare offline`` then runs the engine in-process on the same requests and arrival times and
-reports server / offline ratios.
+with, as the server reports it (``GET /v1/config``). ``--compare offline`` runs the engine in-process on
+the same requests and arrival times first, releases it, then measures the server, and reports server /
+offline ratios (the two never share the device).
 
 Requests use the vLLM extensions ``ignore_eos`` and token-id prompts (``prompt`` as a list of ints),
 and ask for ``stream_options.include_usage`` so the output token count comes from the server.
@@ -29,7 +30,7 @@ from sagellm_bench.environment import environment, visible_accelerators
 from sagellm_bench.offline import rate_label
 from sagellm_bench.report import BenchReport, Table, line_chart, write_report
 from sagellm_bench.serve_offline import offline_comparison, offline_table, ratios, run_offline_peer, three
-from sagellm_bench.server_launch import effective_server_config, flatten, launched_server
+from sagellm_bench.server_launch import fetch_server_config, flatten, launched_server
 from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
 from sagellm_bench.workloads import BenchRequest, Workload, poisson_arrivals, random_text, random_workload
 from sagellm_core.config import EngineConfig
@@ -201,20 +202,23 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
     """
     env = environment(args)
     env["gpus"] = visible_accelerators()  # this machine's (the server's, with --launch)
-    server_config = effective_server_config(list(options.launch_args)) if options.launch else None
+    offline_results = None
+    if options.compare_offline:  # first, and released before the server starts: they never share the device
+        workload = serve_workload(options)
+        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
+                   for rate in options.request_rates}
+        offline_results = run_offline_peer(config, workload, offsets, options.temperature)
+    server_config = None
     with contextlib.ExitStack() as stack:
         base_url = options.base_url
         if options.launch:
             base_url = stack.enter_context(launched_server(list(options.launch_args), options.launch_timeout_s,
                                                            Path(options.output_dir) / "serve_server.log"))
+        server_config = fetch_server_config(base_url.rstrip("/"), options.launch_args)
         results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
-    if options.compare_offline:  # after the launched server stopped: the device is free again
-        workload = serve_workload(options)
-        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
-                   for rate in options.request_rates}
-        for rate, offline in run_offline_peer(config, workload, offsets, options.temperature).items():
-            results[rate]["offline"] = offline
-            results[rate]["server_over_offline"] = ratios(results[rate], offline)
+    for rate, offline in (offline_results or {}).items():
+        results[rate]["offline"] = offline
+        results[rate]["server_over_offline"] = ratios(results[rate], offline)
     setup = {"base_url": base_url, "launched": options.launch, "model": model, "prompt_kind": options.prompt_kind,
              "num_requests_per_rate": options.num_requests,
              "input_len": f"{options.input_len[0]}..{options.input_len[1]}",
