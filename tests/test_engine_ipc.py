@@ -15,7 +15,7 @@ from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
 from sagellm_core.engine.codec import Kind, decode, decode_error, encode, encode_error
 from sagellm_core.engine.frontend_output import FrontendOutputs
-from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.outputs import RequestMetrics, RequestOutput
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.structured.params import StructuredOutputsParams
 
@@ -31,10 +31,8 @@ def test_codec_round_trips_requests_outputs_and_calls() -> None:
     assert decoded == params and decoded.structured_outputs == params.structured_outputs
     assert decoded.structured_outputs.kind == "json"
 
-    delta = RequestOutput("req-1", None, [], [CompletionOutput(0, delta_token_ids=[5, 6], finish_reason="stop",
-                                                                stop_reason=None,
-                                                                logprobs=[TokenLogprob(5, "", -0.5, [(5, "", -0.5)])])],
-                          True, RequestMetrics(arrival_time=1.0, first_token_time=2.0), error=None)
+    delta = ("req-1", True, None, RequestMetrics(arrival_time=1.0, first_token_time=2.0),
+             [(0, [5, 6], "stop", None, [(5, -0.5, [(5, -0.5), (7, -1.5)]), (6, -0.1, [(6, -0.1)])])])
     assert decode(encode((Kind.OUTPUTS, 12, [delta]))) == (Kind.OUTPUTS, 12, [delta])
     assert decode(memoryview(encode((Kind.CALL, 0, 3, "stats")))) == (Kind.CALL, 0, 3, "stats")
     with pytest.raises(ValueError, match="not a sageLLM IPC message"):
@@ -71,12 +69,13 @@ def _finals(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams, b
         if frontend is not None:
             frontend.add(f"r{index}", None, token_ids, params, stream)
     while engine.has_unfinished():
-        for output in engine.step():
-            if frontend is None:
-                if output.finished:
-                    finals[output.request_id] = output
-                continue
-            shown, hit = frontend.apply(output)
+        outputs = engine.step()
+        if frontend is None:
+            finals.update((output.request_id, output) for output in outputs if output.finished)
+            continue
+        assert outputs == []
+        for delta in engine.take_deltas():
+            shown, hit = frontend.apply(delta)
             for sequence_id, stop_string in hit:
                 engine.finish_stopped(sequence_id, stop_string)
             if shown is not None and shown.finished:
@@ -118,10 +117,12 @@ def test_token_mode_outputs_are_deltas(tokenizer_model: Path) -> None:
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True), request_id="a")
     seen: list[int] = []
     while engine.has_unfinished():
-        for output in engine.step():
-            [completion] = output.outputs
-            assert completion.text == "" and completion.token_ids == []
-            seen += completion.delta_token_ids
-            assert (output.metrics is not None) == output.finished
+        assert engine.step() == []
+        for request_id, finished, error, metrics, [(index, new, finish_reason, _, logprobs)] in engine.take_deltas():
+            assert (request_id, index, error, logprobs) == ("a", 0, None, None)
+            seen += new  # only what is new
+            assert (metrics is not None) == finished == (finish_reason == "length")
     assert len(seen) == 5
     assert engine.finish_stopped("a", "x") is False  # finished and forgotten
+    with pytest.raises(TypeError, match="detokenize=False"):
+        _engine(tokenizer_model, detokenize=True).take_deltas()

@@ -19,8 +19,9 @@ from server_utils import ServerThread, save_tiny_llama, wait_until
 
 from sagellm_core.chat import chat_prompt_ids
 from sagellm_core.cli import build_parser
-from sagellm_core.cli.serve_cmd import serve_config
+from sagellm_core.cli.serve_cmd import serve_config, serve_topology
 from sagellm_core.config import EngineConfig
+from sagellm_core.errors import ConfigError
 from sagellm_core.engine.client import EngineClient
 from sagellm_core.llm import LLM
 from sagellm_core.server import create_app, server_engine_config
@@ -422,3 +423,25 @@ def test_serve_command_options() -> None:
     assert config.scheduler.max_waiting == 7 and config.kv_cache.num_blocks == 64
     assert config.metrics.enabled[-1] == "prometheus"
     assert server_engine_config(config) is config  # already enabled: unchanged
+    assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 1,
+                                                       "data_parallel_size": 1}
+
+
+def test_serve_reaches_every_config_field() -> None:
+    args = build_parser().parse_args([
+        "serve", "--max-num-seqs", "512", "--max-num-batched-tokens", "16384", "--data-parallel-size", "2",
+        "--api-server-count", "3", "--set", "scheduler.async_scheduling=off", "--set", "kv_cache.memory_utilization=0.5",
+        "--set", "scheduler.options.mode=hybrid", "--scheduler", "pd", "--set", "backend.cuda_graphs=false"])
+    config = serve_config(args)
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (512, 16384)
+    assert config.scheduler.async_scheduling == "off" and config.kv_cache.memory_utilization == 0.5
+    assert config.scheduler.options == {"mode": "hybrid"} and config.backend.cuda_graphs is False
+    assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 3,
+                                                       "data_parallel_size": 2}
+    with pytest.raises(ConfigError, match="kv_cache.nope: unknown key"):
+        serve_config(build_parser().parse_args(["serve", "--set", "kv_cache.nope=1"]))
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        serve_config(build_parser().parse_args(["serve", "--set", "scheduler=1"]))
+    with pytest.raises(ConfigError, match="need the engine process"):
+        serve_topology(build_parser().parse_args(["serve", "--no-engine-process", "--api-server-count", "2"]),
+                       config)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sagellm_core.config import EngineConfig, _merge, load_config
+from sagellm_core.config import EngineConfig, _env_value, _merge, load_config
 from sagellm_core.errors import ConfigError
 
 PLUGIN_OPTION_FLAGS = {
@@ -126,14 +126,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def apply_sets(config: EngineConfig, texts: list[str]) -> EngineConfig:
-    """``config`` with each ``SECTION.FIELD[.KEY...]=VALUE`` of ``texts`` set (errors name the path)."""
+    """``config`` with each ``SECTION.FIELD[.KEY...]=VALUE`` of ``texts`` set (errors name the path).
+    VALUE is YAML, except for string fields, which keep the text (as the environment variables do)."""
     overrides: dict[str, Any] = {}
     for text in texts:
         path, sep, raw = text.partition("=")
         keys = [key.strip() for key in path.split(".")]
         if not sep or len(keys) < 2 or not all(keys):
             raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE")
-        _, value = parse_option(f"value={raw}", f"--set {path}")
+        value = _env_value(keys, raw, f"--set {path}")  # a string field keeps the text ("off", "yes")
         target = overrides
         for key in keys[:-1]:
             target = target.setdefault(key, {})

@@ -26,7 +26,7 @@ from sagellm_core.engine.process import EngineProcess
 from sagellm_core.errors import EngineDeadError, InvalidRequestError, SageLLMError
 from sagellm_core.health import EngineHealth, StallWatchdog
 from sagellm_core.inputs import InputProcessor, ProcessedPrompt
-from sagellm_core.outputs import RequestOutput
+from sagellm_core.engine.token_output import TokenDelta
 from sagellm_core.parallel.router import PrefixAffinityRouter
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.streams import RequestStream
@@ -34,6 +34,7 @@ from sagellm_core.streams import RequestStream
 log = logging.getLogger("sagellm")
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
+SEND_TIMEOUT_MS = 1000
 
 
 class EngineClient:
@@ -78,6 +79,8 @@ class EngineClient:
         for address in engine_inputs:
             sender = self._context.socket(zmq.PUSH)
             sender.setsockopt(zmq.LINGER, 0)
+            sender.setsockopt(zmq.SNDHWM, 0)
+            sender.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)  # the event loop never waits on a dead engine
             sender.connect(address)
             self._senders.append(sender)
         self._send_lock = threading.Lock()
@@ -90,9 +93,15 @@ class EngineClient:
 
     # ---- sending -------------------------------------------------------------------------------
     def _send(self, replica: int, message: tuple[Any, ...]) -> None:
+        import zmq
+
         with self._send_lock:
-            if not self._stopped:
+            if self._stopped or self._dead is not None:
+                return
+            try:
                 self._senders[replica].send(encode(message))
+            except zmq.Again:  # the engine is unreachable: its death is being reported
+                log.warning("engine %d unreachable: a %s message was dropped", replica, message[0])
 
     # ---- receiving (one thread) ----------------------------------------------------------------
     def _receive(self) -> None:
@@ -139,21 +148,22 @@ class EngineClient:
         elif kind == Kind.RESULT:
             self._on_result(*message[1:])
 
-    def _on_outputs(self, step: int, batch: list[RequestOutput]) -> None:
+    def _on_outputs(self, step: int, batch: list[TokenDelta]) -> None:
         self._messages += 1
         for delta in batch:
+            request_id = delta[0]
             output, stops = self.outputs.apply(delta)
-            for request_id, stop_string in stops:
-                self._send(self._replica_of.get(delta.request_id, 0), (Kind.STOP, request_id, stop_string))
+            for sequence_id, stop_string in stops:
+                self._send(self._replica_of.get(request_id, 0), (Kind.STOP, sequence_id, stop_string))
             if output is None:
                 continue
-            stream = self._requests.get(delta.request_id)
+            stream = self._requests.get(request_id)
             if stream is None:
                 continue
             stream.put(output)
             if output.finished:
                 stream.put_end()
-                self._forget(delta.request_id)
+                self._forget(request_id)
 
     def _on_result(self, call_id: int, ok: bool, value: Any) -> None:
         future = self._calls.pop(call_id, None)

@@ -26,7 +26,7 @@ from sagellm_core.engine.admission import Admission
 from sagellm_core.engine.builder import build_engine
 from sagellm_core.engine.events import EngineEvents
 from sagellm_core.engine.output import OutputProcessor
-from sagellm_core.engine.token_output import TokenOutputProcessor
+from sagellm_core.engine.token_output import TokenDelta, TokenOutputProcessor
 from sagellm_core.errors import InvalidRequestError, PluginError
 from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.outputs import RequestOutput
@@ -65,8 +65,10 @@ class InflightStep:
 class LLMEngine:
     """Build with an `EngineConfig`; call `add_request` and `step` until `has_unfinished` is False.
 
-    ``detokenize=False`` (token mode): outputs carry new token ids and logprobs only, no text, and
-    stop strings are left to the caller (`sagellm_core.engine.token_output`).
+    ``detokenize=False`` (token mode, the engine process's): `step` returns no `RequestOutput`; the
+    step's changes are taken with `take_deltas` as `TokenDelta`s (new token ids, logprobs, finish
+    reasons; no text), and stop strings are left to the caller, which ends a sequence that hit one
+    with `finish_stopped` (`sagellm_core.engine.token_output`).
 
     For a watchdog: ``last_progress_time`` (``time.monotonic()`` of the last step that ran or
     delivered something) and ``step_counter``; work is queued while `has_unfinished` is True.
@@ -146,6 +148,12 @@ class LLMEngine:
         for state in group.completions:
             self.outputs.end(group, state, RequestStatus.FINISHED_ABORTED)
         return True
+
+    def take_deltas(self) -> list[TokenDelta]:
+        """Token mode: the changes of the steps since the last call, one `TokenDelta` per request."""
+        if not isinstance(self.outputs, TokenOutputProcessor):
+            raise TypeError("take_deltas needs an engine built with detokenize=False")
+        return self.outputs.take_deltas()
 
     def finish_stopped(self, request_id: str, stop_reason: str) -> bool:
         """End one sequence (a child id when ``n`` > 1) as stopped at ``stop_reason``, a stop string

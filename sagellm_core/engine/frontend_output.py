@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from sagellm_core.detokenizer import IncrementalDetokenizer
-from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.engine.token_output import SequenceDelta, TokenDelta
+from sagellm_core.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from sagellm_core.request import Request
 from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string
 from sagellm_core.sampling_params import SamplingParams
@@ -50,37 +51,38 @@ class FrontendOutputs:
     def drop(self, request_id: str) -> None:
         self.groups.pop(request_id, None)
 
-    def apply(self, delta: RequestOutput) -> tuple[RequestOutput | None, list[tuple[str, str]]]:
+    def apply(self, delta: TokenDelta) -> tuple[RequestOutput | None, list[tuple[str, str]]]:
         """The caller's output for one engine delta (None: nothing to report), and the sequences that
         hit a stop string here: (sequence id, stop string) to stop in the engine."""
-        group = self.groups.get(delta.request_id)
+        request_id, _, error, metrics, sequences = delta
+        group = self.groups.get(request_id)
         if group is None:  # ended here already (stop strings)
             return None, []
         stops = []
-        for completion in delta.outputs:
-            state = group.completions[completion.index]
-            if state.finish_reason is None and self._accept(group, state, completion):
+        for sequence in sequences:
+            state = group.completions[sequence[0]]
+            if state.finish_reason is None and self._accept(group, state, sequence):
                 stops.append((state.request.request_id, str(state.stop_reason)))
-        if delta.error is not None:
-            group.error = delta.error
-        if delta.metrics is not None:
-            group.metrics = delta.metrics
+        if error is not None:
+            group.error = error
+        if metrics is not None:
+            group.metrics = metrics
         if not (group.stream or group.finished):
             return None, stops
         if group.finished:
             del self.groups[group.request_id]
         return group.output(), stops
 
-    def _accept(self, group: RequestGroup, state: CompletionState, completion: CompletionOutput) -> bool:
+    def _accept(self, group: RequestGroup, state: CompletionState, sequence: SequenceDelta) -> bool:
         """Take one sequence's new tokens; True if it hit a stop string here."""
         params, request = group.params, state.request
-        new = completion.delta_token_ids
-        finishing = completion.finish_reason is not None
+        _, new, finish_reason, stop_reason, logprobs = sequence
+        finishing = finish_reason is not None
         lazy = not group.stream and not params.stop  # nobody reads the text before the end
         for position, token_id in enumerate(new):
             request.output_token_ids.append(token_id)
-            if state.logprobs is not None and completion.logprobs is not None and position < len(completion.logprobs):
-                state.logprobs.append(self._named(completion.logprobs[position]))
+            if state.logprobs is not None and logprobs is not None and position < len(logprobs):
+                state.logprobs.append(self._named(*logprobs[position]))
             if lazy:
                 continue
             may_stop = len(request.output_token_ids) >= params.min_tokens
@@ -99,7 +101,7 @@ class FrontendOutputs:
                 shown = request.output_token_ids
                 hidden = bool(shown) and self._hidden(params, shown[-1], len(shown) >= params.min_tokens)
                 state.text = state.detokenizer.decode_all(shown[:-1] if hidden else shown)
-            state.finish_reason, state.stop_reason = completion.finish_reason, completion.stop_reason
+            state.finish_reason, state.stop_reason = finish_reason, stop_reason
         return False
 
     def _hidden(self, params: SamplingParams, token_id: int, may_stop: bool) -> bool:
@@ -107,10 +109,9 @@ class FrontendOutputs:
         return may_stop and ((not params.ignore_eos and token_id in self.eos_token_ids)
                              or token_id in params.stop_token_ids)
 
-    def _named(self, entry: TokenLogprob) -> TokenLogprob:
+    def _named(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         decode = self._token_text
-        return TokenLogprob(entry.token_id, decode(entry.token_id), entry.logprob,
-                            [(tid, decode(tid), lp) for tid, _, lp in entry.top])
+        return TokenLogprob(token_id, decode(token_id), logprob, [(tid, decode(tid), lp) for tid, lp in top])
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)

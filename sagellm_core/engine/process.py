@@ -7,10 +7,12 @@ runner and sampler, with no HTTP, tokenization or text in the way of its step lo
     handle.stop()
 
 The loop: take every message the front ends sent (add, abort, stop at a stop string, calls), run one
-step, send each front end one message with all of that step's outputs for its requests (deltas of
-token ids, logprobs, finish reasons: `TokenOutputProcessor`). Front ends push to this process's
+step, send each front end one message with all of that step's outputs for its requests (`TokenDelta`
+tuples: new token ids, logprobs, finish reasons; `sagellm_core.engine.token_output`). Front ends push to this process's
 ``PULL`` socket; it pushes to one ``PULL`` socket per front end. The process exits when its parent
 (the launcher) dies, on SIGTERM, or when the loop raises (the front ends see the connection drop).
+Sends never block on a slow front end (no high-water mark); one that stays unreachable for
+``SEND_TIMEOUT_MS`` (its process is gone) has its outputs dropped.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from sagellm_core.config import EngineConfig
 from sagellm_core.engine.codec import Kind, decode, encode, encode_error
 from sagellm_core.engine.info import EngineInfo
 from sagellm_core.errors import EngineDeadError, SageLLMError
-from sagellm_core.outputs import RequestOutput
+from sagellm_core.engine.token_output import TokenDelta
 
 log = logging.getLogger("sagellm.engine")
 IDLE_POLL_MS = 1000
 PROGRESS_INTERVAL_S = 1.0
+SEND_TIMEOUT_MS = 5000  # a front end that stays unreachable this long is gone: its outputs are dropped
 
 
 def ipc_address(directory: str, name: str) -> str:
@@ -72,6 +75,8 @@ class EngineCoreLoop:
         for address in addresses.frontend_outputs:
             socket = self.context.socket(zmq.PUSH)
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a slow front end
+            socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
             socket.connect(address)
             self.outputs.append(socket)
         self.owner: dict[str, int] = {}  # request id -> front end index
@@ -86,7 +91,7 @@ class EngineCoreLoop:
             busy = self.engine.has_unfinished()
             if self.input.poll(0 if busy else IDLE_POLL_MS):
                 self._drain_input()
-            elif not busy and not _alive(self.parent_pid):
+            if os.getppid() != self.parent_pid:
                 log.warning("the launcher (pid %d) is gone: the engine process exits", self.parent_pid)
                 return
             if self.engine.has_unfinished():
@@ -105,34 +110,44 @@ class EngineCoreLoop:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            self.engine.step()
         except Exception as exc:  # fail the requests in flight, keep serving new ones (as `LLM` does)
             log.exception("engine step failed")
             self._fail_all(exc)
             return
-        if outputs:
-            self._send_outputs(outputs)
+        deltas = self.engine.take_deltas()
+        if deltas:
+            self._send_outputs(deltas)
         elif time.monotonic() - self.last_progress_sent >= PROGRESS_INTERVAL_S:
             self._broadcast((Kind.PROGRESS, self.engine.step_counter))
 
-    def _send_outputs(self, outputs: list[RequestOutput]) -> None:
-        by_frontend: dict[int, list[RequestOutput]] = {}
-        for output in outputs:
-            frontend = self.owner.get(output.request_id)
+    def _send_outputs(self, deltas: list[TokenDelta]) -> None:
+        by_frontend: dict[int, list[TokenDelta]] = {}
+        for delta in deltas:
+            request_id, finished = delta[0], delta[1]
+            frontend = self.owner.get(request_id)
             if frontend is None:
                 continue
-            by_frontend.setdefault(frontend, []).append(output)
-            if output.finished:
-                del self.owner[output.request_id]
+            by_frontend.setdefault(frontend, []).append(delta)
+            if finished:
+                del self.owner[request_id]
         step = self.engine.step_counter
         for frontend, batch in by_frontend.items():
-            self.outputs[frontend].send(encode((Kind.OUTPUTS, step, batch)), copy=False)
+            self._send(frontend, (Kind.OUTPUTS, step, batch))
         self.last_progress_sent = time.monotonic()
 
+    def _send(self, frontend: int, message: tuple[Any, ...]) -> None:
+        import zmq
+
+        try:
+            self.outputs[frontend].send(encode(message), copy=False)
+        except zmq.Again:
+            log.warning("front end %d unreachable for %d ms: a %s message was dropped", frontend,
+                        SEND_TIMEOUT_MS, message[0])
+
     def _broadcast(self, message: tuple[Any, ...]) -> None:
-        frame = encode(message)
-        for socket in self.outputs:
-            socket.send(frame)
+        for frontend in range(len(self.outputs)):
+            self._send(frontend, message)
         self.last_progress_sent = time.monotonic()
 
     def _fail_all(self, exc: Exception) -> None:
@@ -142,7 +157,7 @@ class EngineCoreLoop:
         frontends = set(self.owner.values())
         self.owner.clear()
         for frontend in frontends:
-            self.outputs[frontend].send(encode((Kind.FAILED, encode_error(error))))
+            self._send(frontend, (Kind.FAILED, encode_error(error)))
 
     # ---- messages ------------------------------------------------------------------------------
     def _add(self, frontend: int, request_id: str, token_ids: list[int], params: Any, priority: int,
@@ -150,7 +165,7 @@ class EngineCoreLoop:
         try:
             self.engine.add_request(token_ids, params, request_id=request_id, priority=priority, stream=stream)
         except Exception as exc:
-            self.outputs[frontend].send(encode((Kind.REJECTED, request_id, encode_error(exc))))
+            self._send(frontend, (Kind.REJECTED, request_id, encode_error(exc)))
             return
         self.owner[request_id] = frontend
 
@@ -166,7 +181,7 @@ class EngineCoreLoop:
             result: Any = (True, ENGINE_CALLS[name](self.engine))
         except Exception as exc:
             result = (False, encode_error(exc))
-        self.outputs[frontend].send(encode((Kind.RESULT, call_id, *result)))
+        self._send(frontend, (Kind.RESULT, call_id, *result))
 
     def close(self) -> None:
         for socket in (self.input, *self.outputs):
@@ -183,10 +198,6 @@ ENGINE_CALLS: dict[str, Callable[[Any], Any]] = {
     "stats": lambda engine: engine.get_stats(),
     "metrics": _metrics,
 }
-
-
-def _alive(pid: int) -> bool:
-    return os.getppid() == pid
 
 
 def run_engine_process(config: EngineConfig, addresses: EngineAddresses, ready: Connection, parent_pid: int) -> None:
