@@ -195,7 +195,8 @@ async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any]
 
 
 def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | None = None) -> BenchReport:
-    """Benchmark the server (launching one if asked), then the offline peer if asked; write the files.
+    """Run the offline peer if asked (first, then released), then benchmark the server (launching one if
+    asked); write the files.
 
     ``config`` is the engine configuration of this command's options: the one forwarded to a launched
     server, and the one the offline peer runs.
@@ -227,7 +228,7 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
              "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed,
              "server_command": shlex.join(["sagellm", "serve", "--port", "PORT", *options.launch_args])
              if options.launch else "not launched by this run",
-             "server_config": server_config or "unknown: the server was not launched by this run"}
+             "server_config": server_config or "unknown: the server does not report it (GET /v1/config)"}
     report = BenchReport("serve", env, setup, results, _tables(results, server_config), _comparisons(results),
                          _notes(options))
     write_report(report, options.output_dir, _figures(results))
@@ -248,7 +249,7 @@ def _tables(results: dict[str, Any], server_config: dict[str, Any] | None) -> li
     if any("offline" in r for r in results.values()):
         tables.append(offline_table(results))
     if server_config is not None:
-        config = Table("Server configuration (as `sagellm serve` resolves the forwarded options)",
+        config = Table("Server configuration (as the server reports it: GET /v1/config)",
                        ["setting", "value"])
         config.rows = [[key, value] for key, value in flatten(server_config).items()]
         tables.append(config)
@@ -273,8 +274,9 @@ def _notes(options: ServeOptions) -> list[str]:
             "(completion tokens - 1), completion tokens from the server's usage chunk when present",
             f"prompts: {options.prompt_kind}; EOS ignored (ignore_eos) so every request generates its full length",
             "one short warm-up request goes to the server before the timed rates (the offline engine warms up too)",
-            "offline peer (--compare offline): `LLM` in this process with the same engine options, after the "
-            "launched server stopped; TTFT from submission; no concurrency limit"]
+            "offline peer (--compare offline): `LLM` in this process with the same engine options, run first and "
+            "shut down (device memory released) before the server was launched; TTFT from submission; no "
+            "concurrency limit"]
 
 
 def _figures(results: dict[str, Any]) -> dict[str, Any]:
