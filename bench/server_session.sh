@@ -7,7 +7,8 @@
 # qwen: Qwen3-0.6B shape, 256 requests, lengths 100..1024, rates inf and 16 req/s (one launch);
 # llama: Llama-3-8B shape at rate inf; frontends: Qwen3 at rate inf with --api-server-count 2;
 # inprocess: Qwen3 at rate inf with --no-engine-process (the one-process server, for the A/B).
-# No names: qwen llama frontends inprocess. pyzmq must be importable or its wheel be in .whl/core.
+# No names: qwen llama frontends inprocess (about 8 min on an H200: split it over two device calls,
+# `qwen llama` then `frontends inprocess`). pyzmq must be importable or its wheel be in .whl/core.
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [qwen] [llama] [frontends] [inprocess]}
 shift
@@ -31,7 +32,7 @@ serve() {  # serve NAME SHAPE ARGS...
   local name=$1 shape=$2
   shift 2
   echo "== $name" | tee "$out/$name.log"
-  timeout 900 python3 -m sagellm_core bench serve --launch --compare offline --model-shape "$shape" "${engine[@]}" \
+  timeout 420 python3 -m sagellm_core bench serve --launch --compare offline --model-shape "$shape" "${engine[@]}" \
     "${workload[@]}" "$@" --output-dir "$out/$name" 2>&1 | tee -a "$out/$name.log" \
     | grep -E "server / offline|^\| (inf|16)|Error|error" | grep -v "^\s*$"
 }
