@@ -139,11 +139,13 @@ def _run_one_process_front(args: argparse.Namespace, config: EngineConfig, setti
     from sagellm_core.server.processes import EngineLauncher
 
     address = f"http://{config.server.host}:{config.server.port}"
+    launchers: list[EngineLauncher] = []
 
     def load() -> Any:
         if not topology.engine_process:
             return LLM(config=config, input_workers=args.input_workers, stall_timeout_s=stall)
         launcher = EngineLauncher(config, topology)
+        launchers.append(launcher)
         launcher.start()
         return launcher.client(0, input_workers=args.input_workers, stall_timeout_s=stall, owns_engines=True)
 
@@ -161,6 +163,8 @@ def _run_one_process_front(args: argparse.Namespace, config: EngineConfig, setti
     finally:
         if state.llm is not None:
             state.llm.shutdown()
+        for launcher in launchers:  # engines still starting when a signal came, too
+            launcher.stop()
     if state.load_error is not None:
         raise state.load_error
     return 0
