@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
+from sagellm_core.engine.info import EngineInfo
 from sagellm_core.errors import ConfigError, EngineDeadError, InvalidRequestError, SageLLMError
 from sagellm_core.health import EngineHealth, StallWatchdog, progress_marker
 from sagellm_core.inputs import InputProcessor, ProcessedPrompt
@@ -343,6 +344,16 @@ class LLM:
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
+
+    @property
+    def info(self) -> EngineInfo:
+        """The engine's facts as plain data (model, context, KV pool, effective config)."""
+        return EngineInfo.of(self.engine)
+
+    def metrics_exposition(self) -> bytes | None:
+        """The Prometheus sink's text (None when the ``prometheus`` sink does not run)."""
+        sink = self.engine.metric_sinks.get("prometheus")
+        return sink.exposition() if sink is not None else None
 
     def health(self) -> EngineHealth:
         """``ok``, ``stalled`` (watchdog), ``dead`` (the engine thread died) or ``stopped``."""

@@ -1,5 +1,7 @@
 """The OpenAI-compatible server over loopback: the official `openai` client, raw SSE, disconnects
-(abort + KV freed), 64 concurrent streams, Prometheus metrics, and OpenAI-shaped errors."""
+(abort + KV freed), 64 concurrent streams, Prometheus metrics, and OpenAI-shaped errors; against the
+engine in the server's process (synchronous and with async scheduling) and in a process of its own
+(`sagellm serve`'s default)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from server_utils import ServerThread, save_tiny_llama, wait_until
 
 from sagellm_core.chat import chat_prompt_ids
 from sagellm_core.cli import build_parser
-from sagellm_core.cli.serve_cmd import serve_config
+from sagellm_core.cli.serve_cmd import serve_config, serve_topology
 from sagellm_core.config import EngineConfig
+from sagellm_core.errors import ConfigError
+from sagellm_core.engine.client import EngineClient
 from sagellm_core.llm import LLM
 from sagellm_core.server import create_app, server_engine_config
+from sagellm_core.server.processes import EngineLauncher, ServeTopology
 
 MODEL = "tiny-llama"
 MAX_WAITING = 100
@@ -30,24 +35,35 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+Engine = LLM | EngineClient
+
+
+@pytest.fixture(scope="module", params=["off", "on", "process"], ids=["sync", "async", "engine-process"])
 def llm(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, request: pytest.FixtureRequest
-        ) -> Iterator[LLM]:
-    """The served engine, synchronous and with async scheduling (the CUDA default)."""
+        ) -> Iterator[Engine]:
+    """The served engine: in this process, synchronous and with async scheduling (the CUDA default),
+    and in an engine process of its own behind an `EngineClient`."""
     model_dir = save_tiny_llama(tmp_path_factory.mktemp("server-model") / "llama", default_model_dir)
-    config = EngineConfig.from_dict({
+    config = server_engine_config(EngineConfig.from_dict({
         "model": {"path": str(model_dir), "dtype": "float32"},
         "backend": {"name": "cpu"},
         "kv_cache": {"block_size": 16, "num_blocks": 256},
-        "scheduler": {"name": "fcfs", "max_waiting": MAX_WAITING, "async_scheduling": request.param},
-    })
-    engine = LLM(config=server_engine_config(config))
+        "scheduler": {"name": "fcfs", "max_waiting": MAX_WAITING,
+                      "async_scheduling": "off" if request.param == "process" else request.param},
+    }))
+    engine: Engine
+    if request.param == "process":
+        launcher = EngineLauncher(config, ServeTopology())
+        launcher.start()
+        engine = launcher.client(0, input_workers=2, stall_timeout_s=120.0, owns_engines=True)
+    else:
+        engine = LLM(config=config)
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def url(llm: LLM) -> Iterator[str]:
+def url(llm: Engine) -> Iterator[str]:
     with ServerThread(create_app(llm, served_model_name=MODEL)) as base_url:
         yield base_url
 
@@ -58,15 +74,22 @@ def client(url: str) -> openai.OpenAI:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def wait_idle(llm: LLM) -> None:
-    """Until no request is in the engine and no KV block is referenced (cached free blocks may remain)."""
-    wait_until(lambda: not llm.engine.has_unfinished() and all(p.stats().used_blocks == 0
-                                                               for p in llm.engine.kv_pools),
-               TIMEOUT, what="the engine to go idle with every KV block released")
+def idle(llm: Engine) -> bool:
+    """No request in the engine and no KV block referenced (cached free blocks may remain)."""
+    if isinstance(llm, LLM):
+        return not llm.engine.has_unfinished() and all(p.stats().used_blocks == 0 for p in llm.engine.kv_pools)
+    stats = llm.get_stats()
+    return stats["num_running"] == stats["num_waiting"] == 0 and all(p.used_blocks == 0 for p in stats["kv_pools"])
 
 
-def sink_value(llm: LLM, key: str) -> float:
-    return llm.engine.metric_sinks["prometheus"].snapshot().get(key, 0.0)
+def wait_idle(llm: Engine) -> None:
+    wait_until(lambda: idle(llm), TIMEOUT, what="the engine to go idle with every KV block released")
+
+
+def sink_value(llm: Engine, key: str) -> float:
+    if isinstance(llm, LLM):
+        return llm.engine.metric_sinks["prometheus"].snapshot().get(key, 0.0)
+    return llm.get_stats()["prometheus"].get(key, 0.0)
 
 
 ABORTED = 'request_finished_total{finish_reason="abort"}'
@@ -93,7 +116,7 @@ def test_models_and_health(url: str, client: openai.OpenAI) -> None:
     assert httpx.get(url + "/health").json() == {"status": "ok"}
 
 
-def test_completion_shapes_and_usage(client: openai.OpenAI, llm: LLM) -> None:
+def test_completion_shapes_and_usage(client: openai.OpenAI, llm: Engine) -> None:
     prompt = "The capital of France is"
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, extra_body=NO_EOS)
     assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == MODEL
@@ -119,7 +142,7 @@ def test_completion_shapes_and_usage(client: openai.OpenAI, llm: LLM) -> None:
     assert "".join(c.choices[0].text for c in streamed).startswith(prompt)
 
 
-def test_chat_streaming_matches_non_streaming(client: openai.OpenAI, llm: LLM) -> None:
+def test_chat_streaming_matches_non_streaming(client: openai.OpenAI, llm: Engine) -> None:
     kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0.8, seed=7, extra_body=NO_EOS)
     full = client.chat.completions.create(**kwargs)
     assert full.object == "chat.completion" and full.id.startswith("chatcmpl-")
@@ -226,7 +249,7 @@ def test_sse_wire_format(url: str) -> None:
 
 
 # ---- load, disconnects, KV accounting --------------------------------------------------------------
-def test_64_concurrent_streams_release_kv(url: str, llm: LLM) -> None:
+def test_64_concurrent_streams_release_kv(url: str, llm: Engine) -> None:
     clients = 64
     prompt_len = len(chat_prompt_ids(llm.tokenizer, MESSAGES))
 
@@ -252,13 +275,16 @@ def test_64_concurrent_streams_release_kv(url: str, llm: LLM) -> None:
         assert finish == "length" and tokens == 8
         assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt_len, 8, prompt_len + 8)
     wait_idle(llm)
-    assert llm.engine.kv_pools[0].stats().used_blocks == 0
+    assert idle(llm)
 
 
-def test_streaming_client_disconnect_aborts_and_frees_kv(url: str, llm: LLM,
+def test_streaming_client_disconnect_aborts_and_frees_kv(url: str, llm: Engine,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deterministic: the engine is held after the request's first tokens until the server asked to
-    abort it, so the request is still running when the client hangs up, whatever the machine's speed."""
+    """In this process, deterministic: the engine is held after the request's first tokens until the
+    server asked to abort it, so the request is still running when the client hangs up, whatever the
+    machine's speed. The engine process cannot be held: there the request asks for the whole context."""
+    if isinstance(llm, EngineClient):
+        return _disconnect_aborts_engine_process_request(url, llm)
     wait_idle(llm)
     aborted = sink_value(llm, ABORTED)
     released, abort_asked = threading.Event(), threading.Event()
@@ -294,7 +320,19 @@ def test_streaming_client_disconnect_aborts_and_frees_kv(url: str, llm: LLM,
     assert len(produced[-1].outputs[0].token_ids) < 500
 
 
-def test_non_streaming_client_disconnect_aborts(url: str, llm: LLM) -> None:
+def _disconnect_aborts_engine_process_request(url: str, llm: EngineClient) -> None:
+    wait_idle(llm)
+    aborted = sink_value(llm, ABORTED)
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 500, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=TIMEOUT) as http:
+        with http.stream("POST", url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            assert next(response.iter_lines()).startswith("data: ")
+    wait_until(lambda: sink_value(llm, ABORTED) == aborted + 1, TIMEOUT, what="the request to be aborted")
+    wait_idle(llm)
+
+
+def test_non_streaming_client_disconnect_aborts(url: str, llm: Engine) -> None:
     wait_idle(llm)
     aborted = sink_value(llm, ABORTED)
     body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 500, "ignore_eos": True}
@@ -316,7 +354,7 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def test_metrics_endpoint_counts_requests(url: str, client: openai.OpenAI, llm: LLM) -> None:
+def test_metrics_endpoint_counts_requests(url: str, client: openai.OpenAI, llm: Engine) -> None:
     client.completions.create(model=MODEL, prompt="Warm", max_tokens=2, extra_body=NO_EOS)  # gauges get labels
     wait_idle(llm)
     before = scrape(url)
@@ -341,7 +379,7 @@ def test_metrics_endpoint_counts_requests(url: str, client: openai.OpenAI, llm: 
 
 # ---- errors -----------------------------------------------------------------------------------------
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(url: str, client: openai.OpenAI,
-                                                                 llm: LLM) -> None:
+                                                                 llm: Engine) -> None:
     completions = url + "/v1/completions"
 
     def post(body: dict[str, Any], path: str = completions) -> httpx.Response:
@@ -385,3 +423,25 @@ def test_serve_command_options() -> None:
     assert config.scheduler.max_waiting == 7 and config.kv_cache.num_blocks == 64
     assert config.metrics.enabled[-1] == "prometheus"
     assert server_engine_config(config) is config  # already enabled: unchanged
+    assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 1,
+                                                       "data_parallel_size": 1}
+
+
+def test_serve_reaches_every_config_field() -> None:
+    args = build_parser().parse_args([
+        "serve", "--max-num-seqs", "512", "--max-num-batched-tokens", "16384", "--data-parallel-size", "2",
+        "--api-server-count", "3", "--set", "scheduler.async_scheduling=off", "--set", "kv_cache.memory_utilization=0.5",
+        "--set", "scheduler.options.mode=hybrid", "--scheduler", "pd", "--set", "backend.cuda_graphs=false"])
+    config = serve_config(args)
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (512, 16384)
+    assert config.scheduler.async_scheduling == "off" and config.kv_cache.memory_utilization == 0.5
+    assert config.scheduler.options == {"mode": "hybrid"} and config.backend.cuda_graphs is False
+    assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 3,
+                                                       "data_parallel_size": 2}
+    with pytest.raises(ConfigError, match="kv_cache.nope: unknown key"):
+        serve_config(build_parser().parse_args(["serve", "--set", "kv_cache.nope=1"]))
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        serve_config(build_parser().parse_args(["serve", "--set", "scheduler=1"]))
+    with pytest.raises(ConfigError, match="need the engine process"):
+        serve_topology(build_parser().parse_args(["serve", "--no-engine-process", "--api-server-count", "2"]),
+                       config)

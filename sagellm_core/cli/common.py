@@ -4,7 +4,9 @@ Precedence: built-in defaults < ``--config`` YAML file < ``SAGELLM_<SECTION>__<F
 variables < command-line flags. Plugin options come from ``--scheduler-option KEY=VALUE``,
 ``--kv-policy-option KEY=VALUE``, ``--metric-option SINK.KEY=VALUE`` and ``--backend-option
 KEY=VALUE`` (repeatable; VALUE is a YAML scalar: ``8``, ``0.5``, ``true``, ``text``); they are
-merged over the file's options and validated with the rest of the plugin selection.
+merged over the file's options and validated with the rest of the plugin selection. Any config field
+has a flag: ``--set SECTION.FIELD=VALUE`` (repeatable, deeper keys too: ``--set
+scheduler.options.mode=strict``), applied after the other flags.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sagellm_core.config import EngineConfig, load_config
+from sagellm_core.config import EngineConfig, _env_value, _merge, load_config
 from sagellm_core.errors import ConfigError
 
 PLUGIN_OPTION_FLAGS = {
@@ -54,6 +56,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="KV cache storage (default auto: the model dtype; fp8: E4M3, half the bytes)")
     parser.add_argument("--metric", action="append", default=None, metavar="NAME",
                         help="run this metric sink as well as the configured ones (repeatable)")
+    parser.add_argument("--set", dest="config_set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
+                        help="set any config field (repeatable; VALUE is YAML; e.g. --set kv_cache.block_size=32, "
+                             "--set scheduler.async_scheduling=off)")
     for dest, (flag, _, _) in PLUGIN_OPTION_FLAGS.items():
         what = "SINK.KEY=VALUE" if dest == "metric_option" else "KEY=VALUE"
         parser.add_argument(flag, dest=dest, action="append", default=None, metavar=what,
@@ -119,4 +124,22 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             if field in sections[section] and isinstance(sections[section][field], dict):
                 options = {**sections[section][field], **options}
             sections[section][field] = options
-    return base.evolve(**{k: v for k, v in sections.items() if v})
+    config = base.evolve(**{k: v for k, v in sections.items() if v})
+    return apply_sets(config, getattr(args, "config_set", None) or [])
+
+
+def apply_sets(config: EngineConfig, texts: list[str]) -> EngineConfig:
+    """``config`` with each ``SECTION.FIELD[.KEY...]=VALUE`` of ``texts`` set (errors name the path).
+    VALUE is YAML, except for string fields, which keep the text (as the environment variables do)."""
+    overrides: dict[str, Any] = {}
+    for text in texts:
+        path, sep, raw = text.partition("=")
+        keys = [key.strip() for key in path.split(".")]
+        if not sep or len(keys) < 2 or not all(keys):
+            raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE")
+        value = _env_value(keys, raw, f"--set {path}")  # a string field keeps the text ("off", "yes")
+        target = overrides
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return EngineConfig.from_dict(_merge(config.to_dict(), overrides)) if overrides else config

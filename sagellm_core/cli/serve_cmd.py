@@ -1,5 +1,10 @@
 """`sagellm serve [MODEL]`: an OpenAI-compatible server (completions, chat, tokenize, models, health,
-Prometheus metrics). The port is bound first; the model loads meanwhile (``/health`` says 503)."""
+Prometheus metrics). The port is bound first; the model loads meanwhile (``/health`` says 503).
+
+By default the engine core runs in a process of its own and this process is the front end (HTTP,
+tokenization, detokenization, SSE); ``--api-server-count N`` runs N front-end processes on one
+listening socket, ``--data-parallel-size N`` N engine processes behind them, and
+``--no-engine-process`` keeps everything in one process (`sagellm_core.server.processes`)."""
 
 from __future__ import annotations
 
@@ -44,6 +49,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "503 (0: no watchdog)")
     parser.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json", "mistral"],
                         help="the model's tool-call format (default: detected from the chat template)")
+    parser.add_argument("--no-engine-process", action="store_true",
+                        help="run the engine core in the server's process (one process and one GIL for HTTP, "
+                             "text and the step loop; the default runs it in a process of its own)")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="front-end processes (HTTP, tokenization, detokenization) sharing the port, all "
+                             "talking to the engine process(es) (default 1)")
+    parser.add_argument("--data-parallel-size", type=int, default=None,
+                        help="engine replicas (processes) behind the front end, requests routed by prefix "
+                             "affinity (parallel.data_parallel_size; replica i on device device_index + i, "
+                             "all on one device when there is one)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -62,6 +77,8 @@ def serve_config(args: argparse.Namespace) -> EngineConfig:
     sections: dict = {"server": server} if server else {}
     if args.max_waiting is not None:
         sections["scheduler"] = {"max_waiting": args.max_waiting}
+    if getattr(args, "data_parallel_size", None) is not None:
+        sections["parallel"] = {"data_parallel_size": args.data_parallel_size}
     return server_engine_config(config.evolve(**sections) if sections else config)
 
 
@@ -95,21 +112,45 @@ def make_server(app: Any, config: EngineConfig, settings: Any, log_level: str) -
     return DrainingServer(uv_config)
 
 
-def run(args: argparse.Namespace) -> int:
-    from sagellm_core.llm import LLM
-    from sagellm_core.server import create_app
+def serve_topology(args: argparse.Namespace, config: EngineConfig) -> Any:
+    """Where the engine core and the front ends run."""
+    from sagellm_core.server.processes import ServeTopology
 
+    return ServeTopology(engine_process=not args.no_engine_process, api_server_count=args.api_server_count,
+                         data_parallel_size=config.parallel.data_parallel_size)
+
+
+def run(args: argparse.Namespace) -> int:
     config = serve_config(args)
     settings = server_settings(args)
+    topology = serve_topology(args, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    address = f"http://{config.server.host}:{config.server.port}"
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
+    if topology.api_server_count > 1:
+        return _run_frontend_processes(args, config, settings, topology, stall)
+    return _run_one_process_front(args, config, settings, topology, stall)
 
-    def load() -> LLM:
-        return LLM(config=config, input_workers=args.input_workers, stall_timeout_s=stall)
+
+def _run_one_process_front(args: argparse.Namespace, config: EngineConfig, settings: Any, topology: Any,
+                           stall: float | None) -> int:
+    """The front end in this process: the engine in-process (``--no-engine-process``) or in its own."""
+    from sagellm_core.llm import LLM
+    from sagellm_core.server import create_app
+    from sagellm_core.server.processes import EngineLauncher
+
+    address = f"http://{config.server.host}:{config.server.port}"
+    launchers: list[EngineLauncher] = []
+
+    def load() -> Any:
+        if not topology.engine_process:
+            return LLM(config=config, input_workers=args.input_workers, stall_timeout_s=stall)
+        launcher = EngineLauncher(config, topology)
+        launchers.append(launcher)
+        launcher.start()
+        return launcher.client(0, input_workers=args.input_workers, stall_timeout_s=stall, owns_engines=True)
 
     app = create_app(load, served_model_name=config.server.served_model_name, owns_llm=True, settings=settings,
-                     address=address)
+                     address=address, topology=topology.describe())
     server = make_server(app, config, settings, args.log_level)
     state = app.state.server
 
@@ -122,6 +163,30 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if state.llm is not None:
             state.llm.shutdown()
+        for launcher in launchers:  # engines still starting when a signal came, too
+            launcher.stop()
     if state.load_error is not None:
         raise state.load_error
     return 0
+
+
+def _run_frontend_processes(args: argparse.Namespace, config: EngineConfig, settings: Any, topology: Any,
+                            stall: float | None) -> int:
+    """``--api-server-count N``: bind the port here, start the engines, then N front-end processes on
+    the port; this process only supervises. The port answers once the front ends run."""
+    from sagellm_core.server.processes import EngineLauncher, FrontendSpec, bind_socket, run_frontends
+
+    sock = bind_socket(config.server.host, config.server.port)
+    launcher = EngineLauncher(config, topology)
+    try:
+        infos = launcher.start()
+
+        def spec(index: int) -> FrontendSpec:
+            return FrontendSpec(index, config, infos, launcher.engine_inputs, launcher.frontend_outputs, settings,
+                                config.server.served_model_name, f"http://{config.server.host}:{config.server.port}",
+                                topology.describe(), args.input_workers, stall, args.log_level)
+
+        return run_frontends(launcher, sock, spec)
+    finally:
+        launcher.stop()
+        sock.close()

@@ -28,6 +28,7 @@ from sagellm_core.engine.admission import Admission
 from sagellm_core.engine.builder import build_engine
 from sagellm_core.engine.events import EngineEvents
 from sagellm_core.engine.output import OutputProcessor
+from sagellm_core.engine.token_output import TokenDelta, TokenOutputProcessor
 from sagellm_core.errors import InvalidRequestError, PluginError
 from sagellm_core.models.token_feed import TokenFeed
 from sagellm_core.outputs import RequestOutput
@@ -66,12 +67,17 @@ class InflightStep:
 class LLMEngine:
     """Build with an `EngineConfig`; call `add_request` and `step` until `has_unfinished` is False.
 
+    ``detokenize=False`` (token mode, the engine process's): `step` returns no `RequestOutput`; the
+    step's changes are taken with `take_deltas` as `TokenDelta`s (new token ids, logprobs, finish
+    reasons; no text), and stop strings are left to the caller, which ends a sequence that hit one
+    with `finish_stopped` (`sagellm_core.engine.token_output`).
+
     For a watchdog: ``last_progress_time`` (``time.monotonic()`` of the last step that ran or
     delivered something) and ``step_counter``; work is queued while `has_unfinished` is True.
     """
 
     def __init__(self, config: EngineConfig | None = None, *,
-                 plugin_manager: SageLLMPluginManager | None = None) -> None:
+                 plugin_manager: SageLLMPluginManager | None = None, detokenize: bool = True) -> None:
         self.config = config = config or EngineConfig()
         self.plugins = plugin_manager or create_plugin_manager()
         parts = build_engine(config, self.plugins)
@@ -92,7 +98,10 @@ class LLMEngine:
                                    min(p.num_blocks for p in self.kv_pools) * block_size, block_size,
                                    config.scheduler.max_waiting)
         self.events = EngineEvents(self.metric_sinks, self.scheduler, self.kv_pools)
-        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self._on_finished)
+        # detokenize=False: token mode, outputs are deltas without text (the engine process's front end
+        # detokenizes and applies stop strings; see engine/token_output.py)
+        output_processor = OutputProcessor if detokenize else TokenOutputProcessor
+        self.outputs = output_processor(self.tokenizer, self.scheduler, self._on_finished)
         self._inflight: InflightStep | None = None
         self._planned: PlannedStep | None = None
         self.last_progress_time = time.monotonic()
@@ -143,6 +152,21 @@ class LLMEngine:
             return False
         for state in group.completions:
             self.outputs.end(group, state, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def take_deltas(self) -> list[TokenDelta]:
+        """Token mode: the changes of the steps since the last call, one `TokenDelta` per request."""
+        if not isinstance(self.outputs, TokenOutputProcessor):
+            raise TypeError("take_deltas needs an engine built with detokenize=False")
+        return self.outputs.take_deltas()
+
+    def finish_stopped(self, request_id: str, stop_reason: str) -> bool:
+        """End one sequence (a child id when ``n`` > 1) as stopped at ``stop_reason``, a stop string
+        its caller found in the text (token mode); False if it is unknown or ended already."""
+        entry = self.outputs.states.get(request_id)
+        if entry is None or entry[1].finish_reason is not None:
+            return False
+        self.outputs.end(*entry, RequestStatus.FINISHED_STOPPED, stop_reason)
         return True
 
     def abort_all(self) -> None:

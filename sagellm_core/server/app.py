@@ -1,15 +1,17 @@
-"""The OpenAI-compatible FastAPI app around one `LLM`.
+"""The OpenAI-compatible FastAPI app around one engine: an in-process `LLM`, or an `EngineClient`
+whose engine core runs in another process (`sagellm serve`'s default).
 
     app = create_app(LLM(config=server_engine_config(cfg)), served_model_name="smollm")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-``create_app`` also takes a function that builds the `LLM`: the app then loads it on a thread once
+``create_app`` also takes a function that builds the engine: the app then loads it on a thread once
 it starts, so the port is bound while the model loads and ``/health`` answers 503 ``loading``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with ``stream``),
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``,
-``GET /version``, ``GET /health``, ``GET /metrics`` (Prometheus text).
-Chat templates and tokenization run in the `LLM`'s input pool, never on the event loop.
+``GET /version``, ``GET /v1/config`` (the effective engine configuration), ``GET /health``,
+``GET /metrics`` (Prometheus text).
+Chat templates and tokenization run in the engine's input pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sagellm_core import __version__
 from sagellm_core.config import EngineConfig
-from sagellm_core.inputs import ProcessedPrompt, generation_defaults
+from sagellm_core.engine.client import EngineClient
+from sagellm_core.inputs import ProcessedPrompt
 from sagellm_core.llm import LLM
 from sagellm_core.server.errors import APIError, install_error_handlers
 from sagellm_core.server.jobs import Job
@@ -45,6 +48,7 @@ from sagellm_core.server.tools import ToolParser, make_parser
 PROMETHEUS_SINK = "prometheus"
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 log = logging.getLogger("sagellm.server")
+Engine = LLM | EngineClient
 
 
 def server_engine_config(config: EngineConfig) -> EngineConfig:
@@ -57,9 +61,10 @@ def server_engine_config(config: EngineConfig) -> EngineConfig:
 
 @attrs.define
 class ServerState:
-    """What the routes share: the engine (None while loading), its served name, the settings."""
+    """What the routes share: the engine (None while loading), its served name, the settings.
+    ``topology``: how the engine runs (for the summary and ``/v1/config``)."""
 
-    llm: LLM | None
+    llm: Engine | None
     served_name: str | None
     settings: ServerSettings = attrs.field(factory=ServerSettings)
     address: str | None = None
@@ -68,29 +73,32 @@ class ServerState:
     sampling_defaults: dict[str, Any] = attrs.field(factory=dict)
     load_error: BaseException | None = None
     on_load_error: Callable[[BaseException], None] | None = None
+    topology: dict[str, Any] = attrs.field(factory=dict)
 
-    def ready(self, llm: LLM) -> None:
+    def ready(self, llm: Engine) -> None:
         """The engine is loaded: serve it, with the model's sampling defaults, and log a summary."""
         self.llm = llm
+        info = llm.info
         if self.settings.generation_config == "auto":
-            self.sampling_defaults = generation_defaults(llm.engine.model)
+            self.sampling_defaults = dict(info.generation_defaults)
         if self.sampling_defaults:
             log.info("sampling defaults from the model's generation config: %s (--generation-config vllm "
                      "ignores them)", self.sampling_defaults)
         self.tool_parser = make_parser(self.settings.tool_call_parser, llm.tokenizer)
-        log.info("%s", startup_summary(llm, self.served_model_name, self.address))
+        topology = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.topology.items())
+        log.info("%s", startup_summary(info, self.served_model_name, self.address, topology))
 
     @property
     def served_model_name(self) -> str:
         if self.served_name is not None:
             return self.served_name
-        return self.llm.engine.model_name if self.llm is not None else "loading"
+        return self.llm.info.model_name if self.llm is not None else "loading"
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len if self.llm is not None else 0
+        return self.llm.info.max_model_len if self.llm is not None else 0
 
-    def engine(self) -> LLM:
+    def engine(self) -> Engine:
         """The serving engine, or 503: still loading, failed to load, dead or shut down."""
         if self.llm is None:
             if self.load_error is not None:
@@ -110,24 +118,25 @@ class ServerState:
     def model_card(self) -> dict[str, Any]:
         llm = self.engine()
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "sagellm",
-                "root": llm.engine.model_name, "max_model_len": self.max_model_len}
+                "root": llm.info.model_name, "max_model_len": self.max_model_len}
 
 
-async def in_pool(llm: LLM, function: Callable[..., Any], *args: Any) -> Any:
+async def in_pool(llm: Engine, function: Callable[..., Any], *args: Any) -> Any:
     """Await ``function(*args)`` run in the engine's input pool (off the event loop)."""
     return await asyncio.wrap_future(llm.process_inputs(function, *args))
 
 
-def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str | None = None, owns_llm: bool = False,
-               settings: ServerSettings | None = None, address: str | None = None) -> FastAPI:
+def create_app(llm: Engine | Callable[[], Engine], *, served_model_name: str | None = None, owns_llm: bool = False,
+               settings: ServerSettings | None = None, address: str | None = None,
+               topology: dict[str, Any] | None = None) -> FastAPI:
     """The app serving ``llm`` (or what the function ``llm`` builds, loaded once the app starts);
     with ``owns_llm`` it shuts the engine down when the app stops. ``settings.tool_call_parser``
     names the model's tool-call format (`sagellm_core.server.tools.PARSERS`; ``auto``: detected from
     the chat template)."""
     settings = settings or ServerSettings()
-    state = ServerState(None, served_model_name, settings, address)
-    loader = None if isinstance(llm, LLM) else llm
-    if isinstance(llm, LLM):
+    state = ServerState(None, served_model_name, settings, address, topology=dict(topology or {}))
+    loader = None if isinstance(llm, (LLM, EngineClient)) else llm
+    if isinstance(llm, (LLM, EngineClient)):
         state.ready(llm)
 
     @asynccontextmanager
@@ -153,7 +162,7 @@ def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str | None = 
     return app
 
 
-def _load(state: ServerState, loader: Callable[[], LLM]) -> None:
+def _load(state: ServerState, loader: Callable[[], Engine]) -> None:
     try:
         llm = loader()
     except BaseException as exc:
@@ -179,7 +188,7 @@ async def _run(request: Request, job: Job, formatter: Formatter, body: SamplingR
     return JSONResponse(formatter.response(await job.collect()))
 
 
-def _process_prompts(llm: LLM, prompts: list[Prompt], echo: bool) -> tuple[list[ProcessedPrompt], list[str] | None]:
+def _process_prompts(llm: Engine, prompts: list[Prompt], echo: bool) -> tuple[list[ProcessedPrompt], list[str] | None]:
     """Input pool: validated prompts, and the echo text of each (token prompts decoded once valid)."""
     processed = [llm.inputs.process(prompt) for prompt in prompts]
     if not echo:
@@ -235,6 +244,17 @@ def _add_info_routes(app: FastAPI) -> None:
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
+    @app.get("/v1/config")
+    async def effective_config(request: Request) -> dict[str, Any]:
+        """The configuration the engine runs with (after defaults, file, environment and flags), the KV
+        pool it sized, and how the server runs (engine process, front ends, replicas)."""
+        state = _state(request)
+        info = state.engine().info
+        return {"engine": info.config, "served_model_name": state.served_model_name, "topology": state.topology,
+                "kv_cache": {"num_blocks": info.num_blocks, "block_size": info.block_size, "pools": info.num_pools,
+                             "bytes": info.kv_bytes},
+                "max_model_len": info.max_model_len, "dtype": info.dtype, "backend": info.backend}
+
     @app.get("/health")
     async def health(request: Request) -> Response:
         """200 ``{"status": "ok"}`` while serving; 503 while loading, stalled, dead or stopped."""
@@ -250,9 +270,9 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = _state(request)
-        llm = state.llm or state.engine()  # a dead engine's metrics stay readable
-        sink = llm.engine.metric_sinks.get(PROMETHEUS_SINK)
-        if sink is None:
+        llm = state.llm or state.engine()  # an in-process dead engine's metrics stay readable
+        exposition = await asyncio.to_thread(llm.metrics_exposition)
+        if exposition is None:
             raise APIError(503, "the prometheus metric sink is not enabled (or was disabled after an error)",
                            "server_error", code="metrics_unavailable")
-        return Response(sink.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)

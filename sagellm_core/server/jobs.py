@@ -9,15 +9,17 @@ request is queued or generating is aborted even when no chunk is being written.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.requests import Request
 
 from sagellm_core.inputs import ProcessedPrompt
-from sagellm_core.llm import LLM
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.streams import RequestStream
+
+if TYPE_CHECKING:
+    from sagellm_core.server.app import Engine
 
 DISCONNECT_POLL_S = 0.25
 
@@ -25,7 +27,7 @@ DISCONNECT_POLL_S = 0.25
 class Job:
     """The engine requests behind one API call (one per prompt; each may have ``n`` sequences)."""
 
-    def __init__(self, llm: LLM, job_id: str, prompts: list[ProcessedPrompt], params: SamplingParams) -> None:
+    def __init__(self, llm: Engine, job_id: str, prompts: list[ProcessedPrompt], params: SamplingParams) -> None:
         self.llm = llm
         self.job_id = job_id
         self.streams: list[RequestStream] = []

@@ -9,14 +9,16 @@ context is tokenized and counted (the body limit bounds it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from pydantic import Field
 
 from sagellm_core.inputs import check_text
-from sagellm_core.llm import LLM
 from sagellm_core.server.protocol import ChatMessage, _Strict
+
+if TYPE_CHECKING:
+    from sagellm_core.server.app import Engine
 
 
 class TokenizeCompletionRequest(_Strict):
@@ -41,7 +43,7 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-def _tokenize(llm: LLM, body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
+def _tokenize(llm: Engine, body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
     """Input pool: the token ids (and their strings) of a prompt or a rendered conversation."""
     inputs = llm.inputs
     if isinstance(body, TokenizeChatRequest):

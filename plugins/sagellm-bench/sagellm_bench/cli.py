@@ -113,7 +113,14 @@ def _add_serve(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--compare", choices=["offline"], default=None,
-                        help="also run the engine in-process on the same requests and arrivals; print the ratio")
+                        help="also run the engine in-process on the same requests and arrivals (first, then "
+                             "released before the server starts); print the ratio")
+    parser.add_argument("--api-server-count", type=int, default=None,
+                        help="with --launch: front-end processes of the server (`sagellm serve --api-server-count`)")
+    parser.add_argument("--data-parallel-size", type=int, default=None,
+                        help="with --launch: engine replicas of the server (`sagellm serve --data-parallel-size`)")
+    parser.add_argument("--no-engine-process", action="store_true", default=None,
+                        help="with --launch: the server's engine in its own process is turned off")
     _add_lengths(parser, num_requests=64)
     _add_common(parser, temperature=0.0)
     parser.set_defaults(bench_run=_run_serve)
@@ -268,7 +275,19 @@ def serve_argv(args: argparse.Namespace, config: EngineConfig) -> list[str]:
     given = argparse.Namespace(**{action.dest: getattr(args, action.dest, action.default) for action in probe._actions})
     if args.model_shape is not None:
         given.model, given.load_format = config.model.path, "dummy"
-    return option_argv(probe._actions, given)
+    return option_argv(probe._actions, given) + _server_argv(args)
+
+
+def _server_argv(args: argparse.Namespace) -> list[str]:
+    """How the launched server runs (front ends, replicas, engine process), as given to this command."""
+    words = []
+    for flag in ("--api-server-count", "--data-parallel-size"):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            words += [flag, str(value)]
+    if getattr(args, "no_engine_process", None):
+        words.append("--no-engine-process")
+    return words
 
 
 def _serve_vocab(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -3,8 +3,9 @@
 Per request rate: TTFT, TPOT, ITL and E2E (mean / median / p99), request and token throughput, and
 goodput (requests per second meeting every given SLO). ``--launch`` starts ``sagellm serve`` as a
 subprocess with every engine option given (`server_launch`) and reports the configuration it runs
-with. ``--compare offline`` then runs the engine in-process on the same requests and arrival times and
-reports server / offline ratios.
+with, as the server reports it (``GET /v1/config``). ``--compare offline`` runs the engine in-process on
+the same requests and arrival times first, releases it, then measures the server, and reports server /
+offline ratios (the two never share the device).
 
 Requests use the vLLM extensions ``ignore_eos`` and token-id prompts (``prompt`` as a list of ints),
 and ask for ``stream_options.include_usage`` so the output token count comes from the server.
@@ -29,7 +30,7 @@ from sagellm_bench.environment import environment, visible_accelerators
 from sagellm_bench.offline import rate_label
 from sagellm_bench.report import BenchReport, Table, line_chart, write_report
 from sagellm_bench.serve_offline import offline_comparison, offline_table, ratios, run_offline_peer, three
-from sagellm_bench.server_launch import effective_server_config, flatten, launched_server
+from sagellm_bench.server_launch import fetch_server_config, flatten, launched_server
 from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
 from sagellm_bench.workloads import BenchRequest, Workload, poisson_arrivals, random_text, random_workload
 from sagellm_core.config import EngineConfig
@@ -194,27 +195,31 @@ async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any]
 
 
 def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | None = None) -> BenchReport:
-    """Benchmark the server (launching one if asked), then the offline peer if asked; write the files.
+    """Run the offline peer if asked (first, then released), then benchmark the server (launching one if
+    asked); write the files.
 
     ``config`` is the engine configuration of this command's options: the one forwarded to a launched
     server, and the one the offline peer runs.
     """
     env = environment(args)
     env["gpus"] = visible_accelerators()  # this machine's (the server's, with --launch)
-    server_config = effective_server_config(list(options.launch_args)) if options.launch else None
+    offline_results = None
+    if options.compare_offline:  # first, and released before the server starts: they never share the device
+        workload = serve_workload(options)
+        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
+                   for rate in options.request_rates}
+        offline_results = run_offline_peer(config, workload, offsets, options.temperature)
+    server_config = None
     with contextlib.ExitStack() as stack:
         base_url = options.base_url
         if options.launch:
             base_url = stack.enter_context(launched_server(list(options.launch_args), options.launch_timeout_s,
                                                            Path(options.output_dir) / "serve_server.log"))
+        server_config = fetch_server_config(base_url.rstrip("/"), options.launch_args)
         results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
-    if options.compare_offline:  # after the launched server stopped: the device is free again
-        workload = serve_workload(options)
-        offsets = {rate_label(rate): poisson_arrivals(len(workload.requests), rate, options.seed)
-                   for rate in options.request_rates}
-        for rate, offline in run_offline_peer(config, workload, offsets, options.temperature).items():
-            results[rate]["offline"] = offline
-            results[rate]["server_over_offline"] = ratios(results[rate], offline)
+    for rate, offline in (offline_results or {}).items():
+        results[rate]["offline"] = offline
+        results[rate]["server_over_offline"] = ratios(results[rate], offline)
     setup = {"base_url": base_url, "launched": options.launch, "model": model, "prompt_kind": options.prompt_kind,
              "num_requests_per_rate": options.num_requests,
              "input_len": f"{options.input_len[0]}..{options.input_len[1]}",
@@ -223,7 +228,7 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
              "slo_ttft_ms": options.slo_ttft_ms, "slo_tpot_ms": options.slo_tpot_ms, "seed": options.seed,
              "server_command": shlex.join(["sagellm", "serve", "--port", "PORT", *options.launch_args])
              if options.launch else "not launched by this run",
-             "server_config": server_config or "unknown: the server was not launched by this run"}
+             "server_config": server_config or "unknown: the server does not report it (GET /v1/config)"}
     report = BenchReport("serve", env, setup, results, _tables(results, server_config), _comparisons(results),
                          _notes(options))
     write_report(report, options.output_dir, _figures(results))
@@ -244,7 +249,7 @@ def _tables(results: dict[str, Any], server_config: dict[str, Any] | None) -> li
     if any("offline" in r for r in results.values()):
         tables.append(offline_table(results))
     if server_config is not None:
-        config = Table("Server configuration (as `sagellm serve` resolves the forwarded options)",
+        config = Table("Server configuration (as the server reports it: GET /v1/config)",
                        ["setting", "value"])
         config.rows = [[key, value] for key, value in flatten(server_config).items()]
         tables.append(config)
@@ -269,8 +274,9 @@ def _notes(options: ServeOptions) -> list[str]:
             "(completion tokens - 1), completion tokens from the server's usage chunk when present",
             f"prompts: {options.prompt_kind}; EOS ignored (ignore_eos) so every request generates its full length",
             "one short warm-up request goes to the server before the timed rates (the offline engine warms up too)",
-            "offline peer (--compare offline): `LLM` in this process with the same engine options, after the "
-            "launched server stopped; TTFT from submission; no concurrency limit"]
+            "offline peer (--compare offline): `LLM` in this process with the same engine options, run first and "
+            "shut down (device memory released) before the server was launched; TTFT from submission; no "
+            "concurrency limit"]
 
 
 def _figures(results: dict[str, Any]) -> dict[str, Any]:

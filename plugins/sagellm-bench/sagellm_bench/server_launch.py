@@ -1,17 +1,17 @@
 """``sagellm bench serve --launch``: start ``sagellm serve`` with this run's engine options, wait for
-``/health``, stop it at the end; and the configuration that server runs with."""
+``/health``, stop it at the end; and the configuration that server reports it runs with."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import os
 import shlex
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sagellm_core.errors import SageLLMError
 
@@ -69,15 +69,35 @@ def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) ->
                 process.wait()
 
 
-def effective_server_config(engine_args: list[str]) -> dict[str, Any]:
-    """The engine configuration ``sagellm serve <engine_args>`` runs with, resolved by `sagellm serve`'s own
-    parser and config code (the server has no endpoint that reports it)."""
-    from sagellm_core.cli import serve_cmd
+def fetch_server_config(base_url: str, launch_args: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The configuration the server at ``base_url`` runs with, as it reports it (``GET /v1/config``,
+    with the API key of ``--api-key`` in ``launch_args`` or ``SAGELLM_API_KEY``): the engine sections
+    of the report plus its topology (engine process, front ends, replicas). None when the server does
+    not report one (not sageLLM, or an older one)."""
+    import httpx
 
-    parser = argparse.ArgumentParser(prog="sagellm")
-    serve_cmd.add_parser(parser.add_subparsers(dest="command"))
-    config = serve_cmd.serve_config(parser.parse_args(["serve", *engine_args])).to_dict()
-    return {section: config[section] for section in REPORTED_SECTIONS}
+    key = _api_key(list(launch_args))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(f"{base_url}/v1/config", headers=headers, timeout=30.0)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    body = response.json()
+    config = {section: body["engine"][section] for section in REPORTED_SECTIONS if section in body["engine"]}
+    config["parallel"] = body["engine"].get("parallel", {})
+    config["topology"] = body.get("topology", {})
+    config["kv_cache_sized"] = body.get("kv_cache", {})
+    return config
+
+
+def _api_key(launch_args: list[str]) -> str | None:
+    for flag, value in zip(launch_args, launch_args[1:]):
+        if flag == "--api-key":
+            return value
+    keys = [key.strip() for key in os.environ.get("SAGELLM_API_KEY", "").split(",") if key.strip()]
+    return keys[0] if keys else None
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

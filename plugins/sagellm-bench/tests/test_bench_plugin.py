@@ -13,10 +13,10 @@ import pytest
 
 from sagellm_bench import cli
 from sagellm_bench.offline import timing_from_output
-from sagellm_bench.server_launch import effective_server_config
 from sagellm_bench.stats import RequestTiming, latency_summary
 from sagellm_core.builtin.metrics import LatencySink
 from sagellm_core.cli import build_parser, main
+from sagellm_core.cli.serve_cmd import serve_config, serve_topology
 from sagellm_core.config import EngineConfig, MetricsConfig
 from sagellm_core.metrics.base import RequestEvent
 from sagellm_core.plugin_manager import create_plugin_manager
@@ -139,14 +139,20 @@ def test_launch_forwards_every_engine_option_to_the_server(tmp_path: Path) -> No
     args = build_parser().parse_args([
         "bench", "serve", "--launch", "--model-shape", "qwen3-0.6b", "--config", str(config_file),
         "--max-num-seqs", "512", "--max-num-batched-tokens", "16384", "--dtype", "bfloat16",
-        "--kv-policy", "no_reuse", "--request-rate", "16"])
+        "--kv-policy", "no_reuse", "--request-rate", "16", "--set", "scheduler.async_scheduling=off",
+        "--api-server-count", "2", "--data-parallel-size", "2"])
     with cli.bench_config(args) as config:
         argv = cli.serve_argv(args, config)
         pairs = dict(zip(argv[::2], argv[1::2]))
         assert pairs == {"--model": config.model.path, "--config": str(config_file), "--dtype": "bfloat16",
                          "--kv-policy": "no_reuse", "--max-num-seqs": "512", "--max-num-batched-tokens": "16384",
-                         "--load-format": "dummy"}
-        served = effective_server_config(argv)
+                         "--load-format": "dummy", "--set": "scheduler.async_scheduling=off",
+                         "--api-server-count": "2", "--data-parallel-size": "2"}
+        served_args = build_parser().parse_args(["serve", *argv])
+        served = serve_config(served_args).to_dict()
+    assert serve_topology(served_args, serve_config(served_args)).describe() == {
+        "engine_process": True, "api_server_count": 2, "data_parallel_size": 2}
+    assert served["scheduler"]["async_scheduling"] == "off"
     assert served["scheduler"]["max_num_seqs"] == 512 and served["scheduler"]["max_num_batched_tokens"] == 16384
     assert served["scheduler"]["max_waiting"] == 7 and served["kv_cache"]["block_size"] == 32  # from --config
     assert served["kv_cache"]["policy"] == "no_reuse" and served["model"]["load_format"] == "dummy"
