@@ -66,6 +66,11 @@ def _seed(_: Any, attribute: attrs.Attribute, value: Any) -> None:
         _fail("seed", f"must be a signed 64-bit integer (in [{SEED_MIN}, {SEED_MAX}])", value)
 
 
+def _cache_salt(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        _fail("cache_salt", "must be a non-empty string or null", value)
+
+
 def _stop_strings(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         _fail("stop", "must be a non-empty string or a list of non-empty strings", value)
@@ -112,7 +117,8 @@ class SamplingParams:
     Bad values, wrong types (``seed="x"``, ``True`` for an integer), NaN and infinities raise
     `InvalidRequestError` naming the parameter, at construction or on assignment.
     ``structured_outputs`` constrains the text to a JSON schema, regex, grammar or choice
-    (`StructuredOutputsParams`, or a dict of its fields).
+    (`StructuredOutputsParams`, or a dict of its fields). Requests with different ``cache_salt``
+    values never share cached KV blocks (the salt enters the first block's hash), on any tier.
     """
 
     n: int = attrs.field(default=1, validator=_int_at_least(1))
@@ -134,6 +140,7 @@ class SamplingParams:
     skip_special_tokens: bool = attrs.field(default=True, validator=_boolean)
     structured_outputs: StructuredOutputsParams | None = attrs.field(default=None, converter=_structured,
                                                                      validator=_structured_type)
+    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt)
 
     def __attrs_post_init__(self) -> None:
         self._check_together()

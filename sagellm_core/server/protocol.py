@@ -60,6 +60,7 @@ class SamplingRequest(_Strict):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
+    cache_salt: str | None = None  # vLLM's: requests with different salts share no cached KV
 
     @property
     def include_usage(self) -> bool:
@@ -97,6 +98,7 @@ class SamplingRequest(_Strict):
             "min_tokens": self.min_tokens,
             "skip_special_tokens": self.skip_special_tokens,
             "structured_outputs": request_constraint(self),
+            "cache_salt": self.cache_salt,
         }
 
 
