@@ -301,3 +301,75 @@ def test_randomized_workloads_over_tiers_serve_only_the_right_tokens(
             disk = tiers[-1]
             assert sorted(p.name for p in Path(disk.directory).iterdir()) == sorted(
                 disk.path(key).name for key in disk.keys())
+
+
+# ---- configuration, metrics, protocol ----------------------------------------------------------------
+def test_tiers_config_from_the_environment_and_its_errors() -> None:
+    from sagellm_core.config import ConfigError, EngineConfig, load_config
+
+    config = load_config(environ={"SAGELLM_KV_TIERS__HOST_BYTES": "1048576",
+                                  "SAGELLM_KV_TIERS__DISK_PATH": "/var/cache/kv"})
+    assert config.kv_tiers.names() == ["host", "disk"] and config.kv_tiers.disk_path == "/var/cache/kv"
+    with pytest.raises(ConfigError, match="kv_tiers.write_mode"):
+        EngineConfig.from_dict({"kv_tiers": {"write_mode": "sideways"}})
+    with pytest.raises(ConfigError, match="kv_tiers.host_bytes"):
+        EngineConfig.from_dict({"kv_tiers": {"host_bytes": -1}})
+
+
+def test_unknown_plugin_tier_is_refused_with_the_registered_names() -> None:
+    from sagellm_core.config import EngineConfig
+    from sagellm_core.plugin_manager import create_plugin_manager
+    from sagellm_core.plugin_selection import PluginSelectionError, validate_plugin_selection
+
+    config = EngineConfig.from_dict({"kv_tiers": {"extra": ["redis"]}})
+    with pytest.raises(PluginSelectionError, match=r"kv_tiers.extra\[0\]: unknown kv_tier 'redis'; registered: disk, host"):
+        validate_plugin_selection(config, create_plugin_manager(entry_points=False))
+
+
+def test_a_plugin_tier_is_stacked_below_the_builtin_ones(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                                        ) -> None:
+    from sagellm_core.hookspecs import hookimpl
+    from sagellm_core.plugin_manager import create_plugin_manager
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def sagellm_register_kv_tiers(register: Any) -> None:
+            register("more_host", lambda context: HostTier(context, 64 << 10))
+
+    manager = create_plugin_manager(entry_points=False, extra={"more": Plugin()})
+    config = engine_config(tiny_models["llama"], kv_cache={"num_blocks": 16}, scheduler={"max_num_seqs": 2},
+                           kv_tiers={"host_bytes": 4 << 10, "extra": ["more_host"]})
+    engine = LLMEngine(config, plugin_manager=manager)
+    try:
+        assert run_one_by_one(engine, workload()) == baseline
+        assert [t["name"] for t in engine.get_stats()["kv_tiers"]] == ["host", "host"]
+        assert tier_hits(engine)[1] > 0, "blocks the small host tier gave up were found one tier down"
+    finally:
+        engine.release()
+
+
+def test_tier_gauges_reach_prometheus() -> None:
+    from sagellm_core.kv.manager import KVStats
+    from sagellm_core.kv.tiers.base import TierStats
+    from sagellm_core.metrics.base import StepEvent
+    from sagellm_core.metrics.prometheus import PrometheusSink
+
+    sink = PrometheusSink()
+    kv = KVStats(8, 0, 8, 2, 100, 60, (40, 8))
+    tiers = (TierStats("host", num_blocks=3, bytes=3072, loads=10, load_bytes=10240, load_seconds=0.01),
+             TierStats("disk", num_blocks=5, bytes=5500, loads=2))
+    sink.on_step(StepEvent(1, 0.0, 1.0, 0, 0, 0, 0, 0, 0, 0, (kv,), tiers))
+    text = sink.exposition().decode()
+    assert 'sagellm_kv_tier_blocks{tier="host"} 3.0' in text
+    assert 'sagellm_kv_tier_hit_tokens{tier="disk"} 8.0' in text
+    assert 'sagellm_kv_tier_load_bandwidth_bytes_per_second{tier="host"} 1.024e+06' in text
+
+
+def test_openai_requests_pass_cache_salt_through() -> None:
+    from sagellm_core.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    assert CompletionRequest(prompt="hi", cache_salt="tenant-1").sampling_params().cache_salt == "tenant-1"
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], cache_salt="t")
+    assert chat.sampling_params().cache_salt == "t"
+    assert CompletionRequest(prompt="hi").sampling_params().cache_salt is None
