@@ -67,7 +67,8 @@ class TierBlock:
 class TierStats:
     """Counters of one tier: ``hits`` blocks found here at admission, ``loads`` blocks copied up to
     the device pool (``load_bytes`` / ``load_seconds`` their bytes and copy time), ``stores`` blocks
-    written here, ``evictions`` blocks given up, ``errors`` failed writes and corrupt reads."""
+    written here, ``evictions`` blocks given up, ``errors`` failed writes and corrupt reads;
+    ``save_seconds``: host time spent copying device blocks into this (top) tier and making room."""
 
     name: str
     num_blocks: int = 0
@@ -81,6 +82,7 @@ class TierStats:
     load_seconds: float = 0.0
     evictions: int = 0
     errors: int = 0
+    save_seconds: float = 0.0
 
     @property
     def load_bandwidth(self) -> float:

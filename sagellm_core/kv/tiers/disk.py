@@ -1,8 +1,8 @@
 """Disk tier: one file per block under ``<disk_path>/<fingerprint>/``, each checked on every read.
 
-A file is a header (magic, token count, payload length, blake2b digest of tokens and payload), the
-token ids (int64) and the block's bytes. It is written to a temporary name and renamed, so a crash
-leaves either the whole block or none. A file whose size, digest or tokens do not match is deleted
+A file is a header (magic, token count, payload length, CRC-32 of tokens and payload), the token
+ids (int64) and the block's bytes. It is written to a temporary name and renamed, so a crash
+leaves either the whole block or none. A file whose size, checksum or tokens do not match is deleted
 and reported as a miss (the block is recomputed). A failed write (disk full, any ``OSError``) stores
 nothing and is logged; the engine carries on. The directory is scanned at start-up: blocks a
 previous engine with the same fingerprint wrote are found again.
@@ -10,10 +10,10 @@ previous engine with the same fingerprint wrote are found again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,30 +23,40 @@ import torch
 from sagellm_core.kv.tiers.base import KVTier, TierBlock, TierContext
 
 log = logging.getLogger("sagellm")
-MAGIC = b"SGKVBLK1"
-HEADER = struct.Struct("<8sII16s")
+MAGIC = b"SGKVBLK2"
+HEADER = struct.Struct("<8sIII")
 SUFFIX = ".kvb"
+LOG_EVERY = 1000
+"""A full disk fails every write: the first failure is logged, then every LOG_EVERY-th."""
 
 
 def encode_block(data: np.ndarray, token_ids: tuple[int, ...]) -> bytes:
     tokens = np.asarray(token_ids, dtype="<i8").tobytes()
     payload = data.tobytes()
-    digest = hashlib.blake2b(tokens + payload, digest_size=16).digest()
-    return HEADER.pack(MAGIC, len(token_ids), len(payload), digest) + tokens + payload
+    checksum = zlib.crc32(payload, zlib.crc32(tokens))
+    return HEADER.pack(MAGIC, len(token_ids), len(payload), checksum) + tokens + payload
 
 
-def decode_block(raw: bytes, payload_bytes: int) -> tuple[bytes, tuple[int, ...]] | None:
-    """(payload, token ids), or None when the bytes are not one intact block of ``payload_bytes``."""
+def decode_block(raw: bytearray, payload_bytes: int) -> tuple[memoryview, tuple[int, ...]] | None:
+    """(payload, token ids) as views of ``raw``, or None when the bytes are not one intact block of
+    ``payload_bytes``."""
     if len(raw) < HEADER.size:
         return None
-    magic, num_tokens, length, digest = HEADER.unpack_from(raw)
-    body = raw[HEADER.size:]
+    magic, num_tokens, length, checksum = HEADER.unpack_from(raw)
+    body = memoryview(raw)[HEADER.size:]
     if magic != MAGIC or length != payload_bytes or len(body) != 8 * num_tokens + length:
         return None
-    if hashlib.blake2b(body, digest_size=16).digest() != digest:
+    if zlib.crc32(body) != checksum:
         return None
-    tokens = tuple(int(t) for t in np.frombuffer(body[: 8 * num_tokens], dtype="<i8"))
+    tokens = tuple(np.frombuffer(body[: 8 * num_tokens], dtype="<i8").tolist())
     return body[8 * num_tokens:], tokens
+
+
+def read_file(path: Path) -> bytearray:
+    with open(path, "rb") as fh:
+        raw = bytearray(os.fstat(fh.fileno()).st_size)
+        read = fh.readinto(raw)
+    return raw[:read] if read != len(raw) else raw
 
 
 class DiskTier(KVTier):
@@ -100,10 +110,10 @@ class DiskTier(KVTier):
         if key not in self.files:
             return None
         try:
-            raw = self.path(key).read_bytes()
+            raw = read_file(self.path(key))
         except OSError as exc:
             log.warning("KV disk tier: cannot read %s: %s", self.path(key), exc)
-            raw = b""
+            raw = bytearray()
         decoded = decode_block(raw, self.context.block_bytes)
         if decoded is None:
             log.warning("KV disk tier: %s is truncated or corrupt; deleted (the block is recomputed)",
@@ -113,7 +123,7 @@ class DiskTier(KVTier):
             return None
         payload, tokens = decoded
         self.files.move_to_end(key)
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.context.block_shape)
+        data = torch.frombuffer(payload, dtype=torch.uint8).view(self.context.block_shape)
         return TierBlock(data, tokens)
 
     def has_room(self) -> bool:
@@ -132,7 +142,9 @@ class DiskTier(KVTier):
             os.replace(temporary, target)
         except OSError as exc:
             self.stats.errors += 1
-            log.warning("KV disk tier: cannot write %s (%s); the block is not stored", target, exc)
+            if self.stats.errors % LOG_EVERY == 1:
+                log.warning("KV disk tier: cannot write %s (%s); the block is not stored (%d errors so far)",
+                            target, exc, self.stats.errors)
             temporary.unlink(missing_ok=True)
             return False
         self.files[key] = len(raw)

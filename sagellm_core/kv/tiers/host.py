@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from sagellm_core.kv.tiers.base import KVTier, TierBlock, TierContext
@@ -20,6 +21,7 @@ class HostTier(KVTier):
         self.capacity = max(1, capacity_bytes // context.block_bytes)
         pin = context.device.type == "cuda"
         self.slab = torch.empty((self.capacity, *context.block_shape), dtype=torch.uint8, pin_memory=pin)
+        self.slab_array = self.slab.numpy()
         self.slots: OrderedDict[bytes, int] = OrderedDict()  # oldest use first
         self.tokens: dict[int, tuple[int, ...]] = {}
         self.free_slots = list(range(self.capacity - 1, -1, -1))
@@ -47,10 +49,12 @@ class HostTier(KVTier):
 
     def put(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> bool:
         slot = self.free_slots.pop()
-        self.slab[slot].copy_(data, non_blocking=data.device.type == "cuda")
         if data.device.type == "cuda":
+            self.slab[slot].view(data.shape).copy_(data, non_blocking=True)
             self._copy_event = torch.cuda.Event()
             self._copy_event.record()
+        else:
+            np.copyto(self.slab_array[slot].reshape(data.shape), data.numpy())
         self.slots[key] = slot
         self.tokens[slot] = token_ids
         self.stats.stores += 1

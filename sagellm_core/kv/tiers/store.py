@@ -1,7 +1,8 @@
 """The tier stack under one device KV pool: blocks the pool evicts move down, prefix hits below the
 pool are copied up into freshly allocated device blocks.
 
-Copies are queued on the device in stream order at the moment the scheduler plans them, so a
+On the CPU, copies go through numpy (one memcpy per layer and K/V, outside torch's intra-op thread
+pool, which costs more than the copy on a busy host). Copies are queued on the device in stream order at the moment the scheduler plans them, so a
 block written back is read before any later step overwrites it, and a loaded block is in place
 before the step that reads it. On CUDA loads run on a side stream: pinned staging, one host-to-device
 copy per batch, a scatter into the pool, and an event the compute stream waits on.
@@ -14,6 +15,7 @@ import time
 from typing import Sequence
 
 import attrs
+import numpy as np
 import torch
 
 from sagellm_core.kv.tiers.base import KVTier, TierStats
@@ -37,14 +39,19 @@ class TierStore:
         self.device = device
         self.write_mode = write_mode
         self.pool: torch.Tensor | None = None
+        self._pool_array: np.ndarray | None = None  # the CPU pool, for copies that skip torch's thread pool
         self._stream: torch.cuda.Stream | None = None
         self._staging: torch.Tensor | None = None
         self._staging_free: torch.cuda.Event | None = None
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event, int, KVTier]] = []
 
     def bind(self, pool: torch.Tensor) -> None:
-        """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``."""
-        self.pool = pool.view(torch.uint8)
+        """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, seen
+        as bytes ``[num_layers * 2, num_blocks, block bytes per layer and K/V]`` (a block: one row per
+        layer and K/V, each contiguous)."""
+        layers, kv, num_blocks = pool.shape[:3]
+        self.pool = pool.view(torch.uint8).view(layers * kv, num_blocks, -1)
+        self._pool_array = self.pool.numpy() if self.pool.device.type == "cpu" else None
 
     # ---- lookups -------------------------------------------------------------------------------
     def find(self, key: bytes) -> int | None:
@@ -58,12 +65,14 @@ class TierStore:
     # ---- down ----------------------------------------------------------------------------------
     def save(self, item: TierItem) -> None:
         """Copy a device block into the top tier (nothing when it is there already)."""
+        tick = time.perf_counter()
         self._store(0, item.key, self._device_block(item.block_id), item.token_ids)
+        self.tiers[0].stats.save_seconds += time.perf_counter() - tick
 
     def _device_block(self, block_id: int) -> torch.Tensor:
         if self.pool is None:
             raise RuntimeError("the tier store is not bound to a device pool")
-        return self.pool[:, :, block_id]
+        return self.pool[:, block_id]
 
     def _store(self, level: int, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> None:
         tier = self.tiers[level]
@@ -130,10 +139,11 @@ class TierStore:
             raise RuntimeError("the tier store is not bound to a device pool")
         nbytes = sum(int(data.numel()) for _, data, _ in found)
         tier = found[0][2]
-        if self.device.type != "cuda":
+        if self._pool_array is not None:
             tick = time.perf_counter()
+            rows = self._pool_array.shape[0]
             for block_id, data, _ in found:
-                self.pool[:, :, block_id].copy_(data)
+                np.copyto(self._pool_array[:, block_id], data.numpy().reshape(rows, -1))
             tier.stats.load_seconds += time.perf_counter() - tick
             tier.stats.load_bytes += nbytes
             return
@@ -158,7 +168,7 @@ class TierStore:
             blocks = staging.to(self.device, non_blocking=True)
             index = torch.tensor([block_id for block_id, _, _ in found], device="cpu").to(self.device,
                                                                                          non_blocking=True)
-            self.pool[:, :, index] = blocks.permute(1, 2, 0, 3, 4, 5)
+            self.pool[:, index] = blocks.view(count, self.pool.shape[0], -1).transpose(0, 1)
             end.record()
         compute.wait_event(end)
         self._staging_free = end
