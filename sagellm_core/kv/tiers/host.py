@@ -53,8 +53,10 @@ class HostTier(KVTier):
             self.slab[slot].view(data.shape).copy_(data, non_blocking=True)
             self._copy_event = torch.cuda.Event()
             self._copy_event.record()
-        else:
+        elif data.device.type == "cpu":
             np.copyto(self.slab_array[slot].reshape(data.shape), data.numpy())
+        else:
+            self.slab[slot].view(data.shape).copy_(data)
         self.slots[key] = slot
         self.tokens[slot] = token_ids
         self.stats.stores += 1

@@ -147,6 +147,13 @@ class TierStore:
             tier.stats.load_seconds += time.perf_counter() - tick
             tier.stats.load_bytes += nbytes
             return
+        if self.device.type != "cuda":  # other accelerators: plain blocking copies
+            tick = time.perf_counter()
+            for block_id, data, _ in found:
+                self.pool[:, block_id].copy_(data.view(self.pool.shape[0], -1))
+            tier.stats.load_seconds += time.perf_counter() - tick
+            tier.stats.load_bytes += nbytes
+            return
         self._copy_up_cuda(found, nbytes, tier)
 
     def _copy_up_cuda(self, found: list[tuple[int, torch.Tensor, KVTier]], nbytes: int, tier: KVTier) -> None:
