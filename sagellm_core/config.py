@@ -16,7 +16,7 @@ from sagellm_core.errors import ConfigError
 from sagellm_core.options import FieldError, at_least, in_range, one_of
 
 __all__ = [
-    "BackendConfig", "BenchmarkConfig", "ConfigError", "EngineConfig", "FieldError", "KVCacheConfig",
+    "BackendConfig", "BenchmarkConfig", "ConfigError", "EngineConfig", "FieldError", "KVCacheConfig", "KVTiersConfig",
     "MetricsConfig", "ModelConfig", "SchedulerConfig", "ServerConfig", "at_least", "in_range", "load_config",
     "one_of", "structure", "structure_options",
 ]
@@ -70,6 +70,32 @@ class KVCacheConfig:
 FALLBACK_MAX_NUM_SEQS = 128
 FALLBACK_MAX_NUM_BATCHED_TOKENS = 2048
 """Budgets of a scheduler built from an unresolved config outside an engine (and the CPU's)."""
+
+
+@attrs.frozen
+class KVTiersConfig:
+    """Tiers under the device KV pool (`sagellm_core.kv.tiers`): prefix blocks the pool evicts move
+    down, and a prefix hit continues down the tiers after the pool misses.
+
+    ``host_bytes``: size of the host-memory tier (pinned on CUDA; 0: none). ``disk_path``: directory
+    of the disk tier (None: none); its blocks survive restarts, in a sub-directory per fingerprint of
+    the model weights and KV layout; ``disk_bytes`` caps it. ``write_mode``: ``back`` copies a block
+    down when the pool evicts it, ``through`` as soon as it is a full cached block. ``extra``: tiers
+    registered by plugins (`sagellm_register_kv_tiers`), below the built-in ones, in order, with their
+    options in ``options.<name>``.
+    """
+
+    host_bytes: int = attrs.field(default=0, validator=at_least(0))
+    disk_path: str | None = None
+    disk_bytes: int = attrs.field(default=16 << 30, validator=at_least(1 << 20))
+    write_mode: str = attrs.field(default="back", validator=one_of("back", "through"))
+    extra: list[str] = attrs.field(factory=list)
+    options: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    def names(self) -> list[str]:
+        """The tiers in use, top first."""
+        builtin = (["host"] if self.host_bytes else []) + (["disk"] if self.disk_path else [])
+        return list(dict.fromkeys([*builtin, *self.extra]))
 
 
 @attrs.frozen
@@ -181,6 +207,7 @@ class EngineConfig:
 
     model: ModelConfig = attrs.field(factory=ModelConfig)
     kv_cache: KVCacheConfig = attrs.field(factory=KVCacheConfig)
+    kv_tiers: KVTiersConfig = attrs.field(factory=KVTiersConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)

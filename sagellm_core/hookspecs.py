@@ -77,6 +77,25 @@ def sagellm_register_kv_policies(register: Register) -> None:
 
 
 @hookspec
+def sagellm_register_kv_tiers(register: Register) -> None:
+    """Register KV tiers: stores below the device KV pool (host memory, disk, remote, ...).
+
+    Call ``register(name, factory, options=OptionsClass)``. ``factory(context)`` — or
+    ``factory(context, options)`` with an options class, validated against
+    ``kv_tiers.options.<name>`` — returns a `sagellm_core.kv.tiers.base.KVTier`: a store of full KV
+    blocks keyed by their salted chained hash (16 bytes of blake2b over the parent's key and the
+    block's tokens), each stored with the token ids it caches. ``context`` is a
+    `sagellm_core.kv.tiers.base.TierContext`: the shape of one block as uint8, the device, the
+    fingerprint of the model and KV layout (a persistent tier keeps fingerprints apart) and the
+    `KVTiersConfig`. A tier implements ``contains``, ``get`` (None for a missing or unreadable
+    block: the engine recomputes it), ``put``, ``has_room``, ``victim``, ``evict``, ``keys``; blocks
+    a full tier gives up move to the next tier down. The built-in ``host`` and ``disk`` tiers are
+    registered through this hook (`sagellm_core.builtin.kv_tiers`); ``kv_tiers.extra`` selects
+    plugin tiers, below them.
+    """
+
+
+@hookspec
 def sagellm_register_schedulers(register: Register) -> None:
     """Register schedulers.
 

@@ -29,6 +29,7 @@ from sagellm_core.registry import Registration, Registry
 BUILTIN_PLUGINS: dict[str, str] = {
     "cpu": "sagellm_core.builtin.cpu_backend",
     "builtin_kv_policies": "sagellm_core.builtin.kv_policies",
+    "builtin_kv_tiers": "sagellm_core.builtin.kv_tiers",
     "builtin_schedulers": "sagellm_core.builtin.schedulers",
     "builtin_metrics": "sagellm_core.builtin.metrics",
 }
@@ -36,6 +37,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 HOOK_FAMILY = {
     "sagellm_register_backends": "backend",
     "sagellm_register_kv_policies": "kv_policy",
+    "sagellm_register_kv_tiers": "kv_tier",
     "sagellm_register_schedulers": "scheduler",
     "sagellm_register_metrics": "metric",
     "sagellm_register_commands": "command",

@@ -20,6 +20,7 @@ from sagellm_core.registry import Registration, Registry
 
 if TYPE_CHECKING:
     from sagellm_core.kv.policy import KVPolicy
+    from sagellm_core.kv.tiers.base import KVTier, TierContext
     from sagellm_core.metrics.base import MetricSink
     from sagellm_core.plugin_manager import SageLLMPluginManager
     from sagellm_core.schedulers.base import Scheduler
@@ -45,6 +46,7 @@ class PluginSelection:
     kv_policy: Selected
     metrics: dict[str, Selected]
     backend: Selected | None
+    kv_tiers: dict[str, Selected] = attrs.field(factory=dict)
 
     def create_scheduler(self, config: SchedulerConfig) -> Scheduler:
         """``factory(scheduler_config, options)``."""
@@ -55,6 +57,17 @@ class PluginSelection:
         """``factory(options)``: call once per KV pool (a policy holds one pool's free blocks)."""
         policy: KVPolicy = self.kv_policy.registration.factory(self.kv_policy.options)
         return policy
+
+    def create_kv_tiers(self, context: TierContext) -> list[KVTier]:
+        """``factory(context)`` or ``factory(context, options)`` per selected tier, top first."""
+        tiers: list[KVTier] = []
+        for selected in self.kv_tiers.values():
+            factory = selected.registration.factory
+            if selected.registration.options is None:
+                tiers.append(factory(context))
+            else:
+                tiers.append(factory(attrs.evolve(context, options=selected.options), selected.options))
+        return tiers
 
     def create_metric_sinks(self, config: MetricsConfig) -> dict[str, MetricSink]:
         """``factory(metrics_config)``, or ``factory(metrics_config, options)`` for a sink that
@@ -98,9 +111,27 @@ def selection_errors(config: EngineConfig, registry: Registry) -> tuple[PluginSe
             metrics[name] = selected
     for name in sorted(set(config.metrics.options) - set(sinks)):
         errors.append(f"metrics.options.{name}: sink {name!r} is not in metrics.enabled or metrics.extra")
+    kv_tiers = _select_tiers(config, registry, errors)
     if errors or scheduler is None or kv_policy is None:
         return None, errors
-    return PluginSelection(scheduler, kv_policy, metrics, backend), []
+    return PluginSelection(scheduler, kv_policy, metrics, backend, kv_tiers), []
+
+
+def _select_tiers(config: EngineConfig, registry: Registry, errors: list[str]) -> dict[str, Selected]:
+    tiers_config = config.kv_tiers
+    names = tiers_config.names()
+    selected: dict[str, Selected] = {}
+    for name in names:
+        path = f"kv_tiers.extra[{tiers_config.extra.index(name)}]" if name in tiers_config.extra else "kv_tiers"
+        tier = _select(registry, "kv_tier", name, path, tiers_config.options.get(name, {}),
+                       f"kv_tiers.options.{name}", errors)
+        if tier is not None:
+            selected[name] = tier
+    for name in sorted(set(tiers_config.options) - set(names)):
+        errors.append(f"kv_tiers.options.{name}: tier {name!r} is not in use (kv_tiers.extra)")
+    if names and (config.parallel.tensor_parallel_size > 1 or config.parallel.pd_split):
+        errors.append("kv_tiers: tiers run in one process only (not with tensor parallelism or parallel.pd_split)")
+    return selected
 
 
 def validate_plugin_selection(config: EngineConfig, manager: SageLLMPluginManager) -> PluginSelection:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from sagellm_core.backend import BackendSpec
     from sagellm_core.commands import CommandSpec
 
-FAMILIES = ("backend", "kv_policy", "scheduler", "metric", "command")
+FAMILIES = ("backend", "kv_policy", "kv_tier", "scheduler", "metric", "command")
 
 
 @attrs.frozen

@@ -67,6 +67,11 @@ def _seed(_: Any, attribute: attrs.Attribute, value: Any) -> None:
         _fail("seed", f"must be a signed 64-bit integer (in [{SEED_MIN}, {SEED_MAX}])", value)
 
 
+def _cache_salt(_: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        _fail("cache_salt", "must be a non-empty string or null", value)
+
+
 def _stop_strings(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         _fail(attribute.name, "must be a non-empty string or a list of non-empty strings", value)
@@ -137,7 +142,8 @@ class SamplingParams:
     when the request is added (banning a multi-token sequence needs the host's view of the last
     tokens, which the asynchronous pipeline does not have).
     ``structured_outputs`` constrains the text to a JSON schema, regex, grammar or choice
-    (`StructuredOutputsParams`, or a dict of its fields).
+    (`StructuredOutputsParams`, or a dict of its fields). Requests with different ``cache_salt``
+    values never share cached KV blocks (the salt enters the first block's hash), on any tier.
     """
 
     n: int = attrs.field(default=1, validator=_int_at_least(1))
@@ -161,6 +167,7 @@ class SamplingParams:
     bad_words: list[str] = attrs.field(factory=list, converter=_as_list, validator=_stop_strings)
     structured_outputs: StructuredOutputsParams | None = attrs.field(default=None, converter=_structured,
                                                                      validator=_structured_type)
+    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt)
 
     def __attrs_post_init__(self) -> None:
         self._check_together()

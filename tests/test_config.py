@@ -230,9 +230,9 @@ def test_config_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ("scheduler:\n  name: demo\n  options: {window: {depth: 0}}\n",
      ["scheduler.options.window.depth: must be >= 1, got 0"]),
     ("scheduler: {name: fcfs, options: {x: 1}}\n", ["scheduler.options: this plugin takes no options, got x"]),
-    ("scheduler: {name: lifo}\nkv_cache: {policy: arc}\nbackend: {name: tpu}\nmetrics: {enabled: [latency, p99]}\n", [
+    ("scheduler: {name: lifo}\nkv_cache: {policy: belady}\nbackend: {name: tpu}\nmetrics: {enabled: [latency, p99]}\n", [
         "scheduler.name: unknown scheduler 'lifo'; registered: demo, fcfs, ",
-        "kv_cache.policy: unknown kv_policy 'arc'; registered: ",
+        "kv_cache.policy: unknown kv_policy 'belady'; registered: ",
         "backend.name: unknown backend 'tpu'; registered: cpu",
         "metrics.enabled[1]: unknown metric 'p99'; registered: ",
     ]),

@@ -13,6 +13,9 @@ from sagellm_core.builtin.kv_policies import NoReusePolicy, PrefixLRUPolicy
 from sagellm_core.builtin.schedulers import FCFSScheduler, PriorityScheduler
 from sagellm_core.config import SchedulerConfig
 from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.kv.policies.arc import ARCPolicy
+from sagellm_core.kv.policies.lfu import LFUPolicy
+from sagellm_core.kv.policies.s3fifo import S3FIFOPolicy
 from sagellm_core.kv.policy import Block, FreeQueuePolicy, KVPolicy
 from sagellm_core.request import Request, RequestStatus
 from sagellm_core.sampling_params import SamplingParams
@@ -104,6 +107,10 @@ SCHEDULERS = {
 }
 
 
+POLICIES: dict[str, type[KVPolicy]] = {"prefix_lru": PrefixLRUPolicy, "no_reuse": NoReusePolicy, "lfu": LFUPolicy,
+                                        "arc": ARCPolicy, "s3fifo": S3FIFOPolicy}
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     scheduler_name=st.sampled_from(sorted(SCHEDULERS)),
@@ -111,19 +118,18 @@ SCHEDULERS = {
     block_size=st.sampled_from([1, 2, 4, 8]),
     budget=st.integers(1, 64),
     max_seqs=st.integers(1, 8),
-    reuse=st.booleans(),
+    reuse=st.sampled_from(["prefix_lru", "no_reuse", "lfu", "arc", "s3fifo"]),
     seed=st.integers(0, 10_000),
     num_requests=st.integers(1, 14),
 )
 def test_randomized_workloads_leak_nothing(scheduler_name: str, num_blocks: int, block_size: int, budget: int,
-                                           max_seqs: int, reuse: bool, seed: int, num_requests: int) -> None:
+                                           max_seqs: int, reuse: str, seed: int, num_requests: int) -> None:
     """Simulated steps with random prompts, shared prefixes, aborts and preemption: every request ends
     exactly once, reference counts stay consistent, and in the end every block is free."""
     rng = random.Random(seed)
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     scheduler = SCHEDULERS[scheduler_name](config)
-    pools = [KVCacheManager(num_blocks, block_size, PrefixLRUPolicy() if reuse else NoReusePolicy())
-             for _ in range(scheduler.num_kv_pools)]
+    pools = [KVCacheManager(num_blocks, block_size, POLICIES[reuse]()) for _ in range(scheduler.num_kv_pools)]
     scheduler.bind(pools)
     capacity = min(p.num_blocks for p in pools) * block_size
     base = [rng.randrange(50) for _ in range(64)]

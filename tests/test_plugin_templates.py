@@ -229,7 +229,7 @@ def test_unknown_names_are_listed_with_the_registered_ones_before_the_model_load
                  "--metric", "nope3", "--backend", "nope4"]) == 2
     errors = capsys.readouterr().err
     assert "scheduler.name: unknown scheduler 'nope1'; registered: " in errors and "fcfs" in errors
-    assert "kv_cache.policy: unknown kv_policy 'nope2'; registered: mru, no_reuse, prefix_lru" in errors
+    assert "kv_cache.policy: unknown kv_policy 'nope2'; registered: arc, lfu, mru, no_reuse, prefix_lru, s3fifo" in errors
     assert "metrics.extra[0]: unknown metric 'nope3'; registered: jsonl, kv, latency" in errors
     assert "backend.name: unknown backend 'nope4'; registered: " in errors and "template" in errors
     assert "nonexistent" not in errors

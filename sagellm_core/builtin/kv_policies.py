@@ -1,10 +1,13 @@
-"""Built-in KV policies: prefix caching with LRU eviction, and no reuse."""
+"""Built-in KV policies: prefix caching with LRU, LFU, ARC or S3-FIFO eviction, and no reuse."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Hashable
 
 from sagellm_core.hookspecs import Register, hookimpl
+from sagellm_core.kv.policies.arc import ARCPolicy
+from sagellm_core.kv.policies.lfu import LFUPolicy
+from sagellm_core.kv.policies.s3fifo import S3FIFOPolicy
 from sagellm_core.kv.policy import Block, FreeQueuePolicy
 
 if TYPE_CHECKING:
@@ -37,6 +40,9 @@ class NoReusePolicy(FreeQueuePolicy):
 
 @hookimpl
 def sagellm_register_kv_policies(register: Register) -> None:
-    """Register ``prefix_lru`` (the default) and ``no_reuse``."""
+    """Register ``prefix_lru`` (the default), ``no_reuse``, ``lfu``, ``arc`` and ``s3fifo``."""
     register("prefix_lru", PrefixLRUPolicy)
     register("no_reuse", NoReusePolicy)
+    register("lfu", LFUPolicy)
+    register("arc", ARCPolicy)
+    register("s3fifo", S3FIFOPolicy)

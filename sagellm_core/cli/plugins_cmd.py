@@ -15,7 +15,7 @@ from sagellm_core.backend_selection import BackendProbe, probe_all, select_backe
 from sagellm_core.errors import BackendUnavailableError
 from sagellm_core.plugin_manager import SageLLMPluginManager, create_plugin_manager
 
-NON_BACKEND_FAMILIES = ("kv_policy", "scheduler", "metric")
+NON_BACKEND_FAMILIES = ("kv_policy", "kv_tier", "scheduler", "metric")
 
 
 def add_parser(subparsers: Any) -> None:

@@ -18,14 +18,17 @@ from sagellm_core.engine.budgets import Budgets, resolve_budgets
 from sagellm_core.errors import ConfigError
 from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.models import loader
-from sagellm_core.models.kv_cache import kv_bytes_per_block, text_config
+from sagellm_core.kv.tiers.base import TierContext
+from sagellm_core.kv.tiers.fingerprint import kv_fingerprint, weights_signature
+from sagellm_core.kv.tiers.store import TierStore
+from sagellm_core.models.kv_cache import kv_bytes_per_block, kv_shape, text_config
 from sagellm_core.models.runner import ModelRunner
 from sagellm_core.parallel.distributed import external_world
 from sagellm_core.parallel.launch import (Layout, attach_workers, join, layout_of, local_pools, prepare_model,
                                           run_worker, stop_workers)
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.quant import QuantizationReport, kv_cache_dtype, quantize_loaded_model
-from sagellm_core.plugin_selection import validate_plugin_selection
+from sagellm_core.plugin_selection import PluginSelection, validate_plugin_selection
 from sagellm_core.sampling import Sampler
 from sagellm_core.schedulers.base import Scheduler
 
@@ -81,7 +84,9 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
 
         pool_blocks = pool_sizes(config, backend, model, kv_dtype, scheduler)
         block_size = config.kv_cache.block_size
-        kv_pools = [KVCacheManager(n, block_size, selection.create_kv_policy()) for n in pool_blocks]
+        tiers = tier_store(config, selection, backend, model, kv_dtype, dtype, source, quantization.method)
+        kv_pools = [KVCacheManager(n, block_size, selection.create_kv_policy(), tiers if i == 0 else None)
+                    for i, n in enumerate(pool_blocks)]
         scheduler.bind(kv_pools)
         max_model_len = context_length(config, getattr(model_config, "max_position_embeddings", 2048),
                                        min(pool_blocks) * block_size, pool_blocks)
@@ -89,6 +94,8 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         runner = ModelRunner(model, backend, block_size, local_pools(layout, pool_blocks, 0), dtype,
                              max_model_len=max_model_len, graph_batch_size=graph_batch, cache_dtype=kv_dtype)
         capture_seconds = 0.0
+        if tiers is not None:
+            tiers.bind(runner.kv_caches[0])
         if control is not None and layout is not None:
             runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
         elif runner.captures_graphs:
@@ -108,6 +115,27 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         metric_sinks=selection.create_metric_sinks(config.metrics),
         async_scheduling=layout is None and (mode == "on" or (mode == "auto" and backend.async_output)),
     )
+
+
+def tier_store(config: EngineConfig, selection: PluginSelection, backend: Backend, model: Any,
+               kv_dtype: torch.dtype, dtype: torch.dtype, source: loader.ModelSource,
+               quantization: str) -> TierStore | None:
+    """The tiers under the first KV pool (None when ``kv_tiers`` names none)."""
+    if not selection.kv_tiers:
+        return None
+    layers, kv_heads, head_dim = kv_shape(model)
+    block_size = config.kv_cache.block_size
+    element = torch.tensor([], dtype=kv_dtype).element_size()
+    weights = weights_signature(source.gguf_path or source.directory)
+    fingerprint = kv_fingerprint(weights, model=source.name, load_format=config.model.load_format,
+                                 seed=config.model.seed if config.model.load_format == "dummy" else None,
+                                 dtype=dtype, kv_dtype=kv_dtype, quantization=quantization, block_size=block_size,
+                                 num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    context = TierContext((layers, 2, block_size, kv_heads, head_dim * element), backend.device(), fingerprint,
+                          config.kv_tiers)
+    tiers = selection.create_kv_tiers(context)
+    log.info("KV tiers under the device pool: %s (fingerprint %s)", ", ".join(t.name for t in tiers), fingerprint)
+    return TierStore(tiers, backend.device(), config.kv_tiers.write_mode)
 
 
 def model_dtype(config: EngineConfig, backend: Backend) -> torch.dtype:

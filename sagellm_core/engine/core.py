@@ -18,6 +18,7 @@ token computed and dropped.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ from sagellm_core.schedulers.base import TokenUpdate
 from sagellm_core.structured.manager import StructuredOutputs
 
 _request_counter = itertools.count()
+log = logging.getLogger("sagellm")
 
 
 @attrs.define
@@ -178,7 +180,16 @@ class LLMEngine:
         self.outputs.take_outputs()
 
     def release(self) -> None:
-        """Drop the KV pool tensors and captured graphs (device memory); the engine cannot step after this."""
+        """Write the cached KV blocks to the persistent tier (if any), then drop the KV pool tensors
+        and captured graphs (device memory); the engine cannot step after this."""
+        if self.runner.kv_caches:
+            try:
+                self.kv_pools[0].persist()
+            except Exception as exc:  # the cache is an optimisation: shutting down must not fail on it
+                log.warning("KV tiers: could not persist the cached blocks: %s: %s", type(exc).__name__, exc)
+        tiers = self.kv_pools[0].tiers
+        if tiers is not None:
+            tiers.close()
         self.runner.release()
 
     def has_unfinished(self) -> bool:
@@ -289,6 +300,7 @@ class LLMEngine:
         """Metric snapshots, KV-pool statistics, scheduler counters and queue sizes."""
         stats: dict[str, Any] = {name: sink.snapshot() for name, sink in self.metric_sinks.items()}
         stats["kv_pools"] = [pool.stats() for pool in self.kv_pools]
+        stats["kv_tiers"] = [tier.as_dict() for tier in self.events.tier_stats()]
         stats["num_waiting"] = len(self.scheduler.waiting)
         stats["num_running"] = len(self.scheduler.running)
         stats["num_preemptions"] = self.scheduler.num_preemptions

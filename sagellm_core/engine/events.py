@@ -44,8 +44,13 @@ class EngineEvents:
             num_output_tokens=num_output_tokens, num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running), num_preempted=len(plan.preempted),
             kv=tuple(pool.stats() for pool in self.kv_pools),
+            kv_tiers=tuple(self.tier_stats()),
         )
         self.notify("on_step", event)
+
+    def tier_stats(self) -> list[Any]:
+        tiers = self.kv_pools[0].tiers if self.kv_pools else None
+        return tiers.stats() if tiers is not None else []
 
     def request_finished(self, group: RequestGroup, state: CompletionState, now: float) -> None:
         """One completion ended: fold it into the group's metrics and report it."""

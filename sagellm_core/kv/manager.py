@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import attrs
 
 from sagellm_core.kv.policy import Block, KVPolicy
+from sagellm_core.kv.tiers.base import chain_key, root_key
+from sagellm_core.kv.tiers.store import TierItem, TierStore
 from sagellm_core.request import Request
+
+
+@attrs.frozen
+class BelowHit:
+    """A prefix block found in a tier below the device pool (``level``: which tier)."""
+
+    key: bytes
+    token_ids: tuple[int, ...]
+    block_hash: Hashable
+    parent: Hashable | None
+    level: int
+
+
+class PrefixHit(list[Block]):
+    """A prefix lookup's result: the cached device blocks (the list itself), then ``below``, blocks
+    to load from the tiers into fresh device blocks. ``keys``: the tier keys of all of them."""
+
+    def __init__(self, blocks: Sequence[Block] = ()) -> None:
+        super().__init__(blocks)
+        self.below: list[BelowHit] = []
+        self.keys: list[bytes] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self) + len(self.below)
+
+
+def cache_roots(request: Request) -> tuple[Hashable | None, bytes]:
+    """The parent of a request's first block: in the device pool's hash chain and in the tier keys.
+    A ``cache_salt`` changes both, so requests with different salts share no block."""
+    salt = request.params.cache_salt
+    return (None if salt is None else ("cache_salt", salt)), root_key(salt)
 
 
 @attrs.define
@@ -18,6 +52,8 @@ class KVStats:
     cached_blocks: int
     prefix_query_tokens: int
     prefix_hit_tokens: int
+    tier_hit_tokens: tuple[int, ...] = ()
+    """Of ``prefix_hit_tokens``, those loaded from each tier below the pool (top tier first)."""
 
     @property
     def hit_rate(self) -> float:
@@ -31,7 +67,7 @@ class KVStats:
 class KVCacheManager:
     """Owns the block bookkeeping of one KV pool; the scheduler asks it for room, the engine commits."""
 
-    def __init__(self, num_blocks: int, block_size: int, policy: KVPolicy) -> None:
+    def __init__(self, num_blocks: int, block_size: int, policy: KVPolicy, tiers: TierStore | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.policy = policy
@@ -41,6 +77,10 @@ class KVCacheManager:
         self.req_hashes: dict[str, list[Hashable | None]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self.tiers = tiers
+        self.tier_keys: dict[int, bytes] = {}  # cached block id -> its tier key
+        self.req_tier_keys: dict[str, list[bytes]] = {}
+        self.tier_hit_tokens = [0] * (len(tiers.tiers) if tiers is not None else 0)
         policy.add_unused(self.blocks)
 
     # ---- queries -------------------------------------------------------------------------------
@@ -53,21 +93,31 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_prefix(self, request: Request) -> list[Block]:
-        """Longest chain of cached full blocks matching the request's tokens (never its last token);
-        none when the policy keeps this request out of prefix reuse."""
+    def find_prefix(self, request: Request) -> PrefixHit:
+        """Longest chain of cached full blocks matching the request's tokens (never its last token):
+        in the device pool, then continuing down the tiers; none when the policy keeps this request
+        out of prefix reuse."""
+        hits = PrefixHit()
         if not self.policy.should_cache(request):
-            return []
+            return hits
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[Block] = []
-        parent: Hashable | None = None
+        parent, key = cache_roots(request)
         for i in range(max_blocks):
             chunk = tuple(request.token_slice(i * self.block_size, (i + 1) * self.block_size))
             block_hash = self.policy.hash_block(parent, chunk)
-            block = self.cached.get(block_hash) if block_hash is not None else None
-            if block is None or block.key != (parent, chunk):
+            if block_hash is None:
                 break
-            hits.append(block)
+            if self.tiers is not None:
+                key = chain_key(key, chunk)
+            block = self.cached.get(block_hash) if not hits.below else None
+            if block is not None and block.key == (parent, chunk):
+                hits.append(block)
+            else:
+                level = self.tiers.find(key) if self.tiers is not None else None
+                if level is None:
+                    break
+                hits.below.append(BelowHit(key, chunk, block_hash, parent, level))
+            hits.keys.append(key)
             parent = block_hash
         return hits
 
@@ -75,17 +125,22 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, prefix: list[Block] | None = None) -> bool:
         """Make room for ``num_new_tokens`` more tokens (after an optional prefix hit). False if full.
 
-        On success with a prefix, the caller advances ``num_computed_tokens`` by the prefix length.
+        A prefix's blocks found below the device pool are loaded into fresh blocks here; a block that
+        cannot be loaded ends the hit there (``prefix.below`` is cut). On success the caller advances
+        ``num_computed_tokens`` by the prefix's ``num_blocks`` after this call.
         """
         owned = self.req_blocks.get(request.request_id, [])
-        if not prefix and request.num_computed_tokens + num_new_tokens <= len(owned) * self.block_size:
+        below = prefix.below if isinstance(prefix, PrefixHit) else []
+        if not prefix and not below and request.num_computed_tokens + num_new_tokens <= len(owned) * self.block_size:
             return True  # fits in the blocks it has (most decode steps)
-        prefix = prefix or []
-        computed = request.num_computed_tokens + len(prefix) * self.block_size
+        prefix = prefix if prefix is not None else []
+        computed = request.num_computed_tokens + (len(prefix) + len(below)) * self.block_size
         needed = self.blocks_needed(computed + num_new_tokens) - len(owned) - len(prefix)
         prefix_free = sum(1 for b in prefix if b.ref_count == 0)
         if needed > self.num_free_blocks() - prefix_free:
             return False
+        if prefix:
+            self.policy.touch(list(prefix))
         for block in prefix:
             if block.ref_count == 0:
                 self.policy.remove_free(block)
@@ -93,9 +148,30 @@ class KVCacheManager:
         owned = self.req_blocks.setdefault(request.request_id, owned)
         owned.extend(prefix)
         self.req_hashes.setdefault(request.request_id, []).extend(b.block_hash for b in prefix)
-        for _ in range(max(needed, 0)):
-            owned.append(self._take_free_block())
+        if self.tiers is not None and isinstance(prefix, PrefixHit):
+            self.req_tier_keys.setdefault(request.request_id, []).extend(prefix.keys[: len(prefix)])
+        fresh = [self._take_free_block() for _ in range(max(needed, 0))]
+        owned.extend(fresh)
+        if below and isinstance(prefix, PrefixHit):
+            self._load(request.request_id, prefix, fresh)
         return True
+
+    def _load(self, request_id: str, prefix: PrefixHit, fresh: list[Block]) -> None:
+        """Copy the prefix's blocks found below the pool into the first fresh blocks and publish
+        them as cached blocks."""
+        assert self.tiers is not None
+        items = [TierItem(block.block_id, hit.key, hit.token_ids) for block, hit in zip(fresh, prefix.below)]
+        del prefix.below[self.tiers.load(items):]
+        hashes = self.req_hashes[request_id]
+        keys = self.req_tier_keys.setdefault(request_id, [])
+        for block, hit in zip(fresh, prefix.below):
+            if hit.block_hash not in self.cached:
+                block.block_hash = hit.block_hash
+                block.key = (hit.parent, hit.token_ids)
+                self.cached[hit.block_hash] = block
+                self.tier_keys[block.block_id] = hit.key
+            hashes.append(hit.block_hash)
+            keys.append(hit.key)
 
     def allocate_tokens(self, request_id: str, num_tokens: int) -> bool:
         """Give a request that owns no blocks in this pool a fresh table of
@@ -110,22 +186,32 @@ class KVCacheManager:
         self.req_hashes[request_id] = []
         return True
 
-    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
-        """Count a prompt's prefix lookup (for the hit rate in `stats`)."""
+    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int,
+                             prefix: list[Block] | None = None) -> None:
+        """Count a prompt's prefix lookup (for the hit rates in `stats`); ``num_hit_tokens`` counts
+        the device and tier hits, ``prefix`` tells which tiers the latter came from."""
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += num_hit_tokens
+        for hit in prefix.below if isinstance(prefix, PrefixHit) else ():
+            self.tier_hit_tokens[hit.level] += self.block_size
 
     def _take_free_block(self) -> Block:
         block = self.policy.pop_free()
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]  # evicted
+                self._write_back(block)
             block.block_hash = None
             block.key = None
         if block.ref_count != 0:
             raise RuntimeError(f"KV block {block.block_id} was free with ref_count {block.ref_count}")
         block.ref_count = 1
         return block
+
+    def _write_back(self, block: Block) -> None:
+        key = self.tier_keys.pop(block.block_id, None)
+        if key is not None and self.tiers is not None and self.tiers.write_mode == "back" and block.key:
+            self.tiers.save(TierItem(block.block_id, key, block.key[1]))
 
     def cache_full_blocks(self, request: Request) -> None:
         """After a step: make newly completed full blocks findable by later requests (if the policy
@@ -136,24 +222,45 @@ class KVCacheManager:
         if not blocks:
             return
         hashes = self.req_hashes.setdefault(request.request_id, [])
+        keys = self.req_tier_keys.setdefault(request.request_id, []) if self.tiers is not None else None
+        root_parent, root_tier_key = cache_roots(request)
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
         while len(hashes) < num_full:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else root_parent
             chunk = tuple(request.token_slice(i * self.block_size, (i + 1) * self.block_size))
             block_hash = self.policy.hash_block(parent, chunk) if (i == 0 or parent is not None) else None
             hashes.append(block_hash)
+            key = None
+            if keys is not None:
+                key = chain_key(keys[-1] if keys else root_tier_key, chunk)
+                keys.append(key)
             block = blocks[i]
             if block_hash is not None and block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 block.key = (parent, chunk)
                 self.cached[block_hash] = block
+                if key is not None:
+                    self._publish_below(block, key, chunk)
+
+    def _publish_below(self, block: Block, key: bytes, chunk: tuple[int, ...]) -> None:
+        assert self.tiers is not None
+        self.tier_keys[block.block_id] = key
+        if self.tiers.write_mode == "through":
+            self.tiers.save(TierItem(block.block_id, key, chunk))
+
+    def persist(self) -> None:
+        """Write the cached blocks (device and tiers) to the persistent tier, if any (shutdown)."""
+        if self.tiers is not None:
+            self.tiers.persist([TierItem(block_id, key, self.blocks[block_id].key[1])  # type: ignore[index]
+                                for block_id, key in self.tier_keys.items()])
 
     # ---- release -------------------------------------------------------------------------------
     def free(self, request_id: str) -> None:
         """Drop a request's blocks (idempotent). Tail blocks are queued for eviction first."""
         blocks = self.req_blocks.pop(request_id, None)
         self.req_hashes.pop(request_id, None)
+        self.req_tier_keys.pop(request_id, None)
         if not blocks:
             return
         released = []
@@ -175,6 +282,7 @@ class KVCacheManager:
             cached_blocks=len(self.cached),
             prefix_query_tokens=self.prefix_query_tokens,
             prefix_hit_tokens=self.prefix_hit_tokens,
+            tier_hit_tokens=tuple(self.tier_hit_tokens),
         )
 
     def check_invariants(self) -> None:
@@ -191,3 +299,7 @@ class KVCacheManager:
         for block_hash, block in self.cached.items():
             if block.block_hash != block_hash:
                 raise AssertionError(f"cached block {block.block_id} has a stale hash")
+        for block_id in self.tier_keys:
+            block = self.blocks[block_id]
+            if block.block_hash is None or self.cached.get(block.block_hash) is not block:
+                raise AssertionError(f"block {block_id} has a tier key but is not cached")

@@ -11,6 +11,8 @@ What the `KVCacheManager` calls, and when:
   block is the least likely to be shared).
 - ``pop_free()``: a block is needed. The manager drops whatever the returned block cached.
 - ``remove_free(block)``: a free block got a prefix hit and is in use again.
+- ``touch(blocks)``: blocks a request's prefix hit (free or in use), before ``remove_free``; the
+  frequency signal of LFU-like policies (default: nothing).
 - ``num_free()``, ``is_free(block)``: counts and membership (free = no request holds the block).
 - ``should_cache(request)``: whether this request takes part in prefix reuse at all — its prompt is
   looked up in the cache, and its full blocks are published for later requests. The request's public
@@ -67,6 +69,9 @@ class KVPolicy(abc.ABC):
         Default: ``hash((parent_hash, token_ids))``, so equal prefixes give equal chains.
         """
         return hash((parent_hash, token_ids))
+
+    def touch(self, blocks: list[Block]) -> None:
+        """A prefix lookup hit ``blocks`` (cached, free or in use). Default: nothing."""
 
     # ---- free blocks -----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import attrs
 
 from sagellm_core.kv.manager import KVStats
+from sagellm_core.kv.tiers.base import TierStats
 from sagellm_core.metrics import latency
 from sagellm_core.metrics.latency import percentiles
 
@@ -30,6 +31,8 @@ class StepEvent:
     num_running: int
     num_preempted: int
     kv: tuple[KVStats, ...]
+    kv_tiers: tuple[TierStats, ...] = ()
+    """The tiers under the first KV pool (`sagellm_core.kv.tiers`), top first."""
 
     @property
     def duration(self) -> float:

@@ -37,6 +37,8 @@ class PrometheusSink:
     sequence, so a request with ``n > 1`` counts its prompt ``n`` times),
     ``sagellm_request_finished_total{finish_reason}`` (per sequence), ``sagellm_num_preemptions_total``,
     ``sagellm_prefix_cache_queries_total{pool}`` and ``sagellm_prefix_cache_hits_total{pool}`` (tokens).
+    KV tiers (gauges per ``tier``): ``sagellm_kv_tier_blocks``, ``sagellm_kv_tier_bytes``,
+    ``sagellm_kv_tier_hit_tokens``, ``sagellm_kv_tier_loads``, ``sagellm_kv_tier_load_bandwidth_bytes_per_second``.
     """
 
     def __init__(self, config: Any = None) -> None:
@@ -67,6 +69,16 @@ class PrometheusSink:
                                 ["finish_reason"], registry=reg)
         self.preemptions = Counter(PREFIX + "num_preemptions", "Preempted sequences.", registry=reg)
         self._kv_seen: dict[int, tuple[int, int]] = {}
+        self.tier_blocks = Gauge(PREFIX + "kv_tier_blocks", "KV blocks held by a tier below the device pool.",
+                                 ["tier"], registry=reg)
+        self.tier_bytes = Gauge(PREFIX + "kv_tier_bytes", "Bytes held by a KV tier.", ["tier"], registry=reg)
+        self.tier_hit_tokens = Gauge(PREFIX + "kv_tier_hit_tokens", "Prompt tokens loaded from a KV tier "
+                                     "since start.", ["tier"], registry=reg)
+        self.tier_loads = Gauge(PREFIX + "kv_tier_loads", "Blocks loaded from a KV tier into the device pool "
+                                "since start.", ["tier"], registry=reg)
+        self.tier_load_bandwidth = Gauge(PREFIX + "kv_tier_load_bandwidth_bytes_per_second", "Bytes per second "
+                                         "of the copies from a KV tier into the device pool.", ["tier"],
+                                         registry=reg)
 
     # ---- events (engine thread) ----------------------------------------------------------------
     def on_step(self, event: StepEvent) -> None:
@@ -83,6 +95,13 @@ class PrometheusSink:
             self.prefix_queries.labels(pool).inc(max(0, stats.prefix_query_tokens - queried))
             self.prefix_hits.labels(pool).inc(max(0, stats.prefix_hit_tokens - hits))
             self._kv_seen[index] = (stats.prefix_query_tokens, stats.prefix_hit_tokens)
+        hit_tokens = event.kv[0].tier_hit_tokens if event.kv else ()
+        for level, tier in enumerate(event.kv_tiers):
+            self.tier_blocks.labels(tier.name).set(tier.num_blocks)
+            self.tier_bytes.labels(tier.name).set(tier.bytes)
+            self.tier_hit_tokens.labels(tier.name).set(hit_tokens[level] if level < len(hit_tokens) else 0)
+            self.tier_loads.labels(tier.name).set(tier.loads)
+            self.tier_load_bandwidth.labels(tier.name).set(tier.load_bandwidth)
 
     def on_request_finished(self, event: RequestEvent) -> None:
         if event.ttft is not None:

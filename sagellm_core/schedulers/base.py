@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import attrs
 
 from sagellm_core.config import FALLBACK_MAX_NUM_BATCHED_TOKENS, FALLBACK_MAX_NUM_SEQS, SchedulerConfig
-from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.kv.manager import KVCacheManager, PrefixHit
 from sagellm_core.plan import BlockTransfer, ChunkPlan, StepPlan
 from sagellm_core.request import Request, RequestStatus
 
@@ -287,18 +287,18 @@ class PolicyScheduler(Scheduler):
             if request.reached_length or not self.can_admit(request):
                 skipped.append(self.waiting.pop(0))
                 continue
-            prefix = kv.find_prefix(request) if request.num_computed_tokens == 0 else []
-            num_computed = request.num_computed_tokens + len(prefix) * kv.block_size
-            pending = request.num_tokens - num_computed
+            prefix = kv.find_prefix(request) if request.num_computed_tokens == 0 else PrefixHit()
+            pending = request.num_tokens - request.num_computed_tokens - prefix.num_blocks * kv.block_size
             if not self.config.chunked_prefill and budget < pending <= self.max_num_batched_tokens:
                 break  # whole prompt fits a later step; wait for it rather than chunking
             num_tokens = min(pending, budget)
             if not kv.allocate(request, num_tokens, prefix):
                 break  # it fits once running requests finish (admission checked it fits alone)
+            hit_tokens = prefix.num_blocks * kv.block_size  # blocks that failed to load are cut
             if request.num_preemptions == 0:
-                kv.record_prefix_lookup(request.num_prompt_tokens, len(prefix) * kv.block_size)
-            request.num_cached_tokens = max(request.num_cached_tokens, len(prefix) * kv.block_size)
-            request.num_computed_tokens = num_computed
+                kv.record_prefix_lookup(request.num_prompt_tokens, hit_tokens, prefix)
+            request.num_cached_tokens = max(request.num_cached_tokens, hit_tokens)
+            request.num_computed_tokens += hit_tokens
             request.status = RequestStatus.RUNNING
             request.pool = pool
             self.waiting.pop(0)

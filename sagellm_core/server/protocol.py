@@ -61,6 +61,7 @@ class SamplingRequest(_Strict):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
+    cache_salt: str | None = None  # vLLM's: requests with different salts share no cached KV
 
     @property
     def include_usage(self) -> bool:
@@ -98,6 +99,7 @@ class SamplingRequest(_Strict):
             "logit_bias": self.logit_bias or None,
             "bad_words": self.bad_words or [],
             "structured_outputs": request_constraint(self),
+            "cache_salt": self.cache_salt,
         }
 
 

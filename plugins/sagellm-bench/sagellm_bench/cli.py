@@ -22,13 +22,13 @@ from sagellm_core.errors import ConfigError
 
 SHAPE_NAMES = tuple(SHAPES)
 DEFAULTS = BenchmarkConfig()
-HELP = "benchmarks: throughput, sampling, latency, serve, prefix, pd"
+HELP = "benchmarks: throughput, sampling, latency, serve, prefix, pd, multiturn"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` sub-commands (the ``add_arguments`` of the registered command)."""
     benches = parser.add_subparsers(dest="bench", required=True)
-    for add in (_add_throughput, _add_sampling, _add_latency, _add_serve, _add_prefix, _add_pd):
+    for add in (_add_throughput, _add_sampling, _add_latency, _add_serve, _add_prefix, _add_pd, _add_multiturn):
         add(benches)
 
 
@@ -220,6 +220,34 @@ def _run_latency(args: argparse.Namespace) -> int:
             compare_hf=args.compare == "hf",
             output_dir=args.output_dir)
         latency.run(config, options, args)
+    return 0
+
+
+def _add_multiturn(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("multiturn", help="multi-turn conversations: KV tiers off vs on")
+    parser.add_argument("--num-conversations", type=int, default=16)
+    parser.add_argument("--num-turns", type=int, default=4)
+    parser.add_argument("--system-len", type=int, default=256)
+    parser.add_argument("--user-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--working-set-factor", type=float, default=5.0,
+                        help="device KV pool = working set / this (unless --num-kv-blocks is given)")
+    parser.add_argument("--host-tier-bytes", type=int, default=None, help="default: twice the device pool")
+    parser.add_argument("--disk-tier-path", default=None, help="default: a temporary directory")
+    _add_common(parser, temperature=0.0)
+    parser.set_defaults(bench_run=_run_multiturn)
+
+
+def _run_multiturn(args: argparse.Namespace) -> int:
+    from sagellm_bench import multiturn
+
+    with bench_config(args) as config:
+        options = multiturn.MultiturnOptions(
+            num_conversations=args.num_conversations, num_turns=args.num_turns, system_len=args.system_len,
+            user_len=args.user_len, output_len=args.output_len, working_set_factor=args.working_set_factor,
+            host_bytes=args.host_tier_bytes, disk_path=args.disk_tier_path, seed=_seed(args, config),
+            temperature=args.temperature, output_dir=args.output_dir)
+        multiturn.run(config, options, args)
     return 0
 
 

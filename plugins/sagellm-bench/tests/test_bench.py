@@ -80,6 +80,24 @@ def test_prefix_policies(tiny_llama: Path, tmp_path: Path) -> None:
     assert results["prefix_lru"]["hit_rate"] > 0.3  # 4 of 6 requests find their group's 64-token prefix
 
 
+def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
+    args = ["bench", "multiturn", "--model", str(tiny_llama), "--backend", "cpu", "--dtype", "float32",
+            "--num-conversations", "6", "--num-turns", "3", "--system-len", "32", "--user-len", "8",
+            "--output-len", "4", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "multiturn.json").read_text())
+    results, setup = data["results"], data["setup"]
+    assert setup["working_set_over_pool"] > 2 and setup["kv_tiers"] == ["host", "disk"]
+    assert results["same_tokens"] is True
+    off, on = results["device-only"], results["tiers"]
+    assert off["completed"] == on["completed"] == 18
+    assert set(off["hit_rate"]) == {"device"} and set(on["hit_rate"]) == {"device", "host", "disk"}
+    assert on["combined_hit_rate"] > off["combined_hit_rate"]
+    assert on["hit_rate"]["host"] + on["hit_rate"]["disk"] > 0
+    assert set(results["policies"]) == {"lru", "lfu", "arc", "s3fifo"}
+    assert list(tmp_path.glob("multiturn_*.png"))
+
+
 def test_pd_modes(tiny_llama: Path, tmp_path: Path) -> None:
     data = _bench("pd", tiny_llama, tmp_path, "--num-requests", "6", "--min-input-len", "8", "--max-input-len",
                   "48", "--min-output-len", "4", "--max-output-len", "12")

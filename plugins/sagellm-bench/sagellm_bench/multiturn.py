@@ -1,0 +1,236 @@
+"""Multi-turn conversations sharing a system prompt, with the KV tiers off and on in one run.
+
+Each turn re-sends a conversation's whole history plus a new user message, so every turn's prompt
+extends the previous turn's; with many conversations the working set is several times the device
+KV pool, and whatever the pool evicted is recomputed (tiers off) or loaded from host memory or disk
+(tiers on). Reports TTFT, output tok/s, the hit rate of each tier, the tiers' load rate (against a
+measured pinned-host-to-device copy on CUDA) and the hit rates of the eviction policies replayed on
+the benchmark's own block trace at the device pool's capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from typing import Any
+
+import attrs
+
+from sagellm_bench.environment import device_info, environment
+from sagellm_bench.offline import describe_engine, engine_session, timing_from_output, warmup
+from sagellm_bench.report import BenchReport, Table, panel_bars, write_report
+from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
+from sagellm_core.config import EngineConfig
+from sagellm_core.kv.policies.trace import builtin_policies, compare
+from sagellm_core.llm import LLM
+from sagellm_core.models.kv_cache import kv_bytes_per_block
+from sagellm_core.quant import kv_cache_dtype
+from sagellm_core.sampling_params import SamplingParams
+
+MODES = ("device-only", "tiers")
+
+
+@attrs.frozen
+class MultiturnOptions:
+    num_conversations: int = 16
+    num_turns: int = 4
+    system_len: int = 256
+    user_len: int = 64
+    output_len: int = 16
+    working_set_factor: float = 5.0
+    host_bytes: int | None = None
+    disk_path: str | None = None
+    seed: int = 0
+    temperature: float = 0.0
+    output_dir: str = "bench_results"
+
+    def max_prompt_len(self) -> int:
+        return self.system_len + self.num_turns * (self.user_len + self.output_len)
+
+    def working_set_tokens(self) -> int:
+        return self.system_len + self.num_conversations * self.num_turns * (self.user_len + self.output_len)
+
+
+def device_blocks(config: EngineConfig, options: MultiturnOptions) -> int:
+    """``kv_cache.num_blocks`` if set, else the working set over ``working_set_factor`` (never less
+    than the longest conversation)."""
+    if config.kv_cache.num_blocks is not None:
+        return config.kv_cache.num_blocks
+    block = config.kv_cache.block_size
+    ws_blocks = -(-options.working_set_tokens() // block)
+    longest = -(-(options.max_prompt_len() + options.output_len) // block)
+    return max(int(ws_blocks / options.working_set_factor), longest + 1)
+
+
+def run(config: EngineConfig, options: MultiturnOptions, args: argparse.Namespace | None = None) -> BenchReport:
+    env = environment(args)
+    blocks = device_blocks(config, options)
+    base = config.evolve(kv_cache={"num_blocks": blocks},
+                         model={"max_model_len": options.max_prompt_len() + options.output_len})
+    results: dict[str, Any] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    setup: dict[str, Any] = {}
+    trace: list[list[int]] = []
+    with tempfile.TemporaryDirectory(prefix="sagellm-kv-disk-") as scratch:
+        for mode in MODES:
+            mode_config = base if mode == "device-only" else _with_tiers(base, options, blocks, scratch)
+            with engine_session(mode_config) as llm:
+                warmup(llm, llm.engine.vocab_size)
+                results[mode], outputs[mode], trace = _run_mode(llm, options, mode)
+                setup = {**describe_engine(llm), "device_kv_blocks": blocks,
+                         "kv_tiers": mode_config.kv_tiers.names() if mode == "tiers" else []}
+                if mode == "tiers":
+                    setup["host_bytes"] = mode_config.kv_tiers.host_bytes
+                    results[mode]["pinned_copy_bytes_per_s"] = pinned_copy_bandwidth(llm)
+                env["gpus"] = device_info(llm.engine.backend)
+    policy_rates = compare(trace, blocks, builtin_policies())
+    results["policies"] = policy_rates
+    results["same_tokens"] = outputs["device-only"] == outputs["tiers"]
+    setup.update(workload=_describe(options), working_set_tokens=options.working_set_tokens(),
+                 working_set_over_pool=options.working_set_tokens() / (blocks * config.kv_cache.block_size))
+    report = BenchReport("multiturn", env, setup, results, _tables(results), _comparisons(results), _notes())
+    write_report(report, options.output_dir, _figures(results))
+    return report
+
+
+def _with_tiers(config: EngineConfig, options: MultiturnOptions, blocks: int, scratch: str) -> EngineConfig:
+    block_bytes = _block_bytes(config)
+    host = options.host_bytes if options.host_bytes is not None else 2 * blocks * block_bytes
+    return config.evolve(kv_tiers={"host_bytes": host, "disk_path": options.disk_path or scratch})
+
+
+def _block_bytes(config: EngineConfig) -> int:
+    """Bytes of one KV block of the configured model (from its config, without loading weights)."""
+    import torch
+    from transformers import AutoConfig
+
+    from sagellm_core.engine.builder import DTYPES
+    from sagellm_core.models import loader
+
+    source = loader.resolve(config.model.path, config.model.gguf_file)
+    model_config = AutoConfig.from_pretrained(source.directory)
+    dtype = DTYPES.get(config.model.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    holder = type("ConfigHolder", (), {"config": model_config})()
+    return kv_bytes_per_block(holder, config.kv_cache.block_size, kv_cache_dtype(config.kv_cache.dtype, dtype))
+
+
+def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
+              ) -> tuple[dict[str, Any], list[list[int]], list[list[int]]]:
+    rng = random.Random(options.seed)
+    vocab = llm.engine.vocab_size
+    system = [rng.randrange(vocab) for _ in range(options.system_len)]
+    histories = [list(system) for _ in range(options.num_conversations)]
+    params = SamplingParams(max_tokens=options.output_len, ignore_eos=True, temperature=options.temperature,
+                            seed=options.seed)
+    timings: list[RequestTiming] = []
+    outputs: list[list[int]] = []
+    prompts: list[list[int]] = []
+    before = llm.get_stats()["kv_pools"][0]
+    elapsed = 0.0
+    for turn in range(options.num_turns):
+        batch = []
+        for history in histories:
+            history.extend(rng.randrange(vocab) for _ in range(options.user_len))
+            batch.append(list(history))
+        print(f"[{mode}] turn {turn + 1}/{options.num_turns}: {len(batch)} conversations", flush=True)
+        start = time.perf_counter()
+        results = llm.generate(batch, params, use_tqdm=False)
+        elapsed += time.perf_counter() - start
+        for history, result in zip(histories, results):
+            tokens = list(result.outputs[0].token_ids)
+            history.extend(tokens)
+            outputs.append(tokens)
+            timings.append(timing_from_output(result))
+        prompts.extend(batch)
+    stats = llm.get_stats()
+    after = stats["kv_pools"][0]
+    queried = after.prefix_query_tokens - before.prefix_query_tokens
+    tier_hits = [a - b for a, b in zip(after.tier_hit_tokens, before.tier_hit_tokens or [0] * len(after.tier_hit_tokens))]
+    hits = after.prefix_hit_tokens - before.prefix_hit_tokens
+    rates = {"device": (hits - sum(tier_hits)) / queried if queried else 0.0}
+    for tier, tier_hit in zip(stats["kv_tiers"], tier_hits):
+        rates[tier["name"]] = tier_hit / queried if queried else 0.0
+    summary = {"hit_rate": rates, "combined_hit_rate": hits / queried if queried else 0.0,
+               "tiers": stats["kv_tiers"], **throughput_summary(timings, elapsed), **latency_summary(timings)}
+    block = llm.engine.config.kv_cache.block_size
+    return summary, outputs, [_block_ids(p, block) for p in prompts]
+
+
+def _block_ids(tokens: list[int], block: int) -> list[int]:
+    return [hash(tuple(tokens[i:i + block])) for i in range(0, len(tokens) - block + 1, block)]
+
+
+def pinned_copy_bandwidth(llm: LLM, nbytes: int = 256 << 20) -> float | None:
+    """Bytes per second of one pinned host-to-device copy on CUDA (None elsewhere)."""
+    import torch
+
+    device = llm.engine.backend.device()
+    if device.type != "cuda":
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        target.copy_(host, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return 5 * nbytes / (start.elapsed_time(end) / 1000.0)
+
+
+def _describe(options: MultiturnOptions) -> str:
+    return (f"{options.num_conversations} conversations x {options.num_turns} turns, system prompt "
+            f"{options.system_len} tokens, {options.user_len} user tokens and {options.output_len} output tokens "
+            f"per turn")
+
+
+def _tables(results: dict[str, Any]) -> list[Table]:
+    main = Table("Multi-turn conversations", ["mode", "mean TTFT ms", "p99 TTFT ms", "output tok/s",
+                                              "combined hit rate", "hit rate per tier", "load GB/s per tier"])
+    for mode in MODES:
+        r = results[mode]
+        per_tier = ", ".join(f"{k} {v:.3f}" for k, v in r["hit_rate"].items())
+        loads = ", ".join(f"{t['name']} {t['load_bandwidth'] / 1e9:.2f}" for t in r["tiers"]) or "-"
+        main.rows.append([mode, r["ttft_ms"].get("mean"), r["ttft_ms"].get("p99"), r["output_tokens_per_s"],
+                          r["combined_hit_rate"], per_tier, loads])
+    policies = Table("Eviction policies replayed on this trace (device pool capacity)", ["policy", "hit rate"])
+    for name, rate in results["policies"].items():
+        policies.rows.append([name, rate])
+    return [main, policies]
+
+
+def _comparisons(results: dict[str, Any]) -> list[str]:
+    off, on = results["device-only"], results["tiers"]
+    lines = [f"output tok/s tiers / device-only: {on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f}x"]
+    if on["ttft_ms"].get("mean") and off["ttft_ms"].get("mean"):
+        lines.append(f"mean TTFT device-only / tiers: {off['ttft_ms']['mean'] / on['ttft_ms']['mean']:.2f}x "
+                     f"({off['ttft_ms']['mean']:.1f} ms vs {on['ttft_ms']['mean']:.1f} ms)")
+    pinned = on.get("pinned_copy_bytes_per_s")
+    host = next((t for t in on["tiers"] if t["name"] == "host"), None)
+    if pinned and host:
+        lines.append(f"host tier load rate {host['load_bandwidth'] / 1e9:.2f} GB/s vs pinned copy "
+                     f"{pinned / 1e9:.2f} GB/s ({host['load_bandwidth'] / pinned:.0%})")
+    lines.append(f"greedy tokens identical with tiers on and off: {results['same_tokens']}")
+    return lines
+
+
+def _notes() -> list[str]:
+    return ["hit rate = prompt tokens served from cached blocks / prompt tokens looked up over the timed turns; "
+            "device = hits in the device pool, host / disk = blocks loaded from that tier",
+            "each turn submits every conversation at once; the histories include the generated tokens",
+            "policy hit rates: the turns' prompts as block chains, replayed one request at a time through a "
+            "KV manager with the device pool's block count"]
+
+
+def _figures(results: dict[str, Any]) -> dict[str, Any]:
+    panels = {
+        "combined hit rate": {m: results[m]["combined_hit_rate"] for m in MODES},
+        "mean TTFT ms": {m: results[m]["ttft_ms"].get("mean", 0.0) for m in MODES},
+        "output tok/s": {m: results[m]["output_tokens_per_s"] for m in MODES},
+        "policy hit rate": dict(results["policies"]),
+    }
+    return {"tiers": panel_bars(panels, "Multi-turn conversations: KV tiers off and on")}

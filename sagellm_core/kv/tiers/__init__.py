@@ -1,0 +1,1 @@
+"""KV tiers below the device pool: host memory, disk, and whatever plugins register."""

@@ -1,0 +1,375 @@
+"""KV tiers under the device pool: the same greedy tokens with tiers on and off, disk blocks that
+survive restarts and are checked on every read, a full disk, cache salts, and a randomized workload
+over all tiers with aborts and preemption."""
+
+from __future__ import annotations
+
+import errno
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import engine_config
+from sagellm_core.builtin.kv_policies import PrefixLRUPolicy
+from sagellm_core.builtin.schedulers import FCFSScheduler
+from sagellm_core.config import KVTiersConfig, SchedulerConfig
+from sagellm_core.engine.core import LLMEngine
+from sagellm_core.kv.manager import KVCacheManager
+from sagellm_core.kv.tiers import disk as disk_module
+from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
+from sagellm_core.kv.tiers.disk import DiskTier
+from sagellm_core.kv.tiers.host import HostTier
+from sagellm_core.kv.tiers.store import TierStore
+from sagellm_core.request import Request, RequestStatus
+from sagellm_core.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+def workload(seed: int = 0, num: int = 6) -> list[list[int]]:
+    """Conversations sharing a system prompt, each longer than the device pool can keep for all."""
+    rng = random.Random(seed)
+    system = [rng.randrange(1, 250) for _ in range(24)]
+    return [system + [rng.randrange(1, 250) for _ in range(rng.randrange(9, 20))] for _ in range(num)] * 2
+
+
+def run_one_by_one(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GREEDY,
+                   ) -> list[list[int]]:
+    outputs = []
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    outputs.append(list(out.outputs[0].token_ids))
+            for pool in engine.kv_pools:
+                pool.check_invariants()
+    return outputs
+
+
+def tiny_engine(model: Path, num_blocks: int = 16, **tiers: Any) -> LLMEngine:
+    return LLMEngine(engine_config(model, kv_cache={"num_blocks": num_blocks}, scheduler={"max_num_seqs": 2},
+                                   kv_tiers=tiers))
+
+
+def tier_hits(engine: LLMEngine) -> tuple[int, ...]:
+    return engine.kv_pools[0].stats().tier_hit_tokens
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_models: dict[str, Path]) -> list[list[int]]:
+    engine = tiny_engine(tiny_models["llama"])
+    try:
+        return run_one_by_one(engine, workload())
+    finally:
+        engine.release()
+
+
+@pytest.mark.parametrize("tiers", [
+    {"host_bytes": 1 << 20},
+    {"host_bytes": 1 << 20, "write_mode": "through"},
+    {"host_bytes": 12 << 10, "disk_path": "DISK"},
+    {"disk_path": "DISK"},
+], ids=["host", "host-through", "host-disk", "disk"])
+def test_greedy_tokens_identical_with_tiers_under_eviction(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                                           tiers: dict[str, Any], tmp_path: Path) -> None:
+    tiers = {k: (str(tmp_path) if v == "DISK" else v) for k, v in tiers.items()}
+    engine = tiny_engine(tiny_models["llama"], **tiers)
+    try:
+        assert run_one_by_one(engine, workload()) == baseline
+        hits = tier_hits(engine)
+        assert sum(hits) > 0, "the device pool evicted the shared blocks, so a tier must have served some"
+        stats = engine.get_stats()["kv_tiers"]
+        assert [s["name"] for s in stats] == KVTiersConfig(**tiers).names()
+        assert sum(s["loads"] for s in stats) * 4 == sum(hits)
+    finally:
+        engine.release()
+
+
+def test_restarted_engine_answers_from_disk(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                            tmp_path: Path) -> None:
+    prompts = workload()
+    first = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    run_one_by_one(first, prompts[:3])
+    first.release()  # writes what is cached on the device to disk
+    second = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    try:
+        assert run_one_by_one(second, prompts[:1]) == baseline[:1]
+        assert tier_hits(second)[0] >= 24, "the first request of the new engine hit the shared prompt on disk"
+    finally:
+        second.release()
+
+
+def test_other_weights_do_not_see_the_blocks(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    prompts = workload()
+    first = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    run_one_by_one(first, prompts[:2])
+    first.release()
+    other = tiny_engine(tiny_models["qwen2"], disk_path=str(tmp_path))
+    try:
+        run_one_by_one(other, prompts[:1])
+        assert tier_hits(other) == (0,)
+        assert len(list(tmp_path.iterdir())) == 2, "one directory per fingerprint"
+    finally:
+        other.release()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_disk_blocks_are_recomputed(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                            tmp_path: Path, damage: str) -> None:
+    prompts = workload()
+    first = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    run_one_by_one(first, prompts[:3])
+    first.release()
+    files = sorted(tmp_path.glob("*/*.kvb"))
+    assert files
+    for path in files:
+        raw = bytearray(path.read_bytes())
+        if damage == "flip":
+            raw[len(raw) // 2] ^= 0xFF
+        else:
+            raw = raw[: len(raw) - 7]
+        path.write_bytes(bytes(raw))
+    second = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    try:
+        assert run_one_by_one(second, prompts[:3]) == baseline[:3]
+        assert tier_hits(second) == (0,)
+        assert second.get_stats()["kv_tiers"][0]["errors"] >= 1
+        assert not any(path.exists() and path.read_bytes() == b"" for path in files)
+    finally:
+        second.release()
+
+
+def test_full_disk_degrades_to_not_storing(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_module.os, "replace", no_space)
+    engine = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    try:
+        assert run_one_by_one(engine, workload()) == baseline
+        stats = engine.get_stats()["kv_tiers"][0]
+        assert stats["errors"] > 0 and stats["num_blocks"] == 0
+        assert not list(tmp_path.glob("*/*")), "no temporary file is left behind"
+    finally:
+        engine.release()
+
+
+def test_cache_salt_isolates_requests_on_every_tier(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_models["llama"], num_blocks=16, host_bytes=1 << 20, disk_path=str(tmp_path))
+    try:
+        prompt = workload()[0]
+        salted = [SamplingParams(temperature=0.0, max_tokens=2, cache_salt=s) for s in ("alice", "bob")]
+        run_one_by_one(engine, [prompt], salted[0])
+        device_hits = engine.kv_pools[0].stats().prefix_hit_tokens
+        run_one_by_one(engine, [prompt], salted[1])
+        assert engine.kv_pools[0].stats().prefix_hit_tokens == device_hits, "bob must not hit alice's blocks"
+        run_one_by_one(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=2))
+        assert engine.kv_pools[0].stats().prefix_hit_tokens == device_hits, "no salt: no hit either"
+        run_one_by_one(engine, workload(seed=5), GREEDY)  # push everything out of the device pool
+        before = engine.kv_pools[0].stats().prefix_hit_tokens
+        run_one_by_one(engine, [prompt], salted[0])
+        after = engine.kv_pools[0].stats()
+        assert after.prefix_hit_tokens > before and sum(after.tier_hit_tokens) > 0, "alice hits her own, below"
+    finally:
+        engine.release()
+
+
+def test_cache_salt_is_validated() -> None:
+    from sagellm_core.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="cache_salt"):
+        SamplingParams(cache_salt="")
+    with pytest.raises(InvalidRequestError, match="cache_salt"):
+        SamplingParams(cache_salt=5)  # type: ignore[arg-type]
+
+
+def test_chain_keys_are_salted_and_stable() -> None:
+    assert chain_key(root_key(None), [1, 2]) == chain_key(b"", [1, 2])
+    assert chain_key(root_key("a"), [1, 2]) != chain_key(root_key("b"), [1, 2])
+    assert chain_key(root_key(None), [1, 2]) != chain_key(root_key(None), [2, 1])
+
+
+def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
+    context = TierContext((1, 2, 4, 1, 8), torch.device("cpu"), "fp", KVTiersConfig())
+    tier = DiskTier(context, tmp_path, 1 << 20)
+    data = torch.arange(64, dtype=torch.uint8).view(context.block_shape)
+    assert tier.put(b"k" * 16, data, (1, 2, 3, 4))
+    block = tier.get(b"k" * 16)
+    assert block is not None and block.token_ids == (1, 2, 3, 4) and torch.equal(block.data, data)
+    reopened = DiskTier(context, tmp_path, 1 << 20)
+    assert reopened.contains(b"k" * 16)
+    path = reopened.path(b"k" * 16)
+    path.write_bytes(path.read_bytes()[:-1])
+    assert reopened.get(b"k" * 16) is None and not path.exists() and reopened.stats.errors == 1
+
+
+# ---- randomized: bookkeeping over every tier ---------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(
+    num_blocks=st.integers(6, 24),
+    block_size=st.sampled_from([1, 2, 4]),
+    budget=st.integers(2, 32),
+    max_seqs=st.integers(1, 4),
+    host_blocks=st.integers(0, 6),
+    disk_blocks=st.integers(0, 12),
+    write_mode=st.sampled_from(["back", "through"]),
+    seed=st.integers(0, 10_000),
+    num_requests=st.integers(1, 14),
+)
+def test_randomized_workloads_over_tiers_serve_only_the_right_tokens(
+        num_blocks: int, block_size: int, budget: int, max_seqs: int, host_blocks: int, disk_blocks: int,
+        write_mode: str, seed: int, num_requests: int) -> None:
+    """Each device block's "KV" is the tokens it was computed for; whatever a request starts from
+    (its own blocks, device prefix hits, blocks loaded from host or disk) must hold its tokens.
+    With aborts and preemption no block is lost or leaked in the pool or any tier."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as directory:
+        pool_tensor = torch.full((1, 2, num_blocks, block_size, 1, 1), -1.0)
+        context = TierContext((1, 2, block_size, 1, 4), torch.device("cpu"), "fp", KVTiersConfig())
+        tiers: list[Any] = []
+        if host_blocks:
+            tiers.append(HostTier(context, host_blocks * context.block_bytes))
+        if disk_blocks:
+            disk_bytes = disk_blocks * (context.block_bytes + 8 * block_size + disk_module.HEADER.size)
+            tiers.append(DiskTier(context, directory, disk_bytes))
+        store = TierStore(tiers, torch.device("cpu"), write_mode)
+        store.bind(pool_tensor)
+        kv = KVCacheManager(num_blocks, block_size, PrefixLRUPolicy(), store if tiers else None)
+        scheduler = FCFSScheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget))
+        scheduler.bind([kv])
+        base = [rng.randrange(50) for _ in range(64)]
+        pending = []
+        for i in range(num_requests):
+            max_tokens = rng.randint(1, 4)
+            length = rng.randint(1, max(1, min(24, num_blocks * block_size - max_tokens)))
+            tokens = base[: rng.randint(0, length)]
+            tokens += [rng.randrange(50) for _ in range(length - len(tokens))]
+            salt = rng.choice([None, None, "s"])
+            pending.append(Request(f"r{i}", tokens, SamplingParams(max_tokens=max_tokens, cache_salt=salt),
+                                   max_tokens))
+        finished: list[str] = []
+        steps = 0
+        while pending or scheduler.has_work():
+            steps += 1
+            assert steps < 3000, "no progress"
+            if pending and rng.random() < 0.5:
+                scheduler.add(pending.pop(0))
+            if scheduler.running and rng.random() < 0.05:
+                victim = rng.choice(scheduler.running + scheduler.waiting)
+                victim.status = RequestStatus.FINISHED_ABORTED
+                scheduler.finish(victim)
+                finished.append(victim.request_id)
+            plan = scheduler.schedule()
+            for chunk in plan.chunks:
+                request = chunk.request
+                table = kv.block_ids(request.request_id)
+                tokens = request.all_token_ids
+                for position in range(request.num_computed_tokens):
+                    block, offset = table[position // block_size], position % block_size
+                    assert pool_tensor[0, 0, block, offset, 0, 0].item() == tokens[position], (
+                        f"{request.request_id} starts from a block holding other tokens")
+                for position in range(request.num_computed_tokens, request.num_computed_tokens + chunk.num_tokens):
+                    block, offset = table[position // block_size], position % block_size
+                    pool_tensor[0, 0, block, offset, 0, 0] = float(tokens[position])
+                completes = request.num_computed_tokens + chunk.num_tokens == request.num_tokens
+                request.num_computed_tokens += chunk.num_tokens
+                if completes:
+                    request.output_token_ids.append(rng.randrange(50))
+            scheduler.after_step(plan)
+            for chunk in plan.chunks:
+                request = chunk.request
+                if request.num_output_tokens >= request.max_tokens and not request.is_finished:
+                    request.status = RequestStatus.FINISHED_LENGTH
+                    scheduler.finish(request)
+                    finished.append(request.request_id)
+            kv.check_invariants()
+            for tier in tiers:
+                assert tier.stats.num_blocks == len(tier.keys()) <= tier.capacity
+            if host_blocks:
+                assert len(tiers[0].free_slots) + len(tiers[0].slots) == tiers[0].capacity
+        assert sorted(finished) == sorted(f"r{i}" for i in range(num_requests))
+        assert kv.stats().used_blocks == 0
+        if disk_blocks:
+            disk = tiers[-1]
+            assert sorted(p.name for p in Path(disk.directory).iterdir()) == sorted(
+                disk.path(key).name for key in disk.keys())
+
+
+# ---- configuration, metrics, protocol ----------------------------------------------------------------
+def test_tiers_config_from_the_environment_and_its_errors() -> None:
+    from sagellm_core.config import ConfigError, EngineConfig, load_config
+
+    config = load_config(environ={"SAGELLM_KV_TIERS__HOST_BYTES": "1048576",
+                                  "SAGELLM_KV_TIERS__DISK_PATH": "/var/cache/kv"})
+    assert config.kv_tiers.names() == ["host", "disk"] and config.kv_tiers.disk_path == "/var/cache/kv"
+    with pytest.raises(ConfigError, match="kv_tiers.write_mode"):
+        EngineConfig.from_dict({"kv_tiers": {"write_mode": "sideways"}})
+    with pytest.raises(ConfigError, match="kv_tiers.host_bytes"):
+        EngineConfig.from_dict({"kv_tiers": {"host_bytes": -1}})
+
+
+def test_unknown_plugin_tier_is_refused_with_the_registered_names() -> None:
+    from sagellm_core.config import EngineConfig
+    from sagellm_core.plugin_manager import create_plugin_manager
+    from sagellm_core.plugin_selection import PluginSelectionError, validate_plugin_selection
+
+    config = EngineConfig.from_dict({"kv_tiers": {"extra": ["redis"]}})
+    with pytest.raises(PluginSelectionError, match=r"kv_tiers.extra\[0\]: unknown kv_tier 'redis'; registered: disk, host"):
+        validate_plugin_selection(config, create_plugin_manager(entry_points=False))
+
+
+def test_a_plugin_tier_is_stacked_below_the_builtin_ones(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                                        ) -> None:
+    from sagellm_core.hookspecs import hookimpl
+    from sagellm_core.plugin_manager import create_plugin_manager
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def sagellm_register_kv_tiers(register: Any) -> None:
+            register("more_host", lambda context: HostTier(context, 64 << 10))
+
+    manager = create_plugin_manager(entry_points=False, extra={"more": Plugin()})
+    config = engine_config(tiny_models["llama"], kv_cache={"num_blocks": 16}, scheduler={"max_num_seqs": 2},
+                           kv_tiers={"host_bytes": 4 << 10, "extra": ["more_host"]})
+    engine = LLMEngine(config, plugin_manager=manager)
+    try:
+        assert run_one_by_one(engine, workload()) == baseline
+        assert [t["name"] for t in engine.get_stats()["kv_tiers"]] == ["host", "host"]
+        assert tier_hits(engine)[1] > 0, "blocks the small host tier gave up were found one tier down"
+    finally:
+        engine.release()
+
+
+def test_tier_gauges_reach_prometheus() -> None:
+    from sagellm_core.kv.manager import KVStats
+    from sagellm_core.kv.tiers.base import TierStats
+    from sagellm_core.metrics.base import StepEvent
+    from sagellm_core.metrics.prometheus import PrometheusSink
+
+    sink = PrometheusSink()
+    kv = KVStats(8, 0, 8, 2, 100, 60, (40, 8))
+    tiers = (TierStats("host", num_blocks=3, bytes=3072, loads=10, load_bytes=10240, load_seconds=0.01),
+             TierStats("disk", num_blocks=5, bytes=5500, loads=2))
+    sink.on_step(StepEvent(1, 0.0, 1.0, 0, 0, 0, 0, 0, 0, 0, (kv,), tiers))
+    text = sink.exposition().decode()
+    assert 'sagellm_kv_tier_blocks{tier="host"} 3.0' in text
+    assert 'sagellm_kv_tier_hit_tokens{tier="disk"} 8.0' in text
+    assert 'sagellm_kv_tier_load_bandwidth_bytes_per_second{tier="host"} 1.024e+06' in text
+
+
+def test_openai_requests_pass_cache_salt_through() -> None:
+    from sagellm_core.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    assert CompletionRequest(prompt="hi", cache_salt="tenant-1").sampling_params().cache_salt == "tenant-1"
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], cache_salt="t")
+    assert chat.sampling_params().cache_salt == "t"
+    assert CompletionRequest(prompt="hi").sampling_params().cache_salt is None
