@@ -7,7 +7,9 @@ on for backends whose host copies are asynchronous, i.e. CUDA): step N+1 is plan
 the device before step N's sampled tokens are read; the plan holds placeholders for them and the
 runner feeds them from device memory, so planning, input preparation and text processing hide
 behind device work. A step whose sampling needs host tokens (penalties, logprobs) drains the
-pipeline and runs at depth 0. On a backend with captured graphs, a step that must run eagerly
+pipeline and runs at depth 0. A step with constrained (structured-output) requests stays at depth
+1 with the sampling split off: its forward pass is queued, then step N's tokens are read (the
+grammars take them), then its masks are computed and its sampling queued. On a backend with captured graphs, a step that must run eagerly
 (prefill) is not launched behind a step in flight: that call hands out the in-flight step's
 outputs and the next call launches the planned step (TTFT). Outputs arrive one step later at
 depth 1, and a request that ends on EOS or a stop has one more token computed and dropped.
@@ -49,6 +51,7 @@ class PlannedStep:
     feed: TokenFeed | None
     requests: list[Request]  # of the sampling chunks, in order
     host_tokens: bool  # its sampling reads tokens on the host: run it at depth 0
+    grammar: bool = False  # it samples constrained requests: read the previous step before sampling
 
 
 @attrs.define
@@ -176,7 +179,10 @@ class LLMEngine:
             return outputs
         synchronous = not self.async_scheduling or planned.host_tokens
         outputs = self._drain() if synchronous else []
-        launched = self._launch(planned, replay)
+        logits = self._execute(planned, replay)
+        if planned.grammar:  # the masks of this step need the previous step's tokens
+            outputs += self._drain()
+        launched = self._launch_sampling(planned, logits)
         outputs += self._drain()  # the previous step, processed while the device runs this one
         self._inflight = launched
         if synchronous:
@@ -200,17 +206,23 @@ class LLMEngine:
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         requests = [self.scheduler.requests[c.request_id] for c in plan.sampled]
-        host_tokens = any(r.params.needs_penalties or r.params.logprobs is not None
-                          or r.params.structured_outputs is not None for r in requests)
+        host_tokens = any(r.params.needs_penalties or r.params.logprobs is not None for r in requests)
+        grammar = any(r.params.structured_outputs is not None for r in requests)
         self.phase_seconds["schedule"] += time.perf_counter() - tick
         feed = self._inflight.feed if self._inflight is not None else None
-        return PlannedStep(plan, feed, requests, host_tokens)
+        return PlannedStep(plan, feed, requests, host_tokens, grammar)
 
-    def _launch(self, planned: PlannedStep, replay: bool) -> InflightStep:
-        """Queue the step's forward pass and sampling on the device; nothing waits for it."""
+    def _execute(self, planned: PlannedStep, replay: bool) -> Any:
+        """Queue the step's forward pass on the device; its logits."""
+        tick = time.perf_counter()
+        logits = self.runner.execute(planned.plan, planned.feed, replay=replay)
+        self.phase_seconds["execute"] += time.perf_counter() - tick
+        return logits
+
+    def _launch_sampling(self, planned: PlannedStep, logits: Any) -> InflightStep:
+        """Queue the step's sampling on the device; nothing waits for it."""
         tick = time.perf_counter()
         plan, requests = planned.plan, planned.requests
-        logits = self.runner.execute(plan, planned.feed, replay=replay)
         sample, failed = self.sampler.launch_each(logits, requests)
         for request, error in failed:
             entry = self.outputs.states.get(request.request_id)
