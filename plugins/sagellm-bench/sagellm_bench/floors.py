@@ -3,9 +3,10 @@
 - compute floor of a workload: its matmul FLOPs over the measured FLOP/s (the time a perfect
   engine would need if every token's matmuls ran at large-matmul speed);
 - weight-read floor of one decode step at batch 1: the bytes of every weight matrix the step reads
-  over the measured copy bandwidth.
+  over the measured copy bandwidth, as stored: a quantized layer counts its codes and scales (int8,
+  packed int4, FP8), not the shape-only ``weight`` it shows to other code.
 
-Both ignore attention FLOPs/bytes (small at the benchmark lengths) and use the model's own dtype. Timings
+Both ignore attention FLOPs/bytes (small at the benchmark lengths). Timings
 wait for the device through the engine's backend (``Backend.synchronize``).
 """
 
@@ -22,7 +23,9 @@ from sagellm_core.backend import Backend
 
 @attrs.frozen
 class ParamCounts:
-    """Parameters by role. ``lm_head`` is counted even when tied to the embedding (it is read twice)."""
+    """Parameters by role (a quantized layer counts the elements of the matrix it stands for).
+    ``lm_head`` is counted even when tied to the embedding (it is read twice). ``decode_bytes``: the
+    bytes of weights one batch-1 decode step reads, as stored (`stored_decode_bytes`)."""
 
     total: int
     embedding: int
@@ -30,11 +33,7 @@ class ParamCounts:
     body: int
     element_size: int
     tied: bool
-
-    @property
-    def decode_bytes(self) -> int:
-        """Bytes of weights one decode step reads: every decoder-layer weight plus the LM head."""
-        return (self.body + self.lm_head) * self.element_size
+    decode_bytes: int
 
 
 def param_counts(model: Any) -> ParamCounts:
@@ -43,10 +42,37 @@ def param_counts(model: Any) -> ParamCounts:
     head_module = model.get_output_embeddings()
     head = head_module.weight if head_module is not None else embedding
     tied = head is embedding
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    # parameters() yields a tied tensor once; quantized layers hold buffers and a shape-only weight
+    total = sum(p.numel() for p in model.parameters()) + sum(m.weight.numel() for m in _quantized(model))
     body = total - embedding.numel() - (0 if tied else head.numel())
     return ParamCounts(total=total, embedding=embedding.numel(), lm_head=head.numel(), body=body,
-                       element_size=embedding.element_size(), tied=tied)
+                       element_size=embedding.element_size(), tied=tied, decode_bytes=stored_decode_bytes(model))
+
+
+def _quantized(model: Any) -> list[torch.nn.Module]:
+    """Modules whose ``weight`` stands for data held elsewhere (a meta tensor: quantized layers)."""
+    return [m for m in model.modules() if isinstance(getattr(type(m), "weight", None), property) and _is_meta(m.weight)]
+
+
+def _is_meta(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.device.type == "meta"
+
+
+def stored_decode_bytes(model: Any) -> int:
+    """Bytes of weights a batch-1 decode step reads, as stored: every parameter and buffer of the
+    model (a quantized layer's codes and scales; rotary tables and meta tensors aside) except the
+    embedding table, of which one row is read; a tied LM head reads the whole table."""
+    embedding = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    tied = head_module is None or head_module.weight is embedding
+    total = (embedding.numel() if tied else embedding.shape[-1]) * embedding.element_size()
+    seen = {id(embedding)}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen or _is_meta(tensor) or "rotary" in name or "inv_freq" in name:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _time_op(op: Callable[[], Any], synchronize: Callable[[], None], min_time: float, trials: int = 5,
