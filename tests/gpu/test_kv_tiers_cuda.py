@@ -45,8 +45,8 @@ def test_tiers_keep_greedy_tokens_on_gpu(tiny_models: dict[str, Path], tmp_path:
     engine.release()
     assert got == expected
     assert sum(stats["kv_pools"][0].tier_hit_tokens) > 0
-    host = stats["kv_tiers"][0]
-    assert host["loads"] > 0 and host["load_bandwidth"] > 0
+    loaded = [tier for tier in stats["kv_tiers"] if tier["loads"] > 0]  # host or disk, by what was evicted where
+    assert loaded and all(tier["load_bandwidth"] > 0 for tier in loaded)
     restarted, again = _run(tiny_models["llama"], schedule, disk_path=str(tmp_path))
     assert restarted == expected and again.kv_pools[0].stats().tier_hit_tokens[0] > 0
     again.release()
