@@ -2,7 +2,7 @@
 # One device call over the session-4 issues, each part under its own time limit, logs packed into
 # OUT_DIR/logs.tar.gz (a call returns at most eight files):
 #   bench/session4.sh OUT_DIR PART...
-# tests: the GPU tests of the new code (batched sampler, KV tiers, FP8, engine);
+# tests: the GPU tests of the new code (batched sampler, KV tiers, FP8, engine); tiertest: the KV tiers' alone;
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
@@ -41,6 +41,8 @@ for name in "$@"; do
     tests) part tests 100 python3 -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_kv_tiers_cuda.py \
              tests/gpu/test_fp8.py tests/gpu/test_sampling_kernel.py tests/gpu/test_cuda_engine.py -q -p no:cacheprovider
            tail -5 "$logs/tests.log" ;;
+    tiertest) part tiertest 60 python3 -m pytest tests/gpu/test_kv_tiers_cuda.py -q -p no:cacheprovider
+              tail -3 "$logs/tiertest.log" ;;
     sampling) part sampling 150 sagellm bench sampling --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \
                 --output-dir "$logs/sampling" ;;
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
