@@ -190,6 +190,18 @@ def test_masks_are_the_same_from_the_pool_and_the_calling_thread(tokenizer_model
     assert manager.mask_threads() >= 1
 
 
+def test_a_model_vocabulary_larger_than_its_tokenizer(tokenizer_model: Path) -> None:
+    """A checkpoint whose EOS id lies beyond its tokenizer (a benchmark shape with another model's
+    tokenizer): the grammar uses the tokenizer's own EOS and the extra ids are masked."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_model)
+    vocab = len(tokenizer) + 1000
+    structured = manager.StructuredOutputs(tokenizer, vocab, frozenset({vocab - 1, tokenizer.eos_token_id}))
+    structured.check(SamplingParams(structured_outputs={"json": SCHEMA}))
+    assert structured._llg_tokenizer() is not None
+
+
 def test_a_constrained_step_stays_pipelined_under_async_scheduling(tokenizer_model: Path) -> None:
     engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": "on"}))
     params = SamplingParams(max_tokens=200, temperature=1.0, seed=5, structured_outputs={"json": SCHEMA})

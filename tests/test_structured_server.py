@@ -120,7 +120,7 @@ def test_nested_schema_with_enums_and_arrays_is_valid_every_time(client: openai.
 
 def test_json_object(client: openai.OpenAI) -> None:
     completion = client.completions.create(model=MODEL, prompt="Write something:", max_tokens=300, temperature=1.0,
-                                           seed=3, extra_body={"top_k": 5, "response_format": {"type": "json_object"}})
+                                           seed=0, extra_body={"top_k": 5, "response_format": {"type": "json_object"}})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].text), dict)
 

@@ -83,7 +83,7 @@ class StructuredOutputs:
             if self.tokenizer is None or not getattr(self.tokenizer, "is_fast", False):
                 raise InvalidRequestError("structured outputs need the model's fast (tokenizers) tokenizer")
             n_vocab = max(self.vocab_size, len(self.tokenizer))
-            eos = sorted(self.eos_token_ids) or None
+            eos = sorted(i for i in self.eos_token_ids if i < len(self.tokenizer)) or None  # llguidance's range
             self._lltokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=n_vocab, eos_token=eos)
             threads = mask_threads()
             self._executor = llguidance.LLExecutor(num_threads=threads) if threads > 1 else None
