@@ -10,11 +10,7 @@ out=${1:?usage: $0 OUT_DIR [tests] [bench...]}
 shift
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd "$(dirname "$0")/.."
-if [ -d .whl/core ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/core/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . -e sagellm_cuda -e plugins/sagellm-bench 2>&1 | tail -2
+source bench/device_install.sh
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"

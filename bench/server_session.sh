@@ -16,12 +16,7 @@ runs=("$@")
 [ ${#runs[@]} -eq 0 ] && runs=(qwen llama frontends inprocess)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd "$(dirname "$0")/.."
-if [ -d .whl/core ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/core/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-python3 -c "import zmq" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/core pyzmq
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . -e sagellm_cuda -e plugins/sagellm-bench 2>&1 | tail -2
+source bench/device_install.sh
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch, transformers, zmq; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyzmq', zmq.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
