@@ -155,6 +155,7 @@ def test_full_disk_degrades_to_not_storing(tiny_models: dict[str, Path], baselin
     engine = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
     try:
         assert run_one_by_one(engine, workload()) == baseline
+        engine.kv_pools[0].tiers.ready()  # the background writes have failed by now
         stats = engine.get_stats()["kv_tiers"][0]
         assert stats["errors"] > 0 and stats["num_blocks"] == 0
         assert not list(tmp_path.glob("*/*")), "no temporary file is left behind"
@@ -202,8 +203,12 @@ def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
     tier = DiskTier(context, tmp_path, 1 << 20)
     data = torch.arange(64, dtype=torch.uint8).view(context.block_shape)
     assert tier.put(b"k" * 16, data, (1, 2, 3, 4))
-    block = tier.get(b"k" * 16)
+    block = tier.get(b"k" * 16)  # served from the queued copy or the file, whichever is first
     assert block is not None and block.token_ids == (1, 2, 3, 4) and torch.equal(block.data, data)
+    tier.ready()
+    block = tier.get(b"k" * 16)  # from the file
+    assert block is not None and block.token_ids == (1, 2, 3, 4) and torch.equal(block.data, data)
+    tier.close()
     reopened = DiskTier(context, tmp_path, 1 << 20)
     assert reopened.contains(b"k" * 16)
     path = reopened.path(b"k" * 16)
@@ -299,6 +304,7 @@ def test_randomized_workloads_over_tiers_serve_only_the_right_tokens(
         assert kv.stats().used_blocks == 0
         if disk_blocks:
             disk = tiers[-1]
+            disk.ready()  # the background writes have landed
             assert sorted(p.name for p in Path(disk.directory).iterdir()) == sorted(
                 disk.path(key).name for key in disk.keys())
 

@@ -142,7 +142,8 @@ class KVTier(abc.ABC):
         """``key`` was hit at admission (default: nothing; LRU tiers move it to the young end)."""
 
     def ready(self) -> None:
-        """Wait until the data of every ``put`` so far is readable on the host (asynchronous copies)."""
+        """Wait until every ``put`` so far has landed (asynchronous copies to the host, background
+        file writes)."""
 
     def close(self) -> None:
         """Release resources (files stay on disk)."""

@@ -2,10 +2,12 @@
 
 A file is a header (magic, token count, payload length, CRC-32 of tokens and payload), the token
 ids (int64) and the block's bytes. It is written to a temporary name and renamed, so a crash
-leaves either the whole block or none. A file whose size, checksum or tokens do not match is deleted
-and reported as a miss (the block is recomputed). A failed write (disk full, any ``OSError``) stores
-nothing and is logged; the engine carries on. The directory is scanned at start-up: blocks a
-previous engine with the same fingerprint wrote are found again.
+leaves either the whole block or none. Writes run on one background thread (checksum and file
+I/O release the GIL), so the engine step only copies the block's bytes; until its file exists a
+block is served from that copy, and `close` waits for every write. A file whose size, checksum or
+tokens do not match is deleted and reported as a miss (the block is recomputed). A failed write
+(disk full, any ``OSError``) stores nothing and is logged; the engine carries on. The directory is
+scanned at start-up: blocks a previous engine with the same fingerprint wrote are found again.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +76,10 @@ class DiskTier(KVTier):
         self.file_bytes = HEADER.size + context.block_bytes + 8 * context.block_shape[2]
         self.capacity = max(1, capacity_bytes // self.file_bytes)
         self.files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, oldest use first
+        self._pending: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}  # written on the thread, not yet on disk
+        self._failed: list[bytes] = []  # the thread's failed writes, for the engine thread to forget
+        self._cancel_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-kv-disk")
         self._scan()
         self.stats.capacity_blocks = self.capacity
         self.stats.capacity_bytes = capacity_bytes
@@ -100,6 +108,7 @@ class DiskTier(KVTier):
         return self.directory / (key.hex() + SUFFIX)
 
     def contains(self, key: bytes) -> bool:
+        self._forget_failed()
         return key in self.files
 
     def touch(self, key: bytes) -> None:
@@ -107,8 +116,15 @@ class DiskTier(KVTier):
             self.files.move_to_end(key)
 
     def get(self, key: bytes) -> TierBlock | None:
+        self._forget_failed()
         if key not in self.files:
             return None
+        pending = self._pending.get(key)
+        if pending is not None:
+            self.files.move_to_end(key)
+            payload_bytes, tokens = pending
+            return TierBlock(torch.frombuffer(bytearray(payload_bytes), dtype=torch.uint8).view(self.context.block_shape),
+                             tokens)
         try:
             raw = read_file(self.path(key))
         except OSError as exc:
@@ -127,31 +143,63 @@ class DiskTier(KVTier):
         return TierBlock(data, tokens)
 
     def has_room(self) -> bool:
+        self._forget_failed()
         return len(self.files) < self.capacity
 
     def put(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> bool:
+        """Queue the block's file; True when it is stored or queued (a failed write is forgotten later)."""
+        self._forget_failed()
         if key in self.files:
             self.files.move_to_end(key)
             return True
-        raw = encode_block(data.cpu().numpy(), token_ids)
+        payload = data.cpu().numpy().tobytes()  # a copy: the caller may reuse ``data`` at once
+        self._pending[key] = (payload, token_ids)
+        size = HEADER.size + 8 * len(token_ids) + len(payload)
+        self.files[key] = size
+        self.stats.stores += 1
+        self.stats.bytes += size
+        self.stats.num_blocks = len(self.files)
+        self._writer.submit(self._write, key, payload, token_ids)
+        return True
+
+    def _write(self, key: bytes, payload: bytes, token_ids: tuple[int, ...]) -> None:
+        """The writer thread: one block's file, written to a temporary name and renamed."""
+        raw = encode_block(np.frombuffer(payload, dtype=np.uint8), token_ids)
         target = self.path(key)
         temporary = target.with_name(target.name + f".{os.getpid()}.tmp")
         try:
             with open(temporary, "wb") as fh:
                 fh.write(raw)
-            os.replace(temporary, target)
+            with self._cancel_lock:
+                if key in self._pending:
+                    os.replace(temporary, target)
+                else:  # evicted while it was being written
+                    temporary.unlink(missing_ok=True)
         except OSError as exc:
-            self.stats.errors += 1
-            if self.stats.errors % LOG_EVERY == 1:
-                log.warning("KV disk tier: cannot write %s (%s); the block is not stored (%d errors so far)",
-                            target, exc, self.stats.errors)
             temporary.unlink(missing_ok=True)
-            return False
-        self.files[key] = len(raw)
-        self.stats.stores += 1
-        self.stats.bytes += len(raw)
-        self.stats.num_blocks = len(self.files)
-        return True
+            self._failed.append(key)
+            if len(self._failed) % LOG_EVERY == 1:
+                log.warning("KV disk tier: cannot write %s (%s); the block is not stored", target, exc)
+        finally:
+            self._pending.pop(key, None)
+
+    def _forget_failed(self) -> None:
+        while self._failed:
+            key = self._failed.pop()
+            self.stats.errors += 1
+            size = self.files.pop(key, None)
+            if size is not None:
+                self.stats.bytes -= size
+                self.stats.num_blocks = len(self.files)
+
+    def ready(self) -> None:
+        """Wait until every queued block is on disk (or has failed)."""
+        self._writer.submit(lambda: None).result()
+        self._forget_failed()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._forget_failed()
 
     def keys(self) -> list[bytes]:
         return list(self.files)
@@ -162,7 +210,9 @@ class DiskTier(KVTier):
     def evict(self, key: bytes) -> None:
         size = self.files.pop(key, None)
         if size is not None:
-            self.path(key).unlink(missing_ok=True)
+            with self._cancel_lock:
+                self._pending.pop(key, None)  # a queued write then leaves no file
+                self.path(key).unlink(missing_ok=True)
             self.stats.evictions += 1
             self.stats.bytes -= size
             self.stats.num_blocks = len(self.files)

@@ -193,6 +193,11 @@ class TierStore:
         self._timings = pending
         return [attrs.evolve(tier.stats) for tier in self.tiers]
 
+    def ready(self) -> None:
+        """Wait until every tier's queued copies and writes have landed."""
+        for tier in self.tiers:
+            tier.ready()
+
     def close(self) -> None:
         for tier in self.tiers:
             tier.close()
