@@ -144,7 +144,8 @@ def test_backend_without_sinks_or_soft_cap_still_runs_sliding_window_models(tmp_
 
 @pytest.mark.parametrize(("arch", "reason"), [
     ("stablelm", "do not receive the keyword arguments of the model's forward"),
-    ("falcon", "a forward pass through sageLLM's attention function failed"),
+    # transformers up to 5.24: the probe's forward fails; from 5.25 falcon's layers also miss the kwargs
+    ("falcon", "a forward pass through sageLLM's attention function failed|do not receive the keyword arguments"),
 ])
 def test_the_probe_refuses_without_trusting_the_class_flag(arch: str, reason: str, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
