@@ -5,7 +5,7 @@ Starts `sagellm serve` in a subprocess (default model unless --model), then runs
 ``--streams`` streaming completions (``ignore_eos``, ``--max-tokens`` each): a baseline, and the same
 while one more client posts a ``--body-mb`` MB completion body (``--big-kind prompt``: one huge prompt;
 ``chat``: one huge chat message) once every stream has its first token: ``--big-count`` bodies one
-after the other (default 1), from a process of its own.
+after the other (default 1), from a process of its own that is ready before the streams start.
 The server's body limit is raised above the body so the server has to read, parse and pre-check it.
 ITL is measured by the client: the gaps between consecutive SSE chunks of each stream.
 
@@ -64,6 +64,8 @@ body = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else 
 payload = json.dumps({**body, "max_tokens": 4}).encode()
 answers = []
 with httpx.Client(base_url=url, timeout=600) as http:
+    print("ready", flush=True)
+    sys.stdin.readline()
     while len(answers) < count:
         start = time.perf_counter()
         status = http.post(path, content=payload, headers={"content-type": "application/json"}).status_code
@@ -72,16 +74,22 @@ print(json.dumps(answers))
 """
 
 
-async def big_client(url: str, big: tuple[str, float], count: int, start: asyncio.Event) -> list[tuple[int, float]]:
-    """The big client runs in a process of its own: building and sending a 10 MB body must not
-    delay this process's reading of the streams (that would show as ITL the server never caused)."""
-    await start.wait()
+async def start_big_client(url: str, big: tuple[str, float], count: int) -> asyncio.subprocess.Process:
+    """The big client runs in a process of its own, started and ready (payload built, httpx imported)
+    before the streams: only its request, not its set-up, competes with them."""
     kind, megabytes = big
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", BIG_CLIENT, url, path, kind, str(megabytes), str(count),
-        stdout=asyncio.subprocess.PIPE)
-    output, _ = await process.communicate()
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    await process.stdout.readline()  # "ready"
+    return process
+
+
+async def big_client(process: asyncio.subprocess.Process, start: asyncio.Event) -> list[tuple[int, float]]:
+    await start.wait()
+    output, _ = await process.communicate(b"go\n")
     return [tuple(answer) for answer in json.loads(output)]
 
 
@@ -90,7 +98,8 @@ async def round_(url: str, streams: int, max_tokens: int, big: tuple[str, float]
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         all_started, started = asyncio.Event(), [streams]
-        big_task = asyncio.create_task(big_client(url, big, count, all_started)) if big else None
+        process = await start_big_client(url, big, count) if big else None
+        big_task = asyncio.create_task(big_client(process, all_started)) if process else None
         start = time.perf_counter()
         results = await asyncio.gather(*(one_stream(http, i, max_tokens, started, all_started)
                                          for i in range(streams)))
