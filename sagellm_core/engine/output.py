@@ -80,8 +80,9 @@ class OutputProcessor:
             except Exception as exc:
                 self.fail(group, state, exc)
 
-    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Any,
-                now: float) -> None:
+    def _record(self, group: RequestGroup, state: CompletionState, now: float) -> None:
+        """A token arrived: its time, the group's first/last token times, and the end of a finished
+        sequence."""
         self.num_tokens += 1
         state.token_times.append(now)
         if group.metrics.first_token_time is None:
@@ -90,6 +91,10 @@ class OutputProcessor:
         self.changed[group.request_id] = group
         if state.request.is_finished:
             self._ended(group, state)
+
+    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Any,
+                now: float) -> None:
+        self._record(group, state, now)
         if state.logprobs is not None and logprob is not None:
             state.logprobs.append(token_logprob(self.tokenizer, update.token_id, logprob))
         params = group.params

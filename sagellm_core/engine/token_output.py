@@ -30,14 +30,7 @@ class TokenOutputProcessor(OutputProcessor):
 
     def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Any,
                 now: float) -> None:
-        self.num_tokens += 1
-        state.token_times.append(now)
-        if group.metrics.first_token_time is None:
-            group.metrics.first_token_time = now
-        group.metrics.last_token_time = now
-        self.changed[group.request_id] = group
-        if state.request.is_finished:
-            self._ended(group, state)
+        self._record(group, state, now)
         if state.logprobs is not None and logprob is not None:
             chosen, top = logprob
             state.logprobs.append(TokenLogprob(update.token_id, "", chosen, [(tid, "", lp) for tid, lp in top]))
