@@ -190,3 +190,16 @@ def unvalidated(params: Any, **fields: Any) -> Any:
     for name, value in fields.items():
         object.__setattr__(copy, name, value)
     return copy
+
+
+class ExitingSink:
+    """A metric plugin that calls ``sys.exit`` inside the step."""
+
+    def on_step(self, event: Any) -> None:
+        raise SystemExit(3)
+
+    def on_request_finished(self, event: Any) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import engine_config
+from conftest import ExitingSink, engine_config
 from sagellm_core.errors import EngineDeadError, InvalidRequestError, PromptTooLongError
 from sagellm_core.health import StallWatchdog
 from sagellm_core.inputs import InputProcessor, generation_defaults
@@ -198,19 +198,6 @@ def test_generation_defaults_read_only_what_the_model_sets() -> None:
 
 
 # ---- engine death and the watchdog ------------------------------------------------------------------
-class ExitingSink:
-    """A metric plugin that calls ``sys.exit`` inside the step."""
-
-    def on_step(self, event: Any) -> None:
-        raise SystemExit(3)
-
-    def on_request_finished(self, event: Any) -> None:
-        pass
-
-    def snapshot(self) -> dict[str, Any]:
-        return {}
-
-
 def test_engine_death_fails_callers_at_once_and_refuses_work(tokenizer_model: Path) -> None:
     llm = LLM(config=engine_config(tokenizer_model), stall_timeout_s=None)
     try:

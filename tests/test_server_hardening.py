@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_utils import ServerThread, free_port, save_tiny_llama, wait_until
 
-from conftest import engine_config
+from conftest import ExitingSink, engine_config
 from sagellm_core.chat import chat_prompt_ids
 from sagellm_core.cli import build_parser
 from sagellm_core.cli.serve_cmd import make_server, serve_config, server_settings
@@ -284,17 +284,6 @@ def test_generation_config_defaults_apply_to_unset_fields(llm: LLM, monkeypatch:
 
 
 # ---- a dead, stalled or loading engine ---------------------------------------------------------------------
-class ExitingSink:
-    def on_step(self, event: Any) -> None:
-        raise SystemExit(3)
-
-    def on_request_finished(self, event: Any) -> None:
-        pass
-
-    def snapshot(self) -> dict[str, Any]:
-        return {}
-
-
 def test_a_dead_engine_makes_health_and_requests_503(tokenizer_model: Path) -> None:
     llm = LLM(config=server_engine_config(engine_config(tokenizer_model)), stall_timeout_s=None)
     try:
