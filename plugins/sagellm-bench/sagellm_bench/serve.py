@@ -30,7 +30,7 @@ from sagellm_bench.environment import environment, visible_accelerators
 from sagellm_bench.offline import rate_label
 from sagellm_bench.report import BenchReport, Table, line_chart, write_report
 from sagellm_bench.serve_offline import offline_comparison, offline_table, ratios, run_offline_peer, three
-from sagellm_bench.server_launch import fetch_server_config, flatten, launched_server
+from sagellm_bench.server_launch import fetch_server_config, flatten, launched_server, process_tree_cpu
 from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
 from sagellm_bench.workloads import BenchRequest, Workload, poisson_arrivals, random_text, random_workload
 from sagellm_core.config import EngineConfig
@@ -172,7 +172,15 @@ async def _model_name(client: Any, base_url: str) -> str:
         return "default"
 
 
-async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any], str]:
+def cpu_use(client_s: float, before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, Any]:
+    """Where the CPU went during one rate: this client's seconds and each server process's, and each as a
+    share of the wall time (a process near 1.0 is saturated)."""
+    server = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+    return {"wall_s": round(elapsed, 2), "client_s": round(client_s, 2), "server_s": server,
+            "busiest_share": round(max([client_s, *server.values()]) / elapsed, 2) if elapsed else None}
+
+
+async def _run_all(options: ServeOptions, base_url: str, server_pid: int | None) -> tuple[dict[str, Any], str]:
     import httpx
 
     results: dict[str, Any] = {}
@@ -185,8 +193,11 @@ async def _run_all(options: ServeOptions, base_url: str) -> tuple[dict[str, Any]
                         random.Random(0))
         await send_request(client, url, warm)  # first-call costs stay out of the timings, as offline
         for rate in options.request_rates:
+            client_start, server_before = time.process_time(), process_tree_cpu(server_pid) if server_pid else {}
             timings, elapsed = await run_rate(client, url, payloads, rate, options.max_concurrency, options.seed)
+            server_after = process_tree_cpu(server_pid) if server_pid else {}
             results[rate_label(rate)] = {
+                "cpu": cpu_use(time.process_time() - client_start, server_before, server_after, elapsed),
                 "request_rate": rate_label(rate), **throughput_summary(timings, elapsed),
                 **latency_summary(timings),
                 "goodput_requests_per_s": goodput(timings, elapsed, options.slo_ttft_ms, options.slo_tpot_ms),
@@ -211,12 +222,12 @@ def run(options: ServeOptions, config: EngineConfig, args: argparse.Namespace | 
         offline_results = run_offline_peer(config, workload, offsets, options.temperature)
     server_config = None
     with contextlib.ExitStack() as stack:
-        base_url = options.base_url
+        base_url, server_pid = options.base_url, None
         if options.launch:
-            base_url = stack.enter_context(launched_server(list(options.launch_args), options.launch_timeout_s,
-                                                           Path(options.output_dir) / "serve_server.log"))
+            base_url, server_pid = stack.enter_context(launched_server(
+                list(options.launch_args), options.launch_timeout_s, Path(options.output_dir) / "serve_server.log"))
         server_config = fetch_server_config(base_url.rstrip("/"), options.launch_args)
-        results, model = asyncio.run(_run_all(options, base_url.rstrip("/")))
+        results, model = asyncio.run(_run_all(options, base_url.rstrip("/"), server_pid))
     for rate, offline in (offline_results or {}).items():
         results[rate]["offline"] = offline
         results[rate]["server_over_offline"] = ratios(results[rate], offline)
@@ -264,6 +275,9 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
                          f"({r['requests_per_s'] / float(rate):.2f}x)")
         if "offline" in r:
             lines.append(offline_comparison(rate, r))
+        cpu = r["cpu"]
+        lines.append(f"rate {rate}: CPU seconds over {cpu['wall_s']} s wall: client {cpu['client_s']}, server "
+                     + (", ".join(f"{name} {s}" for name, s in cpu["server_s"].items()) or "not launched here"))
     if not any("offline" in r for r in results.values()):
         lines.append("no offline peer measured in this run (pass --compare offline)")
     return lines

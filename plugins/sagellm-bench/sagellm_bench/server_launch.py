@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from sagellm_core.errors import SageLLMError
 
@@ -27,6 +27,36 @@ def free_port() -> int:
 def server_command(engine_args: list[str], port: int) -> list[str]:
     """The ``sagellm serve`` command line (run with this interpreter)."""
     return [sys.executable, "-m", "sagellm_core", "serve", "--port", str(port), *engine_args]
+
+
+def process_tree_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of ``root_pid`` and each of its descendants, keyed ``"pid name"``; empty
+    where ``/proc`` is not there. Shows which of a server's processes is busy during a run."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name_end = text.rindex(")")
+        fields = text[name_end + 2:].split()
+        stats[int(entry.name)] = [text[text.index("(") + 1:name_end], *fields]
+        parents[int(entry.name)] = int(fields[1])
+    tick = os.sysconf("SC_CLK_TCK")
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return {f"{pid} {stats[pid][0]}": (int(stats[pid][12]) + int(stats[pid][13])) / tick
+            for pid in sorted(tree) if pid in stats}
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
@@ -47,9 +77,14 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_pat
                        f"(log: {log_path})")
 
 
+class LaunchedServer(NamedTuple):
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) -> Iterator[str]:
-    """Start ``sagellm serve --port P <engine args>``; yield its base URL; stop it on exit."""
+def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) -> Iterator[LaunchedServer]:
+    """Start ``sagellm serve --port P <engine args>``; yield its base URL and pid; stop it on exit."""
     port = free_port()
     command = server_command(engine_args, port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +94,7 @@ def launched_server(engine_args: list[str], timeout_s: float, log_path: Path) ->
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(url, process, timeout_s, log_path)
-            yield url
+            yield LaunchedServer(url, process.pid)
         finally:
             process.terminate()
             try:

