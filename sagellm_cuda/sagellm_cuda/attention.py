@@ -189,6 +189,7 @@ def _decode_kernel(
     qk_scale, window, num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_F16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -207,6 +208,8 @@ def _decode_kernel(
     row_mask = (offs_h[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask, other=0.0)
+    if KV_F16:  # fp8 codes widen to fp16 in one instruction per pair (to bf16 it takes three)
+        q = q.to(tl.float16)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (seq_len - 1)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -282,7 +285,7 @@ def _prefill_kernel(
     qk_scale, window, seq_offset,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, KV_F16: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     # Query tiles of one sequence differ in work (causal): launch the last (heaviest) tiles first so
@@ -310,6 +313,8 @@ def _prefill_kernel(
     io_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=io_mask, other=0.0)
+    if KV_F16:
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -368,6 +373,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def widen_to_f16(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels widen an fp8 cache to fp16 (and the bf16 query with it) for their dots: on
+    Hopper E4M3 -> fp16 is one conversion per pair of codes, E4M3 -> bf16 goes through fp16 and fp32.
+    Queries of any realistic magnitude fit fp16; the softmax and the accumulators stay fp32."""
+    return query.dtype == torch.bfloat16 and k_cache.dtype == torch.float8_e4m3fn
+
+
 def _check_inputs(query, k_cache, v_cache) -> None:
     if query.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("triton paged attention needs a unit stride on the head dim of query and caches")
@@ -423,9 +435,11 @@ def decode_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, scale: float,
     sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None, kv_f16: bool | None = None,
 ) -> None:
-    """Attention of query rows [0, num_decodes) (one token per sequence) into ``out`` rows."""
+    """Attention of query rows [0, num_decodes) (one token per sequence) into ``out`` rows.
+
+    ``kv_f16`` (default: `widen_to_f16`) runs the dots in fp16 on a bf16 query over an fp8 cache."""
     if num_decodes == 0:
         return
     _, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -458,6 +472,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+        KV_F16=widen_to_f16(query, k_cache) if kv_f16 is None else kv_f16,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
@@ -517,6 +532,7 @@ def prefill_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+        KV_F16=widen_to_f16(query, k_cache),
     )
 
 
