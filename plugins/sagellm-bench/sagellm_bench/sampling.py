@@ -81,12 +81,16 @@ def timed_run(llm: LLM, workload: Workload, params_for: ParamsFor, temperature: 
     prompts = [r.prompt_token_ids for r in workload.requests]
     params = [params_for(r, i, temperature) for i, r in enumerate(workload.requests)]
     print(f"[{label}] {len(prompts)} requests", flush=True)
+    phases = dict(getattr(llm.engine, "phase_seconds", {}))
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"[{label}] {elapsed:.2f} s, {tokens / elapsed:.0f} output tok/s", flush=True)
-    return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed if elapsed else 0.0}
+    spent = {name: seconds - phases.get(name, 0.0) for name, seconds in getattr(llm.engine, "phase_seconds", {}).items()}
+    print(f"[{label}] {elapsed:.2f} s, {tokens / elapsed:.0f} output tok/s; host phases (s): "
+          + ", ".join(f"{name} {seconds:.2f}" for name, seconds in spent.items()), flush=True)
+    return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed if elapsed else 0.0,
+            "phase_seconds": spent}
 
 
 def short_warmup(llm: LLM) -> None:
@@ -105,7 +109,12 @@ def run(config: EngineConfig, options: SamplingBenchOptions, args: argparse.Name
     """Run the benchmark, write its files, return the report."""
     env = environment(args)
     results: dict[str, Any] = {}
+    tick = time.perf_counter()
     llm = LLM(config=config)
+    startup = time.perf_counter() - tick
+    capture = llm.get_stats()["graph_capture"]
+    print(f"[start-up] {startup:.1f} s (graph capture {capture['seconds']:.1f} s, warm-up "
+          f"{capture.get('warmup_seconds', 0.0):.1f} s)", flush=True)
     try:
         workload = random_workload(options.num_requests, options.input_len, options.output_len,
                                    llm.engine.vocab_size, options.seed)
@@ -117,6 +126,7 @@ def run(config: EngineConfig, options: SamplingBenchOptions, args: argparse.Name
         setup = describe_engine(llm)
         setup["budgets"] = llm.engine.budgets.as_dict()
         setup["graph_capture"] = llm.get_stats()["graph_capture"]
+        setup["startup_s"] = startup
         env["gpus"] = device_info(llm.engine.backend)
     finally:
         release_engine(llm)
