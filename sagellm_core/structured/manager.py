@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,11 +67,12 @@ def prior_outputs(request: Request) -> int:
 
 @attrs.define
 class StructuredStats:
-    """Host seconds spent computing masks (on whichever thread), waiting for prepared masks in
-    `apply` (the part not hidden behind other host work) and applying them; constrained rows;
-    steps with a mask."""
+    """Host seconds spent computing masks (on whichever thread; ``helper_seconds`` of them on the
+    helper thread, hidden behind the engine thread's work except for ``wait_seconds``, the time
+    `apply` waited for them) and applying them; constrained rows; steps with a mask."""
 
     mask_seconds: float = 0.0
+    helper_seconds: float = 0.0  # the part of mask_seconds spent on the helper thread
     wait_seconds: float = 0.0
     apply_seconds: float = 0.0
     masked_rows: int = 0
@@ -88,6 +90,7 @@ class StepMasks:
     bitmask: torch.Tensor
     device: torch.device
     filled: Future[float] | None = None  # a fill running on the helper thread (its seconds)
+    started: threading.Event = attrs.field(factory=threading.Event)  # the helper thread holds it
 
 
 class StructuredOutputs:
@@ -168,8 +171,16 @@ class StructuredOutputs:
         if masks is not None:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-masks")
-            masks.filled = self._helper.submit(self._fill_timed, masks)
+            masks.filled = self._helper.submit(self._fill_started, masks)
             self._prepared = masks
+            # NOTE: waiting here hands the GIL to the helper thread at once; otherwise it could wait up
+            # to the interpreter's switch interval (5 ms) while this thread runs Python
+            masks.started.wait()
+
+    def _fill_started(self, masks: StepMasks) -> float:
+        """`_fill_timed` on the helper thread, first telling the engine's thread it has begun."""
+        masks.started.set()
+        return self._fill_timed(masks)
 
     def settle(self) -> None:
         """Wait for and drop masks prepared but not applied (a failed step): no matcher may advance
@@ -209,6 +220,7 @@ class StructuredOutputs:
         seconds = masks.filled.result()  # raises what the fill raised
         self.stats.wait_seconds += time.perf_counter() - tick
         self.stats.mask_seconds += seconds
+        self.stats.helper_seconds += seconds
         return masks if masks.requests is requests and masks.device == device else None
 
     def _new_masks(self, requests: list[Request], device: torch.device) -> StepMasks | None:
