@@ -239,7 +239,8 @@ def test_a_constrained_step_stays_pipelined_under_async_scheduling(tokenizer_mod
 
 
 # ---- masks overlapped with the step: never from a stale grammar ------------------------------------
-def _greedy_constrained_tokens(tokenizer_model: Path, async_scheduling: str) -> list[list[int]]:
+def _greedy_constrained_tokens(tokenizer_model: Path, async_scheduling: str
+                               ) -> tuple[list[list[int]], manager.StructuredStats]:
     engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": async_scheduling}))
     prompts = ["Write something:", "A pet:", "Another one:", "Hello"]
     constrained = SamplingParams(max_tokens=60, temperature=0.0, structured_outputs={"json": SCHEMA})
@@ -248,7 +249,7 @@ def _greedy_constrained_tokens(tokenizer_model: Path, async_scheduling: str) -> 
     finals: dict[str, list[int]] = {}
     while engine.has_unfinished():
         finals.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-    return [list(finals[i]) for i in ids]
+    return [list(finals[i]) for i in ids], engine.structured.stats
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "helper-thread"])
@@ -260,10 +261,11 @@ def test_greedy_constrained_tokens_are_the_same_with_async_scheduling_on_and_off
     if pool:  # llguidance's pool and the helper thread even on a 2-core machine
         monkeypatch.setattr(manager, "mask_threads", lambda: 2)
         monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", 1)
-    sync = _greedy_constrained_tokens(tokenizer_model, "off")
-    pipelined = _greedy_constrained_tokens(tokenizer_model, "on")
+    sync, _ = _greedy_constrained_tokens(tokenizer_model, "off")
+    pipelined, stats = _greedy_constrained_tokens(tokenizer_model, "on")
     assert pipelined == sync
     assert all(len(tokens) > 1 for tokens in sync)
+    assert (stats.helper_seconds > 0) == pool
 
 
 def test_a_mask_for_a_grammar_behind_its_request_is_refused(tokenizer_model: Path) -> None:
@@ -297,6 +299,7 @@ def test_prepared_masks_equal_masks_computed_when_applied(tokenizer_model: Path,
     from sagellm_core.request import PENDING_TOKEN, Request
 
     monkeypatch.setattr(manager, "mask_threads", lambda: 2)
+    monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", 2)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_model)
     structured = manager.StructuredOutputs(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
     params = SamplingParams(structured_outputs={"json": SCHEMA})

@@ -160,7 +160,8 @@ class StructuredOutputs:
     def prepare(self, requests: list[Request], device: torch.device) -> None:
         """Start computing the masks of a step whose rows are ``requests`` (their grammars have taken
         every earlier token) on the helper thread; `apply` with the same list picks them up. Does
-        nothing with one core for masks (`apply` then computes them) or no constrained row."""
+        nothing with one core for masks or fewer than `PARALLEL_MIN_ROWS` constrained rows (the
+        thread hand-off would cost about what the masks do): `apply` then computes them."""
         self.settle()
         if self._executor is None:
             return
@@ -168,7 +169,7 @@ class StructuredOutputs:
             masks = self._new_masks(requests, device)
         except StaleGrammarError:  # `apply` raises it for the step, whose rows then fail
             return
-        if masks is not None:
+        if masks is not None and len(masks.rows) >= PARALLEL_MIN_ROWS:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-masks")
             masks.filled = self._helper.submit(self._fill_started, masks)
@@ -192,7 +193,8 @@ class StructuredOutputs:
     def apply(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """``logits`` with the rows of constrained ``requests`` (row i belongs to ``requests[i]``) masked.
         Rows of requests that finished since the step was planned (their token will be dropped) are
-        left as they are."""
+        left as they are (with prepared masks: those finished before `prepare`; a row finished in
+        between keeps its mask, which changes nothing since its token is dropped)."""
         masks = self._take_prepared(requests, logits.device)
         if masks is None:
             masks = self._new_masks(requests, logits.device)

@@ -15,6 +15,7 @@ import torch
 from conftest import engine_config, save_tiny_model
 from sagellm_core.engine import LLMEngine
 from sagellm_core.sampling_params import SamplingParams
+from sagellm_core.structured import manager
 from sagellm_core.structured.bitmask import mask_logits
 
 pytestmark = [
@@ -82,10 +83,14 @@ def _greedy(model: Path, async_scheduling: str, graphs: bool) -> tuple[list[list
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_greedy_constrained_tokens_are_the_same_with_async_scheduling_on_and_off(text_model: Path,
-                                                                                 graphs: bool) -> None:
+def test_greedy_constrained_tokens_are_the_same_with_async_scheduling_on_and_off(
+        text_model: Path, graphs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async: the masks are prepared on the helper thread (any batch size here) while the forward
+    pass runs; sync: computed when applied. A mask from a stale grammar would change the tokens."""
+    monkeypatch.setattr(manager, "mask_threads", lambda: 2)
+    monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", 1)
     sync, _ = _greedy(text_model, "off", graphs)
     pipelined, engine = _greedy(text_model, "on", graphs)
     assert pipelined == sync
     assert engine.structured._staging._pinned  # the host bitmask is pinned and reused
-    assert engine.structured.stats.masked_steps > 0
+    assert engine.structured.stats.masked_steps > 0 and engine.structured.stats.helper_seconds > 0
