@@ -70,8 +70,8 @@ for name in "$@"; do
            rm -rf "$disk" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
-                tail -18 "$logs/structured.log"
-                part structured-tests 90 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
+                tail -20 "$logs/structured.log"
+                part structured-tests 150 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
                 tail -3 "$logs/structured-tests.log" ;;
     fp8) for q in none fp8; do
            part "fp8-$q" 45 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
