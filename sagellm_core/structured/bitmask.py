@@ -94,7 +94,7 @@ def allowed_tokens(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def mask_logits(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """The generic `BitmaskOp` in torch: unpack on the device, then one ``where``."""
     allowed = allowed_tokens(words, logits.shape[1])
-    return torch.where(allowed, logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    return torch.where(allowed, logits, float("-inf"))  # a Python scalar: no host-to-device copy
 
 
 def fill_free_rows(bitmask: torch.Tensor, constrained: list[int]) -> None:
