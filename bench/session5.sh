@@ -7,7 +7,7 @@
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # tiers: `sagellm bench multiturn`, Qwen3-0.6B, working set 5x the device pool (issue 14);
-# structured: bench/structured_bench.py, 256 requests (issue 13);
+# structured: bench/structured_bench.py, 256 requests (issue 13), then tests/gpu/test_structured_gpu.py;
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
 # serve-inf / serve-api2: rate inf only, with the offline peer / with two API servers (no peer), each
 #   printing the CPU seconds of the client and of every server process (who is saturated);
@@ -82,7 +82,9 @@ for name in "$@"; do
            rm -rf "$disk" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
-                tail -8 "$logs/structured.log" ;;
+                tail -20 "$logs/structured.log"
+                part structured-tests 150 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
+                tail -3 "$logs/structured-tests.log" ;;
     fp8) for q in none fp8; do
            part "fp8-$q" 150 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
              --input-len 128 --output-len 256 --quantization "$q" --output-dir "$logs/latency-$q"

@@ -182,6 +182,13 @@ class Backend(abc.ABC):
         generic torch sampler runs)."""
         return None
 
+    def bitmask_op(self) -> BitmaskOp | None:
+        """Optionally, structured outputs' fused token mask: ``(logits [N, V] float32, words [N, W]
+        int32)``, both on this device (bit i of word w allows token 32 * w + i; ids >= 32 * W are not
+        allowed) -> a new [N, V] tensor with the disallowed logits at -inf. Default: none (torch's
+        unpack and ``where``, `sagellm_core.structured.bitmask.mask_logits`)."""
+        return None
+
     def graph_capture(self) -> Any:
         """A `sagellm_core.models.graphs.GraphCapture` if this device can replay captured graphs.
 
@@ -213,3 +220,4 @@ class Backend(abc.ABC):
 
 
 FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+BitmaskOp = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]

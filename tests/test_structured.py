@@ -20,7 +20,8 @@ from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.structured import StructuredOutputsParams
 from sagellm_core.engine import LLMEngine
 from sagellm_core.structured import manager
-from sagellm_core.structured.bitmask import apply_bitmask, bias_host, unpack_device, unpack_host
+from sagellm_core.structured.bitmask import (BitmaskStaging, allowed_tokens, apply_bitmask_host, bias_host,
+                                             fill_free_rows, mask_logits, unpack_host)
 from sagellm_core.structured.grammar import compile_grammar
 
 SCHEMA = {
@@ -92,28 +93,50 @@ def test_bitmask_bits_map_to_tokens_on_both_paths() -> None:
     bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=generator)
     expected = _reference_allowed(bitmask, 100)
     assert torch.equal(torch.from_numpy(unpack_host(bitmask, 100).copy()), expected)
-    assert torch.equal(unpack_device(bitmask, 100, torch.device("cpu")), expected)  # the accelerator path
+    assert torch.equal(allowed_tokens(bitmask, 100), expected)  # the accelerator path
     assert torch.equal(torch.from_numpy(bias_host(bitmask, 100) == 0), expected)  # the CPU path's additive mask
 
 
-def test_apply_bitmask_masks_only_the_constrained_rows() -> None:
+def test_apply_bitmask_host_masks_only_the_constrained_rows() -> None:
     generator = torch.Generator().manual_seed(1)
     bitmask = torch.randint(-2**31, 2**31 - 1, (2, 4), dtype=torch.int32, generator=generator)
     with torch.inference_mode():  # the model's logits are inference tensors
         logits = torch.randn(4, 128, generator=generator)
-    out = apply_bitmask(logits, bitmask, [1, 3])
+    out = apply_bitmask_host(logits, bitmask, [1, 3])
     allowed = _reference_allowed(bitmask, 128)
     assert torch.equal(torch.isinf(out[[1, 3]]), ~allowed)
     assert torch.equal(out[[0, 2]], logits[[0, 2]])
     assert torch.equal(out[[1, 3]][allowed], logits[[1, 3]][allowed])
-    full = apply_bitmask(logits[:2], bitmask, [0, 1])
+    full = apply_bitmask_host(logits[:2], bitmask, [0, 1])
     assert torch.equal(torch.isinf(full), ~allowed)
+
+
+def test_the_device_path_masks_a_dense_bitmask_with_free_rows_all_ones() -> None:
+    """The accelerator path (run here on CPU tensors): one row per logits row, the unconstrained
+    rows all ones, one `mask_logits` over the batch; the same as the host path."""
+    generator = torch.Generator().manual_seed(2)
+    compact = torch.randint(-2**31, 2**31 - 1, (2, 4), dtype=torch.int32, generator=generator)
+    with torch.inference_mode():
+        logits = torch.randn(4, 128, generator=generator)
+    dense = BitmaskStaging().take(4, 4, torch.device("cpu"))
+    dense[[1, 3]] = compact
+    fill_free_rows(dense, [1, 3])
+    assert torch.equal(mask_logits(logits, dense), apply_bitmask_host(logits, compact, [1, 3]))
 
 
 def test_vocabulary_padding_past_the_bitmask_is_disallowed() -> None:
     bitmask = torch.full((1, 1), -1, dtype=torch.int32)  # 32 tokens allowed
-    out = apply_bitmask(torch.zeros(1, 40), bitmask, [0])
-    assert not torch.isinf(out[0, :32]).any() and torch.isinf(out[0, 32:]).all()
+    for out in (apply_bitmask_host(torch.zeros(1, 40), bitmask, [0]), mask_logits(torch.zeros(1, 40), bitmask)):
+        assert not torch.isinf(out[0, :32]).any() and torch.isinf(out[0, 32:]).all()
+
+
+def test_the_staging_buffer_is_reused_and_grows() -> None:
+    staging = BitmaskStaging()
+    cpu = torch.device("cpu")
+    first = staging.take(3, 5, cpu)
+    assert staging.take(2, 5, cpu).data_ptr() == first.data_ptr()  # reused between steps
+    assert staging.take(8, 5, cpu).shape == (8, 5)
+    assert staging.take(2, 6, cpu).shape == (2, 6)  # another vocabulary: a new buffer
 
 
 # ---- the library API -----------------------------------------------------------------------------
@@ -213,3 +236,86 @@ def test_a_constrained_step_stays_pipelined_under_async_scheduling(tokenizer_mod
     assert in_flight > 1  # depth 1: the step's forward pass is queued before the previous tokens are read
     assert finals[0].outputs[0].finish_reason == "stop"
     jsonschema.validate(json.loads(finals[0].outputs[0].text), SCHEMA)
+
+
+# ---- masks overlapped with the step: never from a stale grammar ------------------------------------
+def _greedy_constrained_tokens(tokenizer_model: Path, async_scheduling: str
+                               ) -> tuple[list[list[int]], manager.StructuredStats]:
+    engine = LLMEngine(engine_config(tokenizer_model, scheduler={"async_scheduling": async_scheduling}))
+    prompts = ["Write something:", "A pet:", "Another one:", "Hello"]
+    constrained = SamplingParams(max_tokens=60, temperature=0.0, structured_outputs={"json": SCHEMA})
+    free = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(engine.encode(p), free if i == 3 else constrained) for i, p in enumerate(prompts)]
+    finals: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [list(finals[i]) for i in ids], engine.structured.stats
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "helper-thread"])
+def test_greedy_constrained_tokens_are_the_same_with_async_scheduling_on_and_off(
+        tokenizer_model: Path, monkeypatch: pytest.MonkeyPatch, pool: bool) -> None:
+    """Under async scheduling the masks of step N+1 are computed after step N's tokens are read
+    (``helper-thread``: prepared on the helper thread while the outputs are processed); any mask from
+    a grammar that missed a token would change a greedy constrained sequence."""
+    if pool:  # llguidance's pool and the helper thread even on a 2-core machine
+        monkeypatch.setattr(manager, "mask_threads", lambda: 2)
+        monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", 1)
+    sync, _ = _greedy_constrained_tokens(tokenizer_model, "off")
+    pipelined, stats = _greedy_constrained_tokens(tokenizer_model, "on")
+    assert pipelined == sync
+    assert all(len(tokens) > 1 for tokens in sync)
+    assert (stats.helper_seconds > 0) == pool
+
+
+def test_a_mask_for_a_grammar_behind_its_request_is_refused(tokenizer_model: Path) -> None:
+    """A row whose previous token is still in flight (two placeholders) cannot be masked: the
+    grammar has not taken that token."""
+    from transformers import AutoTokenizer
+
+    from sagellm_core.request import PENDING_TOKEN, Request
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_model)
+    structured = manager.StructuredOutputs(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    params = SamplingParams(structured_outputs={"json": SCHEMA})
+    request = Request("r", [1, 2, 3], params, max_tokens=10, output_token_ids=[PENDING_TOKEN])
+    logits = torch.zeros(1, len(tokenizer))
+    assert torch.isinf(structured.apply(logits, [request])).any()  # first token: nothing to take yet
+    token = int(torch.argmax(structured.apply(logits, [request])))
+    request.output_token_ids = [token, PENDING_TOKEN]  # the token read, a new step planned
+    with pytest.raises(manager.StaleGrammarError):
+        structured.apply(logits, [request])
+    assert not structured.on_token(request, token)
+    assert torch.isinf(structured.apply(logits, [request])).any()
+    request.output_token_ids = [token, PENDING_TOKEN, PENDING_TOKEN]  # one in flight, one planned
+    with pytest.raises(manager.StaleGrammarError):
+        structured.apply(logits, [request])
+
+
+def test_prepared_masks_equal_masks_computed_when_applied(tokenizer_model: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    from sagellm_core.request import PENDING_TOKEN, Request
+
+    monkeypatch.setattr(manager, "mask_threads", lambda: 2)
+    monkeypatch.setattr(manager, "PARALLEL_MIN_ROWS", 2)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_model)
+    structured = manager.StructuredOutputs(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    params = SamplingParams(structured_outputs={"json": SCHEMA})
+    free = SamplingParams()
+    requests = [Request(f"r{i}", [1], p, max_tokens=10, output_token_ids=[PENDING_TOKEN])
+                for i, p in enumerate([params, free, params])]
+    for token in tokenizer.encode('{"name": "', add_special_tokens=False):
+        assert not structured.on_token(requests[2], token)
+    requests[2].output_token_ids = [0] * structured._consumed["r2"] + [PENDING_TOKEN]
+    logits = torch.randn(3, len(tokenizer))
+    computed = structured.apply(logits, requests)
+    structured.prepare(requests, logits.device)
+    assert structured._prepared is not None
+    prepared = structured.apply(logits, requests)
+    assert structured._prepared is None and torch.equal(prepared, computed)
+    assert torch.equal(prepared[1], logits[1]) and not torch.equal(prepared[0], prepared[2])
+    structured.prepare(requests, logits.device)  # prepared but never applied (a failed step)
+    structured.settle()
+    assert structured._prepared is None and structured.stats.masked_steps == 2

@@ -381,3 +381,16 @@ def test_other_backends_offer_no_graph_capture(monkeypatch: pytest.MonkeyPatch, 
     for case in VENDOR_CASES:
         simulate_vendor(monkeypatch, case, 1)
     assert plugin.SPEC.create(BackendConfig()).graph_capture() is None
+
+
+# ---- structured outputs' fused token mask ----------------------------------------------------------
+def test_cuda_bitmask_op_is_the_triton_kernel_unless_off_or_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fake_module(monkeypatch, "triton")
+    kernel = install_fake_module(monkeypatch, "sagellm_cuda.bitmask")
+    kernel.apply_token_bitmask = lambda logits, words: logits
+    assert cuda.SPEC.create(BackendConfig()).bitmask_op() is kernel.apply_token_bitmask
+    monkeypatch.setenv("SAGELLM_FUSED_BITMASK", "0")
+    assert cuda.SPEC.create(BackendConfig()).bitmask_op() is None
+    monkeypatch.delenv("SAGELLM_FUSED_BITMASK")
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert cuda.SPEC.create(BackendConfig()).bitmask_op() is None  # torch's mask_logits then

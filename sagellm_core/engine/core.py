@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 import attrs
+import torch
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine.admission import Admission
@@ -94,7 +95,8 @@ class LLMEngine:
         self.scheduler, self.kv_pools, self.runner = parts.scheduler, parts.kv_pools, parts.runner
         self.sampler, self.async_scheduling = parts.sampler, parts.async_scheduling
         self.metric_sinks = parts.metric_sinks
-        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                            bitmask_op=self.backend.bitmask_op())
         self.sampler.logits_processors.append(self.structured)
         block_size = config.kv_cache.block_size
         self.admission = Admission(self.tokenizer, self.vocab_size, self.max_model_len,
@@ -178,6 +180,7 @@ class LLMEngine:
             self.abort(request_id)
         self._inflight = None
         self._planned = None
+        self.structured.settle()
         self.outputs.take_outputs()
 
     def release(self) -> None:
@@ -219,7 +222,7 @@ class LLMEngine:
         outputs = self._drain() if synchronous else []
         logits = self._execute(planned, replay)
         if planned.grammar:  # the masks of this step need the previous step's tokens
-            outputs += self._drain()
+            outputs += self._drain(masks_for=planned.requests, device=logits.device)
         launched = self._launch_sampling(planned, logits)
         outputs += self._drain()  # the previous step, processed while the device runs this one
         self._inflight = launched
@@ -274,8 +277,13 @@ class LLMEngine:
         return InflightStep(plan, sample, TokenFeed(sample.token_ids, rows),
                             sample.start_host_copy(self.backend.start_host_copy))
 
-    def _drain(self) -> list[RequestOutput]:
-        """Read the step in flight (waits for the device), accept its tokens, return the outputs."""
+    def _drain(self, masks_for: list[Request] | None = None, device: torch.device | None = None
+               ) -> list[RequestOutput]:
+        """Read the step in flight (waits for the device), accept its tokens, return the outputs.
+
+        ``masks_for``: the rows of the step about to sample (on ``device``); once the grammars have
+        taken the tokens read here, its masks start filling on the structured outputs' helper thread
+        while this thread processes the outputs."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
@@ -286,6 +294,8 @@ class LLMEngine:
         request_ids = [r.request_id for r in inflight.sample.requests]
         updates = self.scheduler.update_from_output(inflight.plan, token_ids, request_ids)
         self._advance_grammars(updates)
+        if masks_for is not None and device is not None:
+            self.structured.prepare(masks_for, device)
         self.outputs.process(updates, dict(zip(request_ids, logprobs)), time.monotonic())
         self.events.tokens_since_step += len(updates)
         outputs = self.outputs.take_outputs()

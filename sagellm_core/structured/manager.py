@@ -1,24 +1,31 @@
-"""Per-request grammar state for constrained requests, and the two calls the engine makes:
+"""Per-request grammar state for constrained requests, and the calls the engine makes:
 
-* `StructuredOutputs.apply(logits, requests)` before sampling: computes the token bitmask of every
-  constrained row on the host (llguidance, GIL released: in the calling thread for small batches or
-  few cores, where a thread pool's wake-ups cost more than the masks, about 20 us a row; in
-  llguidance's pool otherwise) and applies all of them on the logits' device in one batched op.
-  On a GPU the host work overlaps the forward pass already queued on the device.
 * `StructuredOutputs.on_token(request, token_id)` when a sampled token is accepted: advances the
   request's matcher and says whether the grammar is complete (the request then finishes).
+* `StructuredOutputs.prepare(requests, device)` (optional) once the grammars have taken the previous
+  step's tokens: starts computing this step's masks on a helper thread (llguidance's pool, GIL
+  released), so they fill while the engine's thread processes the previous step's outputs.
+* `StructuredOutputs.apply(logits, requests)` before sampling: the masks of every constrained row
+  (the prepared ones, or computed now: llguidance in the calling thread for small batches or few
+  cores, where a pool's wake-ups cost more than the masks, about 20 us a row; in its pool otherwise),
+  applied on the logits' device in one batched op (`sagellm_core.structured.bitmask`).
 
 A request's mask depends on its previous token: under async scheduling the engine queues the
 forward pass of step N+1, then reads step N's tokens (the grammars take them), then computes the
-masks and queues step N+1's sampling, so the mask work hides behind the forward pass.
+masks and queues step N+1's sampling, so the mask work hides behind the forward pass. A mask is
+never computed from a stale grammar: each matcher counts the tokens it took, and a row whose count
+is not its request's number of outputs before the token being sampled (a token still in flight)
+raises `StaleGrammarError` instead of masking with the wrong state.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -27,9 +34,10 @@ import llguidance.hf
 import torch
 
 from sagellm_core.errors import InvalidRequestError
-from sagellm_core.request import Request
+from sagellm_core.request import PENDING_TOKEN, Request
 from sagellm_core.sampling_params import SamplingParams
-from sagellm_core.structured.bitmask import apply_bitmask, bitmask_words
+from sagellm_core.structured.bitmask import (BitmaskOp, BitmaskStaging, apply_bitmask_host, bitmask_words,
+                                             fill_free_rows, mask_logits)
 from sagellm_core.structured.grammar import compile_grammar
 from sagellm_core.structured.params import StructuredOutputsParams
 
@@ -39,6 +47,11 @@ PARALLEL_MIN_ROWS = 32  # fewer constrained rows than this: masks in the calling
 MAX_THREADS = 8
 
 
+class StaleGrammarError(RuntimeError):
+    """A mask was asked for a request whose grammar has not taken all its earlier tokens (a step's
+    tokens still in flight): masking with that state would constrain the wrong position."""
+
+
 def mask_threads() -> int:
     """llguidance's pool size: half the cores this process may use (at most `MAX_THREADS`); 1 means
     no pool (on a 2-core machine the pool's threads fought torch's and cost 10x the masks)."""
@@ -46,30 +59,60 @@ def mask_threads() -> int:
     return max(1, min(MAX_THREADS, cores // 2))
 
 
+def prior_outputs(request: Request) -> int:
+    """Output tokens before the one being sampled now, counting placeholders of earlier steps."""
+    tokens = request.output_token_ids
+    return len(tokens) - (1 if tokens and tokens[-1] == PENDING_TOKEN else 0)
+
+
 @attrs.define
 class StructuredStats:
-    """Host seconds spent computing masks and applying them, constrained rows, steps with a mask."""
+    """Host seconds spent computing masks (on whichever thread; ``helper_seconds`` of them on the
+    helper thread, hidden behind the engine thread's work except for ``wait_seconds``, the time
+    `apply` waited for them) and applying them; constrained rows; steps with a mask."""
 
     mask_seconds: float = 0.0
+    helper_seconds: float = 0.0  # the part of mask_seconds spent on the helper thread
+    wait_seconds: float = 0.0
     apply_seconds: float = 0.0
     masked_rows: int = 0
     masked_steps: int = 0
 
 
+@attrs.define
+class StepMasks:
+    """The masks of one step's constrained rows: ``bitmask`` has a row per logits row on an
+    accelerator (free rows all ones), or a row per constrained row on the CPU."""
+
+    requests: list[Request]
+    rows: list[int]
+    matchers: list[tuple[llguidance.LLMatcher, int]]  # each constrained row's matcher and bitmask row
+    bitmask: torch.Tensor
+    device: torch.device
+    filled: Future[float] | None = None  # a fill running on the helper thread (its seconds)
+    started: threading.Event = attrs.field(factory=threading.Event)  # the helper thread holds it
+
+
 class StructuredOutputs:
     """Grammar matchers of the engine's constrained requests (built lazily: the llguidance view of the
-    tokenizer costs about a second, paid by the first constrained request)."""
+    tokenizer costs about a second, paid by the first constrained request). ``bitmask_op``: the
+    backend's fused mask (`Backend.bitmask_op`); None: `mask_logits` in torch."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int],
+                 bitmask_op: BitmaskOp | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.bitmask_op: BitmaskOp = bitmask_op or mask_logits
         self.stats = StructuredStats()
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
+        self._helper: ThreadPoolExecutor | None = None
         self._prototypes: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._matchers: dict[str, llguidance.LLMatcher] = {}
-        self._bitmask = torch.empty((0, 0), dtype=torch.int32)
+        self._consumed: dict[str, int] = {}  # tokens each matcher has taken
+        self._staging = BitmaskStaging()
+        self._prepared: StepMasks | None = None
 
     # ---- admission -----------------------------------------------------------------------------
     def check(self, params: SamplingParams) -> None:
@@ -114,34 +157,101 @@ class StructuredOutputs:
         return matcher
 
     # ---- the engine's calls --------------------------------------------------------------------
+    def prepare(self, requests: list[Request], device: torch.device) -> None:
+        """Start computing the masks of a step whose rows are ``requests`` (their grammars have taken
+        every earlier token) on the helper thread; `apply` with the same list picks them up. Does
+        nothing with one core for masks or fewer than `PARALLEL_MIN_ROWS` constrained rows (the
+        thread hand-off would cost about what the masks do): `apply` then computes them."""
+        self.settle()
+        if self._executor is None:
+            return
+        try:
+            masks = self._new_masks(requests, device)
+        except Exception:  # noqa: BLE001 - `apply` raises it again, in the sampler, where a failing row fails alone
+            return
+        if masks is not None and len(masks.rows) >= PARALLEL_MIN_ROWS:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-masks")
+            masks.filled = self._helper.submit(self._fill_started, masks)
+            self._prepared = masks
+            # NOTE: waiting here hands the GIL to the helper thread at once; otherwise it could wait up
+            # to the interpreter's switch interval (5 ms) while this thread runs Python
+            masks.started.wait()
+
+    def _fill_started(self, masks: StepMasks) -> float:
+        """`_fill_timed` on the helper thread, first telling the engine's thread it has begun."""
+        masks.started.set()
+        return self._fill_timed(masks)
+
+    def settle(self) -> None:
+        """Wait for and drop masks prepared but not applied (a failed step): no matcher may advance
+        and no buffer may be refilled while the helper thread reads them."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.filled is not None:
+            prepared.filled.exception()
+
     def apply(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """``logits`` with the rows of constrained ``requests`` (row i belongs to ``requests[i]``) masked.
         Rows of requests that finished since the step was planned (their token will be dropped) are
-        left as they are."""
-        rows = [i for i, r in enumerate(requests) if r.params.structured_outputs is not None and not r.is_finished]
-        if not rows:
-            return logits
+        left as they are (with prepared masks: those finished before `prepare`; a row finished in
+        between keeps its mask, which changes nothing since its token is dropped)."""
+        masks = self._take_prepared(requests, logits.device)
+        if masks is None:
+            masks = self._new_masks(requests, logits.device)
+            if masks is None:
+                return logits
+            self.stats.mask_seconds += self._fill_timed(masks)
         tick = time.perf_counter()
-        words = bitmask_words(self._llg_tokenizer().vocab_size)
-        if logits.device.type == "cpu":
-            bitmask = self._host_bitmask(len(rows), words)
-        else:  # copied to the device asynchronously: the next step must not overwrite it
-            bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-        self._fill([(self._matcher(requests[i]), k) for k, i in enumerate(rows)], bitmask)
-        tock = time.perf_counter()
-        logits = apply_bitmask(logits, bitmask, rows)
+        if masks.device.type == "cpu":
+            logits = apply_bitmask_host(logits, masks.bitmask, masks.rows)
+        else:
+            logits = self.bitmask_op(logits, self._staging.to_device(masks.bitmask, masks.device))
         stats = self.stats
-        stats.mask_seconds += tock - tick
-        stats.apply_seconds += time.perf_counter() - tock
-        stats.masked_rows += len(rows)
+        stats.apply_seconds += time.perf_counter() - tick
+        stats.masked_rows += len(masks.rows)
         stats.masked_steps += 1
         return logits
 
-    def _host_bitmask(self, rows: int, words: int) -> torch.Tensor:
-        """A [rows, words] int32 buffer reused between CPU steps (llguidance writes every word)."""
-        if self._bitmask.shape[0] < rows or self._bitmask.shape[1] != words:
-            self._bitmask = torch.empty((max(rows, 2 * self._bitmask.shape[0]), words), dtype=torch.int32)
-        return self._bitmask[:rows]
+    def _take_prepared(self, requests: list[Request], device: torch.device) -> StepMasks | None:
+        """The prepared masks of this step, once filled (None if none were prepared for it)."""
+        masks, self._prepared = self._prepared, None
+        if masks is None:
+            return None
+        tick = time.perf_counter()
+        assert masks.filled is not None
+        seconds = masks.filled.result()  # raises what the fill raised
+        self.stats.wait_seconds += time.perf_counter() - tick
+        self.stats.mask_seconds += seconds
+        self.stats.helper_seconds += seconds
+        return masks if masks.requests is requests and masks.device == device else None
+
+    def _new_masks(self, requests: list[Request], device: torch.device) -> StepMasks | None:
+        """The constrained rows of ``requests`` and a host buffer for their masks (not filled yet);
+        None when no row is constrained. Raises `StaleGrammarError` for a grammar behind its request."""
+        rows = [i for i, r in enumerate(requests) if r.params.structured_outputs is not None and not r.is_finished]
+        if not rows:
+            return None
+        for i in rows:
+            request = requests[i]
+            if self._consumed.get(request.request_id, 0) != prior_outputs(request):
+                raise StaleGrammarError(f"request {request.request_id}: its grammar has taken "
+                                        f"{self._consumed.get(request.request_id, 0)} tokens, "
+                                        f"{prior_outputs(request)} precede the one being sampled")
+        words = bitmask_words(self._llg_tokenizer().vocab_size)
+        if device.type == "cpu":  # one row per constrained row
+            bitmask = self._staging.take(len(rows), words, device)
+            matchers = [(self._matcher(requests[i]), k) for k, i in enumerate(rows)]
+        else:  # one row per logits row
+            bitmask = self._staging.take(len(requests), words, device)
+            fill_free_rows(bitmask, rows)
+            matchers = [(self._matcher(requests[i]), i) for i in rows]
+        return StepMasks(requests, rows, matchers, bitmask, device)
+
+    def _fill_timed(self, masks: StepMasks) -> float:
+        """Compute the masks of ``masks``' rows into its buffer; the seconds it took."""
+        tick = time.perf_counter()
+        self._fill(masks.matchers, masks.bitmask)
+        return time.perf_counter() - tick
 
     def _fill(self, matchers: list[tuple[llguidance.LLMatcher, int]], bitmask: torch.Tensor) -> None:
         row_bytes = bitmask.shape[1] * 4
@@ -149,20 +259,23 @@ class StructuredOutputs:
             for matcher, k in matchers:
                 matcher.unsafe_compute_mask_ptr(bitmask[k].data_ptr(), row_bytes)
         else:
-            self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), row_bytes, len(matchers))
+            self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
 
     def on_token(self, request: Request, token_id: int) -> bool:
         """Advance ``request``'s grammar by an accepted token; True when the grammar is complete
         (nothing but EOS may follow) or the token broke it (then the request must stop)."""
         if request.params.structured_outputs is None:
             return False
+        self.settle()
         matcher = self._matcher(request)
         if not matcher.consume_token(token_id):
             log.warning("request %s: token %d rejected by its grammar (%s); stopping it",
                         request.request_id, token_id, matcher.get_error())
             return True
+        self._consumed[request.request_id] = self._consumed.get(request.request_id, 0) + 1
         return matcher.is_stopped()
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's matcher."""
         self._matchers.pop(request_id, None)
+        self._consumed.pop(request_id, None)

@@ -156,6 +156,12 @@ class CUDABackend(TorchNamespaceBackend):
         return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.sampling", "gumbel_argmax",
                                     "fused sampler")
 
+    def bitmask_op(self) -> Any:
+        """`sagellm_cuda.bitmask.apply_token_bitmask` (structured outputs' mask in one Triton pass)
+        unless Triton is missing or ``SAGELLM_FUSED_BITMASK=0``."""
+        return load_optional_kernel("SAGELLM_FUSED_BITMASK", "sagellm_cuda.bitmask", "apply_token_bitmask",
+                                    "fused token bitmask")
+
     def graph_capture(self) -> Any:
         """CUDA-graph capture for decode steps (`sagellm_cuda.graphs.CUDAGraphCapture`), or None.
 
