@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 DISCONNECT_POLL_S = 0.25
 
 
+def response_listens_for_disconnect(scope: dict) -> bool:
+    """Whether a Starlette `StreamingResponse` awaits ``http.disconnect`` while it streams (ASGI spec
+    versions before 2.4; from 2.4 on it learns of a disconnect only when a send fails)."""
+    version = str(scope.get("asgi", {}).get("spec_version", "2.0"))
+    return tuple(int(part) for part in version.split(".")[:2]) < (2, 4)
+
+
 class Job:
     """The engine requests behind one API call (one per prompt; each may have ``n`` sequences)."""
 
@@ -60,6 +67,12 @@ class Job:
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)
 
+    def stop_watching(self) -> None:
+        """Stop polling the connection: the response now listens for the disconnect itself."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
     def abort(self) -> None:
         """Abort the engine requests that have not finished (a no-op for finished ones)."""
         for stream in self.streams:
@@ -68,9 +81,7 @@ class Job:
 
     def close(self) -> None:
         """Stop watching and abort what is unfinished; safe to call more than once."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        self.stop_watching()
         self.abort()
 
     async def collect(self) -> list[RequestOutput]:
