@@ -3,7 +3,8 @@
 NOTE: every path out of a job (normal end, engine error, client gone, task cancelled) ends in
 `Job.close`, which aborts the engine requests that have not finished, so their KV blocks are freed.
 A disconnect watcher polls the connection while the job runs, so a client that goes away while its
-request is queued or generating is aborted even when no chunk is being written.
+request is queued or generating is aborted even when no chunk is being written; once a streaming
+response starts and listens for the disconnect itself (Starlette under ASGI < 2.4), the polling stops.
 """
 
 from __future__ import annotations
