@@ -9,6 +9,8 @@
 # tiers: `sagellm bench multiturn`, Qwen3-0.6B, working set 5x the device pool (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13), then tests/gpu/test_structured_gpu.py;
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
+# serve-auto: serve-inf after issue 11's derived --api-server-count (none given: the server picks it; the
+#   report's topology rows say how many and "derived"), with the offline peer and the CPU seconds;
 # serve-inf / serve-api2: rate inf only, with the offline peer / with two API servers (no peer), each
 #   printing the CPU seconds of the client and of every server process (who is saturated);
 # serve-default: `sagellm serve MODEL` with no tuning flags (derived budgets and front-end count), rate inf;
@@ -50,10 +52,14 @@ for name in "$@"; do
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
              "${nano[@]}" --request-rate inf 16 --output-dir "$logs/serve" ;;
     serve-llama) part serve-llama 170 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
-                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-llama" ;;
+                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-llama"
+                 grep -E "CPU seconds|server/offline|api_server_count" "$logs/serve-llama.log" | tail -5 ;;
     serve-inf) part serve-inf 200 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
                  "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-inf"
                grep -E "CPU seconds|server/offline|offline" "$logs/serve-inf.log" | tail -4 ;;
+    serve-auto) part serve-auto 200 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
+                  "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-auto"
+                grep -E "CPU seconds|server/offline|offline|api_server_count" "$logs/serve-auto.log" | tail -6 ;;
     serve-api2) part serve-api2 140 sagellm bench serve --launch --api-server-count 2 --model-shape qwen3-0.6b \
                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-api2"
                 grep -E "CPU seconds" "$logs/serve-api2.log" | tail -2 ;;

@@ -15,16 +15,16 @@ import gc
 import logging
 import queue
 import threading
-import uuid
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
 from sagellm_core.engine.info import EngineInfo
-from sagellm_core.errors import ConfigError, EngineDeadError, InvalidRequestError, SageLLMError
-from sagellm_core.health import EngineHealth, StallWatchdog, progress_marker
+from sagellm_core.errors import ConfigError, EngineDeadError, SageLLMError
+from sagellm_core.health import EngineHealth, progress_marker
 from sagellm_core.inputs import InputProcessor, ProcessedPrompt
+from sagellm_core.intake import RequestIntake
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ def build_config(model: str | None = None, config: EngineConfig | dict | str | N
     return base.evolve(**sections) if sections else base
 
 
-class LLM:
+class LLM(RequestIntake):
     """An inference engine you can call from sync code, async code and several threads at once.
 
     Requests are validated and tokenized in a small worker pool (``input_workers`` threads), never
@@ -71,8 +71,7 @@ class LLM:
         self.config = build_config(model, config, **sections)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread: requests the engine holds
-        self._requests: dict[str, RequestStream] = {}  # every unfinished request, from submit on
-        self._requests_lock = threading.Lock()
+        self._init_requests()
         self._wake = threading.Event()
         self._stopped = False
         self._dead: EngineDeadError | None = None
@@ -87,10 +86,7 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self.inputs = InputProcessor(self.tokenizer, self.engine.vocab_size, self.engine.max_model_len,
                                      self.config.scheduler.max_waiting)
-        self._pool = ThreadPoolExecutor(max_workers=input_workers, thread_name_prefix="sagellm-input")
-        self.watchdog = StallWatchdog(stall_timeout_s) if stall_timeout_s is not None else None
-        self._stop_watchdog = (self.watchdog.start(self._progress_sample, min(1.0, self.watchdog.timeout_s / 4))
-                               if self.watchdog is not None else None)
+        self._start_intake(input_workers, stall_timeout_s)
 
     # ---- engine loop thread --------------------------------------------------------------------
     def _run(self, plugin_manager: SageLLMPluginManager | None) -> None:
@@ -136,7 +132,7 @@ class LLM:
                 if output.finished:
                     stream.put_end()
                     self._streams.pop(output.request_id, None)
-                    self._forget(stream)
+                    self._forget(stream.request_id)
 
     def _drain_commands(self) -> None:
         while True:
@@ -184,11 +180,7 @@ class LLM:
         self._fail_pending(error)
 
     def _fail_pending(self, error: SageLLMError) -> None:
-        with self._requests_lock:
-            pending = list(self._requests.values())
-            self._requests.clear()
-        for stream in pending:
-            stream.fail(error)
+        self._fail_requests(error)
         while True:
             try:
                 command, args = self._commands.get_nowait()
@@ -199,75 +191,15 @@ class LLM:
             elif command == "call" and not args[1].done():
                 args[1].set_exception(error)
 
-    def _forget(self, stream: RequestStream) -> None:
-        with self._requests_lock:
-            self._requests.pop(stream.request_id, None)
-
-    def _end(self, stream: RequestStream, error: BaseException) -> None:
-        stream.fail(error)
-        self._forget(stream)
-
     # ---- input worker pool ---------------------------------------------------------------------
-    def _prepare(self, stream: RequestStream, make_prompt: Callable[[], ProcessedPrompt], params: Any,
-                 priority: int, incremental: bool) -> None:
-        """Worker pool: validate and tokenize, then hand token ids to the engine thread."""
-        try:
-            checked = self.inputs.check_params(params)
-            prompt = make_prompt()
-        except Exception as exc:
-            self._end(stream, exc)
-            return
-        stream.prompt_text = prompt.text
-        self._commands.put(("add", (stream, prompt, checked, priority, incremental)))
+    def _dispatch(self, stream: RequestStream, prompt: ProcessedPrompt, params: SamplingParams, priority: int,
+                  incremental: bool) -> None:
+        """Input pool: hand the request's token ids to the engine thread. NOTE: the engine thread fails
+        queued commands when it dies or stops; one queued just after that drain is failed by the intake."""
+        self._commands.put(("add", (stream, prompt, params, priority, incremental)))
         self._wake.set()
-        self._refuse_if_gone(stream)
-
-    def _refuse_if_gone(self, stream: RequestStream) -> None:
-        # NOTE: the engine thread fails queued commands when it dies or stops; one queued just after
-        # that drain is failed here.
-        error = self._dead or (EngineDeadError("the engine has been shut down") if self._stopped else None)
-        if error is not None:
-            self._end(stream, error)
-
-    def process_inputs(self, function: Callable[..., T], *args: Any) -> "Future[T]":
-        """Run ``function(*args)`` in the input worker pool (tokenizing, chat templates)."""
-        self._check_alive()
-        return self._pool.submit(function, *args)
-
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._stopped:
-            raise EngineDeadError("the engine has been shut down")
 
     # ---- public API ----------------------------------------------------------------------------
-    def submit(self, prompt: Prompt | ProcessedPrompt, params: SamplingParams | None = None, *,
-               request_id: str | None = None, priority: int = 0, stream: bool = True) -> RequestStream:
-        """Queue one request; returns its stream at once (iterate it sync or async).
-
-        Validation and tokenization run in the input pool; their errors (`InvalidRequestError`,
-        `PromptTooLongError`) come out of the stream. ``stream=False``: the stream carries only the
-        final output (less work per step). Raises `EngineDeadError` when the engine is gone.
-        """
-        return self._submit(lambda: self.inputs.process(prompt), params, request_id, priority, stream)
-
-    def _submit(self, make_prompt: Callable[[], ProcessedPrompt], params: SamplingParams | None,
-                request_id: str | None, priority: int, incremental: bool) -> RequestStream:
-        self._check_alive()
-        request_stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
-        with self._requests_lock:
-            duplicate = request_stream.request_id in self._requests
-            if not duplicate:
-                self._requests[request_stream.request_id] = request_stream
-        if duplicate:
-            request_stream.fail(InvalidRequestError(f"request id {request_stream.request_id!r} is already in use"))
-            return request_stream
-        try:
-            self._pool.submit(self._prepare, request_stream, make_prompt, params, priority, incremental)
-        except RuntimeError:  # the pool was shut down meanwhile
-            self._end(request_stream, EngineDeadError("the engine has been shut down"))
-        return request_stream
-
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
         """Incremental outputs (``delta_text`` / ``delta_token_ids``) as a sync or async iterator."""
         return self.submit(prompt, params, **kwargs)
@@ -303,13 +235,6 @@ class LLM:
             progress.close()
         return results
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
-             chat_template_kwargs: dict[str, Any] | None = None, request_id: str | None = None,
-             priority: int = 0, stream: bool = True) -> RequestStream:
-        """Apply the model's chat template (in the input pool) and stream the reply."""
-        return self._submit(lambda: self.inputs.process_chat(messages, chat_template_kwargs), params, request_id,
-                            priority, stream)
-
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template (in the calling thread)."""
@@ -317,10 +242,9 @@ class LLM:
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with ``finish_reason == "abort"``."""
-        with self._requests_lock:
-            stream = self._requests.get(request_id)
-            if stream is not None:
-                stream.abort_requested = True
+        stream = self._request(request_id)
+        if stream is not None:
+            stream.abort_requested = True
         self._commands.put(("abort", request_id))
         self._wake.set()
 
@@ -357,19 +281,10 @@ class LLM:
 
     def health(self) -> EngineHealth:
         """``ok``, ``stalled`` (watchdog), ``dead`` (the engine thread died) or ``stopped``."""
-        if self._dead is not None:
-            return EngineHealth("dead", str(self._dead))
-        if self._stopped or not self._thread.is_alive():
-            return EngineHealth("stopped", "the engine has been shut down")
-        if self.watchdog is not None and self.watchdog.stalled_for is not None:
-            return EngineHealth("stalled", f"no engine step completed for {self.watchdog.stalled_for:.0f} s "
-                                           f"while requests are waiting")
-        return EngineHealth("ok")
+        return self._health(self._stopped or not self._thread.is_alive())
 
     def _progress_sample(self) -> tuple[Any, bool]:
-        with self._requests_lock:
-            busy = bool(self._requests)
-        return progress_marker(self.engine), busy
+        return progress_marker(self.engine), self._busy()
 
     @property
     def is_running(self) -> bool:
@@ -381,9 +296,7 @@ class LLM:
         if self._stopped:
             return
         self._stopped = True
-        if self._stop_watchdog is not None:
-            self._stop_watchdog.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stop_intake()
         self._wake.set()
         self._thread.join(timeout=30)
         self._fail_pending(EngineDeadError("the engine was shut down"))

@@ -48,7 +48,10 @@ class RequestGroup:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        for completion in self.completions:  # a loop, not all(<generator>): this runs per token
+            if completion.finish_reason is None:
+                return False
+        return True
 
     def output(self) -> RequestOutput:
         """Cumulative state plus the deltas since the previous call."""
@@ -57,15 +60,15 @@ class RequestGroup:
             visible_len = len(state.text) - state.hold_back(self.params)
             delta_text = state.text[state.emitted_chars:visible_len] if visible_len > state.emitted_chars else ""
             state.emitted_chars = max(state.emitted_chars, visible_len)
-            tokens = state.request.known_output_ids
+            tokens = state.request.known_output_ids  # a fresh list: the output's own
             delta_tokens = tokens[state.emitted_tokens:]
             state.emitted_tokens = len(tokens)
             outputs.append(CompletionOutput(
                 index=index,
                 text=state.text[: state.emitted_chars] if state.finish_reason is None else state.text,
-                token_ids=list(tokens),
+                token_ids=tokens,
                 delta_text=delta_text,
-                delta_token_ids=list(delta_tokens),
+                delta_token_ids=delta_tokens,
                 finish_reason=state.finish_reason,
                 stop_reason=state.stop_reason,
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,

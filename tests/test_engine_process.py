@@ -143,7 +143,8 @@ def test_serve_with_two_front_end_processes(model_dir: Path, tmp_path: Path) -> 
             assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(url + "/v1/config", timeout=TIMEOUT).status_code == 401
         config = httpx.get(url + "/v1/config", headers=headers, timeout=TIMEOUT).json()
-        assert config["topology"] == {"engine_process": True, "api_server_count": 2, "data_parallel_size": 1}
+        assert config["topology"] == {"engine_process": True, "api_server_count": 2, "api_server_count_source": "option",
+                                      "data_parallel_size": 1}
         assert config["engine"]["scheduler"]["max_num_seqs"] == 8 and config["engine"]["kv_cache"]["block_size"] == 32
         scrapes = set()
         for _ in range(6):  # new connections: both front ends answer some of them

@@ -423,8 +423,35 @@ def test_serve_command_options() -> None:
     assert config.scheduler.max_waiting == 7 and config.kv_cache.num_blocks == 64
     assert config.metrics.enabled[-1] == "prometheus"
     assert server_engine_config(config) is config  # already enabled: unchanged
-    assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 1,
-                                                       "data_parallel_size": 1}
+    assert serve_topology(args, config, device_type="cpu").describe() == {
+        "engine_process": True, "api_server_count": 1, "api_server_count_source": "derived", "data_parallel_size": 1}
+
+
+def test_api_server_count_is_derived_from_the_backend_and_cores() -> None:
+    """Unset: 2 front ends per engine process on an accelerator as the cores allow, 1 on the CPU backend
+    and without the engine process; an explicit count always wins."""
+    from sagellm_core.server.frontends import backend_device_type, derived_frontends, resolve_frontends, usable_cores
+
+    config = serve_config(build_parser().parse_args(["serve"]))
+    assert derived_frontends("cuda", 1, 16).count == 2
+    assert derived_frontends("cuda", 4, 64).count == 8
+    assert derived_frontends("cuda", 4, 8).count == 3  # 8 cores less 4 engines less 1 reserved
+    assert derived_frontends("cuda", 1, 2).count == 1
+    assert derived_frontends("cpu", 1, 64).count == 1
+    assert resolve_frontends(None, config, engine_process=False, device_type="cuda", cores=16).count == 1
+    derived = resolve_frontends(None, config, engine_process=True, device_type="npu", cores=16)
+    assert (derived.count, derived.source) == (2, "derived")
+    explicit = resolve_frontends(3, config, engine_process=True, device_type="cpu", cores=2)
+    assert (explicit.count, explicit.source) == (3, "option")
+    args = build_parser().parse_args(["serve"])
+    topology = serve_topology(args, config, device_type="cuda")
+    assert topology.api_server_count == (2 if usable_cores() >= 4 else 1)
+    assert topology.describe()["api_server_count_source"] == "derived"
+    probed = backend_device_type(config)  # this host's backend, probed without device work
+    assert serve_topology(args, config).api_server_count == derived_frontends(probed, 1, usable_cores()).count
+    dp_args = build_parser().parse_args(["serve", "--data-parallel-size", "2"])
+    assert serve_topology(dp_args, serve_config(dp_args), device_type="cuda").api_server_count == min(
+        4, max(1, usable_cores() - 3))
 
 
 def test_serve_reaches_every_config_field() -> None:
@@ -437,6 +464,7 @@ def test_serve_reaches_every_config_field() -> None:
     assert config.scheduler.async_scheduling == "off" and config.kv_cache.memory_utilization == 0.5
     assert config.scheduler.options == {"mode": "hybrid"} and config.backend.cuda_graphs is False
     assert serve_topology(args, config).describe() == {"engine_process": True, "api_server_count": 3,
+                                                       "api_server_count_source": "option",
                                                        "data_parallel_size": 2}
     with pytest.raises(ConfigError, match="kv_cache.nope: unknown key"):
         serve_config(build_parser().parse_args(["serve", "--set", "kv_cache.nope=1"]))

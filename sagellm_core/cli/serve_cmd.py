@@ -52,9 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-engine-process", action="store_true",
                         help="run the engine core in the server's process (one process and one GIL for HTTP, "
                              "text and the step loop; the default runs it in a process of its own)")
-    parser.add_argument("--api-server-count", type=int, default=1,
+    parser.add_argument("--api-server-count", type=int, default=None,
                         help="front-end processes (HTTP, tokenization, detokenization) sharing the port, all "
-                             "talking to the engine process(es) (default 1)")
+                             "talking to the engine process(es) (default: derived; 2 per engine process on "
+                             "an accelerator as the host's cores allow, 1 on the CPU backend)")
     parser.add_argument("--data-parallel-size", type=int, default=None,
                         help="engine replicas (processes) behind the front end, requests routed by prefix "
                              "affinity (parallel.data_parallel_size; replica i on device device_index + i, "
@@ -112,19 +113,27 @@ def make_server(app: Any, config: EngineConfig, settings: Any, log_level: str) -
     return DrainingServer(uv_config)
 
 
-def serve_topology(args: argparse.Namespace, config: EngineConfig) -> Any:
-    """Where the engine core and the front ends run."""
+def serve_topology(args: argparse.Namespace, config: EngineConfig, *, device_type: str | None = None) -> Any:
+    """Where the engine core and the front ends run (``--api-server-count`` derived when not given;
+    ``device_type``: the backend's, else probed)."""
+    from sagellm_core.server.frontends import resolve_frontends
     from sagellm_core.server.processes import ServeTopology
 
-    return ServeTopology(engine_process=not args.no_engine_process, api_server_count=args.api_server_count,
-                         data_parallel_size=config.parallel.data_parallel_size)
+    engine_process = not args.no_engine_process
+    frontends = resolve_frontends(args.api_server_count, config, engine_process=engine_process,
+                                  device_type=device_type)
+    logging.getLogger("sagellm.server").info("front-end processes: %d (%s: %s)", frontends.count, frontends.source,
+                                             frontends.reason)
+    return ServeTopology(engine_process=engine_process, api_server_count=frontends.count,
+                         data_parallel_size=config.parallel.data_parallel_size,
+                         api_server_count_source=frontends.source)
 
 
 def run(args: argparse.Namespace) -> int:
     config = serve_config(args)
     settings = server_settings(args)
-    topology = serve_topology(args, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    topology = serve_topology(args, config)
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
     if topology.api_server_count > 1:
         return _run_frontend_processes(args, config, settings, topology, stall)

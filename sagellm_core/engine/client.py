@@ -14,30 +14,29 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from concurrent.futures import Future
+from typing import Any, Sequence
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine.codec import Kind, decode, decode_error, encode
 from sagellm_core.engine.frontend_output import FrontendOutputs
 from sagellm_core.engine.info import EngineInfo
 from sagellm_core.engine.process import EngineProcess
-from sagellm_core.errors import EngineDeadError, InvalidRequestError, SageLLMError
-from sagellm_core.health import EngineHealth, StallWatchdog
+from sagellm_core.errors import EngineDeadError, SageLLMError
+from sagellm_core.health import EngineHealth
 from sagellm_core.inputs import InputProcessor, ProcessedPrompt
+from sagellm_core.intake import RequestIntake
 from sagellm_core.engine.token_output import TokenDelta
 from sagellm_core.parallel.router import PrefixAffinityRouter
 from sagellm_core.sampling_params import SamplingParams
 from sagellm_core.streams import RequestStream
 
 log = logging.getLogger("sagellm")
-T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
 SEND_TIMEOUT_MS = 1000
 
 
-class EngineClient:
+class EngineClient(RequestIntake):
     """A front end of ``len(engine_inputs)`` engine processes (data-parallel replicas when more than one).
 
     ``output_address``: where this front end receives outputs (the engines connect to it).
@@ -57,6 +56,7 @@ class EngineClient:
         self.info = self.infos[0].merged(self.infos[1:])
         self.frontend_index = frontend_index
         self.processes = list(processes)
+        self._init_requests()
         self.tokenizer = loader.load_tokenizer(loader.resolve(config.model.path, config.model.gguf_file),
                                                config.model.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.info.vocab_size, self.info.max_model_len,
@@ -64,8 +64,7 @@ class EngineClient:
         self.outputs = FrontendOutputs(self.tokenizer, self.info.eos_token_ids)
         self.router = PrefixAffinityRouter(len(engine_inputs), self.info.block_size)
         self._replica_of: dict[str, int] = {}
-        self._requests: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the router and the replica of each request
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count()
         self._messages = 0  # engine messages received: the watchdog's progress marker
@@ -84,12 +83,9 @@ class EngineClient:
             sender.connect(address)
             self._senders.append(sender)
         self._send_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=input_workers, thread_name_prefix="sagellm-input")
+        self._start_intake(input_workers, stall_timeout_s)
         self._thread = threading.Thread(target=self._receive, name="sagellm-frontend", daemon=True)
         self._thread.start()
-        self.watchdog = StallWatchdog(stall_timeout_s) if stall_timeout_s is not None else None
-        self._stop_watchdog = (self.watchdog.start(self._progress_sample, min(1.0, self.watchdog.timeout_s / 4))
-                               if self.watchdog is not None else None)
 
     # ---- sending -------------------------------------------------------------------------------
     def _send(self, replica: int, message: tuple[Any, ...]) -> None:
@@ -142,7 +138,7 @@ class EngineClient:
         elif kind == Kind.PROGRESS:
             self._messages += 1
         elif kind == Kind.REJECTED:
-            self._end(message[1], decode_error(message[2]))
+            self._end_request(message[1], decode_error(message[2]))
         elif kind == Kind.FAILED:
             self._fail_replica(decode_error(message[1]))
         elif kind == Kind.RESULT:
@@ -176,107 +172,63 @@ class EngineClient:
 
     def _fail_replica(self, error: SageLLMError) -> None:
         """A step failed in an engine: its requests of this front end failed (the engine goes on)."""
-        with self._lock:
+        with self._requests_lock:
             request_ids = list(self._requests)
         for request_id in request_ids:
-            self._end(request_id, error)
+            self._end_request(request_id, error)
 
     def _die(self, error: EngineDeadError) -> None:
         """An engine is gone: fail every request and every pending call, now and later."""
         self._dead = error
         log.error("%s", error)
-        with self._lock:
-            pending = list(self._requests.values())
-            self._requests.clear()
-        for stream in pending:
-            stream.fail(error)
+        self._fail_requests(error)
         for future in list(self._calls.values()):
             if not future.done():
                 future.set_exception(error)
         self._calls.clear()
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> RequestStream | None:
+        stream = super()._forget(request_id)
         with self._lock:
-            self._requests.pop(request_id, None)
             replica = self._replica_of.pop(request_id, None)
         if replica is not None:
             self.router.finished(replica)
+        return stream
 
-    def _end(self, request_id: str, error: BaseException) -> None:
-        with self._lock:
-            stream = self._requests.get(request_id)
+    def _end(self, stream: RequestStream, error: BaseException) -> None:
+        self._end_request(stream.request_id, error)
+
+    def _end_request(self, request_id: str, error: BaseException) -> None:
+        """Fail the request ``request_id`` (if this front end still has it) and forget its text state."""
         self.outputs.drop(request_id)
+        stream = self._forget(request_id)
         if stream is not None:
             stream.fail(error)
-        self._forget(request_id)
 
     # ---- input pool ----------------------------------------------------------------------------
-    def _prepare(self, stream: RequestStream, make_prompt: Callable[[], ProcessedPrompt], params: Any,
-                 priority: int, incremental: bool) -> None:
-        try:
-            checked = self.inputs.check_params(params)
-            prompt = make_prompt()
-        except Exception as exc:
-            self._end(stream.request_id, exc)
-            return
-        stream.prompt_text = prompt.text
+    def _dispatch(self, stream: RequestStream, prompt: ProcessedPrompt, params: SamplingParams, priority: int,
+                  incremental: bool) -> None:
+        """Input pool: route the request to a replica and send it there."""
         request_id = stream.request_id
         with self._lock:
             replica = self.router.route(prompt.token_ids).replica
             self._replica_of[request_id] = replica
-        self.outputs.add(request_id, prompt.text, prompt.token_ids, checked, incremental)
-        self._send(replica, (Kind.ADD, self.frontend_index, request_id, prompt.token_ids, checked, priority,
-                             self.outputs.engine_stream(checked, incremental)))
+        self.outputs.add(request_id, prompt.text, prompt.token_ids, params, incremental)
+        self._send(replica, (Kind.ADD, self.frontend_index, request_id, prompt.token_ids, params, priority,
+                             self.outputs.engine_stream(params, incremental)))
         if stream.abort_requested:  # aborted while its input was being processed
             self._send(replica, (Kind.ABORT, [request_id]))
-        error = self._dead or (EngineDeadError("the engine has been shut down") if self._stopped else None)
-        if error is not None:
-            self._end(request_id, error)
 
     # ---- public API (as `LLM`'s) ---------------------------------------------------------------
-    def submit(self, prompt: Any, params: SamplingParams | None = None, *, request_id: str | None = None,
-               priority: int = 0, stream: bool = True) -> RequestStream:
-        """Queue one request; returns its stream at once (input errors come out of the stream)."""
-        return self._submit(lambda: self.inputs.process(prompt), params, request_id, priority, stream)
-
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
-             chat_template_kwargs: dict[str, Any] | None = None, request_id: str | None = None,
-             priority: int = 0, stream: bool = True) -> RequestStream:
-        """Apply the model's chat template (in the input pool) and stream the reply."""
-        return self._submit(lambda: self.inputs.process_chat(messages, chat_template_kwargs), params, request_id,
-                            priority, stream)
-
-    def _submit(self, make_prompt: Callable[[], ProcessedPrompt], params: SamplingParams | None,
-                request_id: str | None, priority: int, incremental: bool) -> RequestStream:
-        self._check_alive()
-        request_stream = RequestStream(request_id or f"req-{uuid.uuid4().hex[:12]}")
-        with self._lock:
-            duplicate = request_stream.request_id in self._requests
-            if not duplicate:
-                self._requests[request_stream.request_id] = request_stream
-        if duplicate:
-            request_stream.fail(InvalidRequestError(f"request id {request_stream.request_id!r} is already in use"))
-            return request_stream
-        try:
-            self._pool.submit(self._prepare, request_stream, make_prompt, params, priority, incremental)
-        except RuntimeError:  # the pool was shut down meanwhile
-            self._end(request_stream.request_id, EngineDeadError("the engine has been shut down"))
-        return request_stream
-
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with ``finish_reason == "abort"``."""
+        stream = self._request(request_id)
+        if stream is not None:
+            stream.abort_requested = True
         with self._lock:
-            stream = self._requests.get(request_id)
-            if stream is not None:
-                stream.abort_requested = True
             replica = self._replica_of.get(request_id)
         if replica is not None:
             self._send(replica, (Kind.ABORT, [request_id]))
-
-    def process_inputs(self, function: Callable[..., T], *args: Any) -> "Future[T]":
-        """Run ``function(*args)`` in the input worker pool (tokenizing, chat templates)."""
-        self._check_alive()
-        return self._pool.submit(function, *args)
 
     def call(self, name: str, replica: int = 0) -> Any:
         """Run the engine call ``name`` (`sagellm_core.engine.process.ENGINE_CALLS`) between two steps."""
@@ -309,25 +261,10 @@ class EngineClient:
 
     def health(self) -> EngineHealth:
         """``ok``, ``stalled`` (watchdog), ``dead`` (an engine process is gone) or ``stopped``."""
-        if self._dead is not None:
-            return EngineHealth("dead", str(self._dead))
-        if self._stopped:
-            return EngineHealth("stopped", "the engine has been shut down")
-        if self.watchdog is not None and self.watchdog.stalled_for is not None:
-            return EngineHealth("stalled", f"no engine step completed for {self.watchdog.stalled_for:.0f} s "
-                                           f"while requests are waiting")
-        return EngineHealth("ok")
+        return self._health(self._stopped)
 
     def _progress_sample(self) -> tuple[Any, bool]:
-        with self._lock:
-            busy = bool(self._requests)
-        return self._messages, busy
-
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._stopped:
-            raise EngineDeadError("the engine has been shut down")
+        return self._messages, self._busy()
 
     @property
     def is_running(self) -> bool:
@@ -338,15 +275,8 @@ class EngineClient:
         if self._stopped:
             return
         self._stopped = True
-        if self._stop_watchdog is not None:
-            self._stop_watchdog.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        error = EngineDeadError("the engine was shut down")
-        with self._lock:
-            pending = list(self._requests.values())
-            self._requests.clear()
-        for stream in pending:
-            stream.fail(error)
+        self._stop_intake()
+        self._fail_requests(EngineDeadError("the engine was shut down"))
         self._thread.join(timeout=5)
         with self._send_lock:
             for socket in (*self._senders, self._receiver, self._monitor):

@@ -35,7 +35,7 @@ from sagellm_core.engine.client import EngineClient
 from sagellm_core.inputs import ProcessedPrompt
 from sagellm_core.llm import LLM
 from sagellm_core.server.errors import APIError, install_error_handlers
-from sagellm_core.server.jobs import Job
+from sagellm_core.server.jobs import Job, response_listens_for_disconnect
 from sagellm_core.server.middleware import ApiKeyAuth, BodyLimit, CatchAll
 from sagellm_core.server.protocol import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest
 from sagellm_core.server.responses import ChatFormatter, CompletionFormatter, Formatter
@@ -184,6 +184,8 @@ async def _run(request: Request, job: Job, formatter: Formatter, body: SamplingR
     job.watch(request)
     if body.stream:
         iterators = await job.open()
+        if response_listens_for_disconnect(request.scope):  # one awaited receive instead of 4 polls a second
+            job.stop_watching()
         return streaming_response(job, iterators, formatter, body.include_usage, state.max_model_len)
     return JSONResponse(formatter.response(await job.collect()))
 

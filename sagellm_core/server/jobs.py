@@ -3,7 +3,8 @@
 NOTE: every path out of a job (normal end, engine error, client gone, task cancelled) ends in
 `Job.close`, which aborts the engine requests that have not finished, so their KV blocks are freed.
 A disconnect watcher polls the connection while the job runs, so a client that goes away while its
-request is queued or generating is aborted even when no chunk is being written.
+request is queued or generating is aborted even when no chunk is being written; once a streaming
+response starts and listens for the disconnect itself (Starlette under ASGI < 2.4), the polling stops.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
     from sagellm_core.server.app import Engine
 
 DISCONNECT_POLL_S = 0.25
+
+
+def response_listens_for_disconnect(scope: dict) -> bool:
+    """Whether a Starlette `StreamingResponse` awaits ``http.disconnect`` while it streams (ASGI spec
+    versions before 2.4; from 2.4 on it learns of a disconnect only when a send fails)."""
+    version = str(scope.get("asgi", {}).get("spec_version", "2.0"))
+    return tuple(int(part) for part in version.split(".")[:2]) < (2, 4)
 
 
 class Job:
@@ -60,6 +68,12 @@ class Job:
                 return
             await asyncio.sleep(DISCONNECT_POLL_S)
 
+    def stop_watching(self) -> None:
+        """Stop polling the connection: the response now listens for the disconnect itself."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
     def abort(self) -> None:
         """Abort the engine requests that have not finished (a no-op for finished ones)."""
         for stream in self.streams:
@@ -68,9 +82,7 @@ class Job:
 
     def close(self) -> None:
         """Stop watching and abort what is unfinished; safe to call more than once."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        self.stop_watching()
         self.abort()
 
     async def collect(self) -> list[RequestOutput]:

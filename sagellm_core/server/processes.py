@@ -34,11 +34,13 @@ log = logging.getLogger("sagellm.server")
 @attrs.frozen
 class ServeTopology:
     """``engine_process``: the engine core in processes of its own (False: in the server's process).
-    ``api_server_count``: front-end processes. ``data_parallel_size``: engine replicas."""
+    ``api_server_count``: front-end processes (``api_server_count_source``: ``option`` when given,
+    ``derived`` by `sagellm_core.server.frontends`). ``data_parallel_size``: engine replicas."""
 
     engine_process: bool = True
     api_server_count: int = 1
     data_parallel_size: int = 1
+    api_server_count_source: str = "option"
 
     def __attrs_post_init__(self) -> None:
         if self.api_server_count < 1:
@@ -50,6 +52,7 @@ class ServeTopology:
     def describe(self) -> dict[str, Any]:
         """For the start-up summary and ``/v1/config``."""
         return {"engine_process": self.engine_process, "api_server_count": self.api_server_count,
+                "api_server_count_source": self.api_server_count_source,
                 "data_parallel_size": self.data_parallel_size}
 
 

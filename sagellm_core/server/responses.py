@@ -6,6 +6,7 @@ carries only what is new (text, logprobs) and each choice reports its finish rea
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from typing import Any
@@ -15,6 +16,7 @@ import attrs
 from sagellm_core.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @attrs.define
@@ -49,6 +51,17 @@ class Formatter(ABC):
         self.model = model
         self.created = created
         self.n = n
+        self._event_head = ""
+
+    def chunk_event(self, choices: list[dict[str, Any]], include_usage: bool) -> str:
+        """`chunk` as one server-sent event (``data: {json}\\n\\n``): the envelope's JSON is made once
+        per response, only the choices per event."""
+        if not self._event_head:
+            head = _compact({"id": self.response_id, "object": self.chunk_object_name, "created": self.created,
+                             "model": self.model})
+            self._event_head = f"data: {head[:-1]},\"choices\":"
+        tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        return self._event_head + _compact(choices) + tail
 
     def envelope(self, object_name: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model,

@@ -18,11 +18,12 @@ from sagellm_core.server.jobs import Job, merge
 from sagellm_core.server.responses import ChoiceCursor, Formatter
 
 DONE = "data: [DONE]\n\n"
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per event
 
 
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying ``payload`` as compact JSON."""
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {compact_json(payload)}\n\n"
 
 
 async def sse_events(job: Job, iterators: list[AsyncIterator[RequestOutput]], formatter: Formatter,
@@ -33,7 +34,7 @@ async def sse_events(job: Job, iterators: list[AsyncIterator[RequestOutput]], fo
         async for prompt_index, output in merge(iterators):
             choices = formatter.delta_choices(prompt_index, output, cursors)
             if choices:
-                yield sse(formatter.chunk(choices, include_usage))
+                yield formatter.chunk_event(choices, include_usage)
         if include_usage:
             yield sse(formatter.usage_chunk(job.finals()))
     except SageLLMError as exc:

@@ -151,7 +151,7 @@ def test_launch_forwards_every_engine_option_to_the_server(tmp_path: Path) -> No
         served_args = build_parser().parse_args(["serve", *argv])
         served = serve_config(served_args).to_dict()
     assert serve_topology(served_args, serve_config(served_args)).describe() == {
-        "engine_process": True, "api_server_count": 2, "data_parallel_size": 2}
+        "engine_process": True, "api_server_count": 2, "api_server_count_source": "option", "data_parallel_size": 2}
     assert served["scheduler"]["async_scheduling"] == "off"
     assert served["scheduler"]["max_num_seqs"] == 512 and served["scheduler"]["max_num_batched_tokens"] == 16384
     assert served["scheduler"]["max_waiting"] == 7 and served["kv_cache"]["block_size"] == 32  # from --config
