@@ -30,11 +30,12 @@ can be handed out again at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -62,7 +63,8 @@ class LoadTicket:
 
     ``levels[i]``: the tier item ``i`` is loaded from; ``limit``: items considered (the chain was cut
     at admission after them); ``fetches`` / ``fetch_slots``: reads from below into host slots, by
-    item; ``events``: the copy-stream end events of its host-to-device batches (None on the CPU);
+    item (a slot of None: the host slab had no free slot, the block is read into ``fetch_buffers``);
+    ``events``: the copy-stream end events of its host-to-device batches (None on the CPU);
     ``count``: the leading items loaded, once the reads have resolved.
     """
 
@@ -70,7 +72,8 @@ class LoadTicket:
     levels: list[int] = attrs.field(factory=list)
     limit: int = 0
     fetches: dict[int, Future[tuple[tuple[int, ...] | None, float]]] = attrs.field(factory=dict)
-    fetch_slots: dict[int, int] = attrs.field(factory=dict)
+    fetch_slots: dict[int, int | None] = attrs.field(factory=dict)
+    fetch_buffers: dict[int, torch.Tensor] = attrs.field(factory=dict)
     events: list[Any] = attrs.field(factory=list)
     count: int | None = None
     cancelled: bool = False
@@ -145,37 +148,44 @@ class TierStore:
             self._drain_ahead(self.host, 0, len(saves))
         batch: list[tuple[int, int]] = []
         keys: list[bytes] = []
+        overflow: list[TierItem] = []
         for item in saves:
             if self.tiers[0].contains(item.key) or item.key in keys:
                 self.tiers[0].touch(item.key)
                 continue
             if not self.host.has_room():
-                self._copy_down(batch)
-                self._hand_down_staged(keys)
-                batch, keys = [], []
-                self._make_host_room()
-                if not self.host.has_room():
-                    continue  # every slot is busy: the block is dropped (recomputed if needed)
+                overflow.append(item)  # every slot is busy (draining): no waiting for the writer
+                continue
             batch.append((item.block_id, self.host.reserve(item.key, item.token_ids)))
             keys.append(item.key)
         self._copy_down(batch)
         self._hand_down_staged(keys)
+        self._save_overflow(overflow)
         self.tiers[0].stats.save_seconds += time.perf_counter() - tick
 
+    def _save_overflow(self, items: list[TierItem]) -> None:
+        """Blocks the host slab has no free slot for go straight to the tier below it, through a
+        temporary host buffer (one batch); with nothing below they are dropped."""
+        level = 1 if self.host_visible else 0
+        if not items or level >= len(self.tiers):
+            return
+        tier = self.tiers[level]
+        items = [item for item in items if not tier.contains(item.key)]
+        if not items:
+            return
+        buffer, event = self._copy_down_buffer([item.block_id for item in items])
+        for index, item in enumerate(items):
+            self._make_room(level)
+            if tier.has_room():
+                tier.put_deferred(item.key, buffer[index], item.token_ids, event, _nothing)
+
     def _hand_down_staged(self, keys: list[bytes]) -> None:
-        """Without a host tier: staged blocks go on to the top tier (its writer releases the slots)."""
+        """Without a host tier: staged blocks go on to the top tier (its writer releases the slots;
+        the next flush stages through temporary buffers while all slots are busy)."""
         if self.host_visible:
             return
         for key in keys:
             self._move_down(self.host, key, 0)
-
-    def _make_host_room(self, needed: int = 1) -> None:
-        """Room for ``needed`` blocks in the host slab: victims drained ahead (host tier), and a wait
-        for the tier below's writer only when no slot is free at all."""
-        if self.host_visible:
-            self._drain_ahead(self.host, 0, needed)
-        if not self.host.has_room():
-            self.host.wait_released()
 
     def _drain_ahead(self, tier: HostTier, level: int, needed: int) -> None:
         """Hand least recently used blocks of host tier ``level`` down until its free and draining
@@ -284,9 +294,7 @@ class TierStore:
             ticket.events.append(self._copy_up(resident))
         for index in range(ticket.limit):
             if ticket.levels[index] != 0 or not self.host_visible:
-                if not self._start_fetch(ticket, index):
-                    ticket.limit = index
-                    break
+                self._start_fetch(ticket, index)
         return ticket
 
     def _resident_ok(self, level: int, item: TierItem) -> bool:
@@ -300,18 +308,19 @@ class TierStore:
         self.host.evict(item.key)
         return False
 
-    def _start_fetch(self, ticket: LoadTicket, index: int) -> bool:
-        """Read item ``index`` from its tier into a reserved host slot (a reader thread when the tier
-        allows it); False when no slot can be had."""
+    def _start_fetch(self, ticket: LoadTicket, index: int) -> None:
+        """Read item ``index`` from its tier into a free host slot, else a temporary host buffer (on
+        a reader thread when the tier allows it); never waits for a slot."""
         slot = self.host.reserve_filling()
-        if slot is None:
-            self._make_host_room(ticket.limit - index)
-            slot = self.host.reserve_filling()
-            if slot is None:
-                return False
+        if slot is not None:
+            out, ready = self.host.slab_array[slot], self.host.events.get(slot)
+        else:  # no free slot: a temporary host buffer (the block is not kept in the host tier)
+            buffer = torch.empty(self.host.context.block_shape, dtype=torch.uint8,
+                                 pin_memory=self.device.type == "cuda")
+            ticket.fetch_buffers[index] = buffer
+            out, ready = buffer.numpy(), None
         tier = self.tiers[ticket.levels[index]]
-        job = functools.partial(read_job, tier, ticket.items[index].key, self.host.slab_array[slot],
-                                self.host.events.get(slot))
+        job = functools.partial(read_job, tier, ticket.items[index].key, out, ready)
         if tier.thread_safe_reads:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-kv-read")
@@ -321,7 +330,6 @@ class TierStore:
             future.set_result(job())
         ticket.fetch_slots[index] = slot
         ticket.fetches[index] = future
-        return True
 
     def poll(self, ticket: LoadTicket) -> bool:
         """Whether the ticket's blocks are in the device pool (``ticket.count`` of them); never waits.
@@ -370,12 +378,16 @@ class TierStore:
                 if ok and not cut and not ticket.cancelled:
                     tier.stats.load_seconds += seconds
                     tier.stats.load_bytes += self.host.context.block_bytes
-                    batch.append((item.block_id, ticket.fetch_slots[index]))
+                    slot = ticket.fetch_slots[index]
+                    batch.append((item.block_id, slot if slot is not None else ticket.fetch_buffers[index]))
                 cut = cut or not ok
             count += 0 if cut else 1
         if batch:
             ticket.events.append(self._copy_up(batch))
+        ticket.fetch_buffers.clear()  # a queued copy keeps its pinned block (the host allocator's event)
         for index, slot in ticket.fetch_slots.items():
+            if slot is None:
+                continue
             tokens = ticket.fetches[index].result()[0]
             item = ticket.items[index]
             if self.host_visible and tokens == item.token_ids:
@@ -395,64 +407,97 @@ class TierStore:
         """Device blocks into host slots, ``batch`` of (block id, slot); the slots' events are set."""
         if not batch:
             return
-        pool = self._bound()
-        if self._pool_array is not None:
-            rows = self._pool_array.shape[0]
+        if self.device.type != "cuda":
             for block_id, slot in batch:
-                np.copyto(self.host.slab_array[slot].reshape(rows, -1), self._pool_array[:, block_id])
-            return
-        if self.device.type != "cuda":  # other accelerators: plain blocking copies
-            for block_id, slot in batch:
-                self.host.slab[slot].view(pool.shape[0], -1).copy_(pool[:, block_id])
+                self._copy_block_down(block_id, self.host.slab[slot])
             return
         batch = sorted(batch, key=lambda pair: pair[1])
+        slab = self.host.slab.view(self.host.capacity, -1)
+        with self._on_copy_stream() as (stream, event):
+            staged = self._gather([block_id for block_id, _ in batch])
+            for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
+                slab[slot:slot + length].copy_(staged[position:position + length].view(length, -1),
+                                               non_blocking=True)
+        for _, slot in batch:
+            self.host.events[slot] = event
+
+    def _copy_down_buffer(self, block_ids: list[int]) -> tuple[torch.Tensor, Any]:
+        """Device blocks into a new host buffer ``[n, *block_shape]`` (pinned on CUDA: one copy);
+        the buffer and the event to wait for before reading it (None on the CPU)."""
+        shape = (len(block_ids), *self.host.context.block_shape)
+        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        if self.device.type != "cuda":
+            for index, block_id in enumerate(block_ids):
+                self._copy_block_down(block_id, buffer[index])
+            return buffer, None
+        with self._on_copy_stream() as (stream, event):
+            buffer.view(len(block_ids), -1).copy_(self._gather(block_ids).view(len(block_ids), -1), non_blocking=True)
+        return buffer, event
+
+    def _copy_block_down(self, block_id: int, out: torch.Tensor) -> None:
+        """One device block into host ``out`` on a backend without a copy stream (memcpys on the CPU)."""
+        pool = self._bound()
+        rows = pool.shape[0]
+        if self._pool_array is not None:
+            np.copyto(out.numpy().reshape(rows, -1), self._pool_array[:, block_id])
+        else:  # other accelerators: a plain blocking copy
+            out.view(rows, -1).copy_(pool[:, block_id])
+
+    @contextlib.contextmanager
+    def _on_copy_stream(self) -> Iterator[tuple[Any, Any]]:
+        """Device-to-host work on the copy stream after the compute stream's queued work; the
+        compute stream then waits for the recorded event (it may overwrite those blocks after)."""
         stream, compute = self._copy_stream(), torch.cuda.current_stream(self.device)
         stream.wait_stream(compute)  # the blocks' last writes have run
         event = torch.cuda.Event()
         with torch.cuda.stream(stream):
-            index = pinned_index([block_id for block_id, _ in batch]).to(self.device, non_blocking=True)
-            staged = pool.transpose(0, 1)[index]  # [n, rows, bytes]: one gather over blocks and layers
-            slab = self.host.slab.view(self.host.capacity, -1)
-            for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
-                slab[slot:slot + length].copy_(staged[position:position + length].view(length, -1),
-                                               non_blocking=True)
+            yield stream, event
             event.record(stream)
-        compute.wait_event(event)  # the evicted blocks are overwritten only after their copy
-        for _, slot in batch:
-            self.host.events[slot] = event
+        compute.wait_event(event)
 
-    def _copy_up(self, batch: list[tuple[int, int]]) -> Any:
-        """Host slots into device blocks, ``batch`` of (block id, slot); the batch's end event (None
-        on the CPU, where the copy is done on return). Timed for the top tier's load statistics."""
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """On the copy stream: the blocks ``[n, rows, row bytes]`` in one gather over blocks and layers."""
+        index = pinned_index(block_ids).to(self.device, non_blocking=True)
+        return self._bound().transpose(0, 1)[index]
+
+    def _copy_up(self, batch: list[tuple[int, int | torch.Tensor]]) -> Any:
+        """Host blocks into device blocks, ``batch`` of (block id, host slot or host buffer); the
+        batch's end event (None on the CPU, where the copy is done on return). Timed for the top
+        tier's load statistics."""
         pool = self._bound()
         top = self.tiers[0]
         nbytes = len(batch) * self.host.context.block_bytes
-        if self._pool_array is not None or self.device.type != "cuda":
+        sources = [self.host.slab[src] if isinstance(src, int) else src for _, src in batch]
+        if self.device.type != "cuda":
             tick = time.perf_counter()
             rows = pool.shape[0]
-            for block_id, slot in batch:
+            for (block_id, _), source in zip(batch, sources):
                 if self._pool_array is not None:
-                    np.copyto(self._pool_array[:, block_id], self.host.slab_array[slot].reshape(rows, -1))
+                    np.copyto(self._pool_array[:, block_id], source.numpy().reshape(rows, -1))
                 else:
-                    pool[:, block_id].copy_(self.host.slab[slot].view(rows, -1))
+                    pool[:, block_id].copy_(source.view(rows, -1))
             top.stats.load_seconds += time.perf_counter() - tick
             top.stats.load_bytes += nbytes
             return None
-        batch = sorted(batch, key=lambda pair: pair[1])
-        stream, compute = self._copy_stream(), torch.cuda.current_stream(self.device)
-        stream.wait_stream(compute)  # the fresh blocks' last readers have run
+        stream = self._copy_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the fresh blocks' last readers have run
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
             staged = torch.empty((len(batch), pool.shape[0], pool.shape[2]), dtype=torch.uint8, device=self.device)
             flat, slab = staged.view(len(batch), -1), self.host.slab.view(self.host.capacity, -1)
-            for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
+            slots = sorted((slot, i) for i, (_, slot) in enumerate(batch) if isinstance(slot, int))
+            for position, slot, length in _position_runs(slots):
                 flat[position:position + length].copy_(slab[slot:slot + length], non_blocking=True)
+            for i, (_, source) in enumerate(batch):
+                if not isinstance(source, int):
+                    flat[i].copy_(source.view(-1), non_blocking=True)
             index = pinned_index([block_id for block_id, _ in batch]).to(self.device, non_blocking=True)
             pool[:, index] = staged.transpose(0, 1)  # one scatter over blocks and layers
             end.record(stream)
-        for _, slot in batch:
-            self.host.events[slot] = end
+        for _, source in batch:
+            if isinstance(source, int):
+                self.host.events[source] = end
         self._timings.append((start, end, nbytes, top))
         return end
 
@@ -496,6 +541,16 @@ class TierStore:
             self._reader.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
+
+
+def _nothing() -> None:
+    """The release of a temporary buffer (the garbage collector frees it)."""
+
+
+def _position_runs(slots: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(slot, batch position) pairs sorted by slot as runs (position, slot, length) of consecutive
+    slots at consecutive positions."""
+    return slot_runs([(position, slot) for slot, position in slots])
 
 
 def pinned_index(values: list[int]) -> torch.Tensor:
