@@ -47,7 +47,7 @@ def encode_header(payload: memoryview, token_ids: tuple[int, ...]) -> bytes:
 
 def encode_block(data: np.ndarray, token_ids: tuple[int, ...]) -> bytes:
     """A whole block's file as bytes (tests and tools; the writer streams header and payload)."""
-    payload = memoryview(np.ascontiguousarray(data).reshape(-1))
+    payload = np.ascontiguousarray(data).reshape(-1).data
     return encode_header(payload, token_ids) + payload.tobytes()
 
 
@@ -136,7 +136,7 @@ class DiskTier(KVTier):
         if pending is not None:
             pending.done.wait()
         try:
-            return read_block(self.path(key), memoryview(out.reshape(-1)))
+            return read_block(self.path(key), out.reshape(-1).data)
         except OSError:
             return None
 
@@ -189,7 +189,7 @@ class DiskTier(KVTier):
                 return  # evicted before its turn
             if pending.ready is not None:
                 pending.ready.synchronize()
-            payload = memoryview(pending.data.numpy().reshape(-1))
+            payload = pending.data.numpy().reshape(-1).data
             header = encode_header(payload, pending.token_ids)
             with open(temporary, "wb") as fh:
                 fh.write(header)

@@ -460,7 +460,7 @@ class TierStore:
         index = pinned_index(block_ids).to(self.device, non_blocking=True)
         return self._bound().transpose(0, 1)[index]
 
-    def _copy_up(self, batch: list[tuple[int, int | torch.Tensor]]) -> Any:
+    def _copy_up(self, batch: Sequence[tuple[int, int | torch.Tensor]]) -> Any:
         """Host blocks into device blocks, ``batch`` of (block id, host slot or host buffer); the
         batch's end event (None on the CPU, where the copy is done on return). Timed for the top
         tier's load statistics."""
@@ -486,18 +486,18 @@ class TierStore:
             start.record(stream)
             staged = torch.empty((len(batch), pool.shape[0], pool.shape[2]), dtype=torch.uint8, device=self.device)
             flat, slab = staged.view(len(batch), -1), self.host.slab.view(self.host.capacity, -1)
-            slots = sorted((slot, i) for i, (_, slot) in enumerate(batch) if isinstance(slot, int))
-            for position, slot, length in _position_runs(slots):
-                flat[position:position + length].copy_(slab[slot:slot + length], non_blocking=True)
-            for i, (_, source) in enumerate(batch):
-                if not isinstance(source, int):
-                    flat[i].copy_(source.view(-1), non_blocking=True)
+            slots = sorted((entry, i) for i, (_, entry) in enumerate(batch) if isinstance(entry, int))
+            for position, first, length in _position_runs(slots):
+                flat[position:position + length].copy_(slab[first:first + length], non_blocking=True)
+            for i, (_, entry) in enumerate(batch):
+                if not isinstance(entry, int):
+                    flat[i].copy_(entry.view(-1), non_blocking=True)
             index = pinned_index([block_id for block_id, _ in batch]).to(self.device, non_blocking=True)
             pool[:, index] = staged.transpose(0, 1)  # one scatter over blocks and layers
             end.record(stream)
-        for _, source in batch:
-            if isinstance(source, int):
-                self.host.events[source] = end
+        for _, entry in batch:
+            if isinstance(entry, int):
+                self.host.events[entry] = end
         self._timings.append((start, end, nbytes, top))
         return end
 
