@@ -25,7 +25,7 @@ from sagellm_core.kv.tiers import disk as disk_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
 from sagellm_core.kv.tiers.host import HostTier
-from sagellm_core.kv.tiers.store import TierStore
+from sagellm_core.kv.tiers.store import TierItem, TierStore, slot_runs
 from sagellm_core.request import Request, RequestStatus
 from sagellm_core.sampling_params import SamplingParams
 
@@ -216,6 +216,93 @@ def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
     assert reopened.get(b"k" * 16) is None and not path.exists() and reopened.stats.errors == 1
 
 
+# ---- the store: batched copies, loads that do not block the step ---------------------------------------
+def store_with_pool(directory: Path, host_blocks: int, device: str = "cpu", num_blocks: int = 16,
+                    ) -> tuple[TierStore, torch.Tensor, HostTier, DiskTier]:
+    """A store over a host tier of ``host_blocks`` and a disk tier, bound to a random pool."""
+    pool = torch.randn((2, 2, num_blocks, 4, 1, 8), device=device)  # [layers, K/V, blocks, tokens, heads, dim]
+    context = TierContext((2, 2, 4, 1, 32), torch.device(device), "fp", KVTiersConfig())
+    host = HostTier(context, host_blocks * context.block_bytes)
+    disk = DiskTier(context, directory, 1 << 20)
+    store = TierStore([host, disk], torch.device(device))
+    store.bind(pool)
+    return store, pool, host, disk
+
+
+def items_for(block_ids: list[int], salt: int = 0) -> list[TierItem]:
+    keys, key = [], root_key(None)
+    for block_id in block_ids:
+        key = chain_key(key, [salt, block_id])
+        keys.append(TierItem(block_id, key, (salt, block_id)))
+    return keys
+
+
+def test_slot_runs_join_consecutive_positions_and_slots() -> None:
+    assert slot_runs([(0, 3), (1, 4), (2, 5), (3, 9), (4, 10), (5, 2)]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
+    assert slot_runs([]) == []
+
+
+def test_store_saves_in_one_flush_and_loads_back_from_host_and_disk(tmp_path: Path) -> None:
+    """12 blocks through a 4-slot host tier: the slab takes 4, the rest go to disk through temporary
+    buffers (no wait for the writer); the whole chain, longer than the slab, loads back."""
+    store, pool, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
+    original = pool.clone()
+    saved = items_for(list(range(12)))
+    for item in saved:
+        store.save(item)
+    assert host.stats.num_blocks == 0, "nothing is copied before the flush"
+    store.flush()
+    assert host.stats.num_blocks == 4 and disk.stats.num_blocks == 8
+    pool.zero_()
+    targets = [TierItem(12 + i, item.key, item.token_ids) for i, item in enumerate(saved)]
+    ticket = store.start_load(targets)
+    store.wait(ticket)
+    assert store.poll(ticket) and ticket.count == 12
+    for i in range(12):
+        assert torch.equal(pool[:, :, 12 + i], original[:, :, i]), f"block {i} came back changed"
+    stats = store.stats()
+    assert stats[0].loads == 4 and stats[1].loads == 8 and sum(t.hits for t in stats) == 12
+    assert stats[0].load_bytes == 12 * host.context.block_bytes, "every block was copied up from host memory"
+    assert stats[1].load_bytes == 8 * host.context.block_bytes
+    store.close()
+
+
+def test_a_corrupt_file_ends_the_loaded_chain_there(tmp_path: Path) -> None:
+    store, pool, host, disk = store_with_pool(tmp_path, host_blocks=1)
+    saved = items_for(list(range(6)))
+    for item in saved:
+        store.save(item)
+    store.flush()
+    store.ready()
+    on_disk = [i for i, item in enumerate(saved) if disk.path(item.key).exists() and not host.contains(item.key)]
+    assert on_disk, "the one-slot host tier handed blocks down"
+    broken = on_disk[0]
+    path = disk.path(saved[broken].key)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    ticket = store.start_load([TierItem(8 + i, item.key, item.token_ids) for i, item in enumerate(saved)])
+    store.wait(ticket)
+    assert ticket.count == broken and disk.stats.errors == 1 and not disk.contains(saved[broken].key)
+    store.close()
+
+
+def test_a_cancelled_load_gives_its_host_slots_back(tmp_path: Path) -> None:
+    store, pool, host, disk = store_with_pool(tmp_path, host_blocks=2)
+    saved = items_for(list(range(6)))
+    for item in saved:
+        store.save(item)
+    store.flush()
+    store.ready()
+    ticket = store.start_load([TierItem(8 + i, item.key, item.token_ids) for i, item in enumerate(saved)])
+    store.cancel(ticket)
+    store.ready()  # the reads land; the cancelled ticket's slots are resolved
+    assert not host.filling and ticket.count is not None
+    assert len(host.free_slots) + len(host.slots) + len(host.draining) == host.capacity
+    assert sum(t.loads for t in store.stats()) == 0, "a cancelled load counts no loads"
+    store.close()
+
+
 # ---- randomized: bookkeeping over every tier ---------------------------------------------------------
 @settings(max_examples=25, deadline=None)
 @given(
@@ -245,9 +332,10 @@ def test_randomized_workloads_over_tiers_serve_only_the_right_tokens(
         if disk_blocks:
             disk_bytes = disk_blocks * (context.block_bytes + 8 * block_size + disk_module.HEADER.size)
             tiers.append(DiskTier(context, directory, disk_bytes))
-        store = TierStore(tiers, torch.device("cpu"), write_mode)
-        store.bind(pool_tensor)
-        kv = KVCacheManager(num_blocks, block_size, PrefixLRUPolicy(), store if tiers else None)
+        store = TierStore(tiers, torch.device("cpu"), write_mode) if tiers else None
+        if store is not None:
+            store.bind(pool_tensor)
+        kv = KVCacheManager(num_blocks, block_size, PrefixLRUPolicy(), store)
         scheduler = FCFSScheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget))
         scheduler.bind([kv])
         base = [rng.randrange(50) for _ in range(64)]
@@ -299,7 +387,9 @@ def test_randomized_workloads_over_tiers_serve_only_the_right_tokens(
             for tier in tiers:
                 assert tier.stats.num_blocks == len(tier.keys()) <= tier.capacity
             if host_blocks:
-                assert len(tiers[0].free_slots) + len(tiers[0].slots) == tiers[0].capacity
+                host = tiers[0]
+                assert (len(host.free_slots) + len(host.slots) + len(host.draining) + len(host.filling)
+                        == host.capacity), "a host slot was lost or counted twice"
         assert sorted(finished) == sorted(f"r{i}" for i in range(num_requests))
         assert kv.stats().used_blocks == 0
         if disk_blocks:

@@ -8,7 +8,7 @@ import attrs
 
 from sagellm_core.kv.policy import Block, KVPolicy
 from sagellm_core.kv.tiers.base import chain_key, root_key
-from sagellm_core.kv.tiers.store import TierItem, TierStore
+from sagellm_core.kv.tiers.store import LoadTicket, TierItem, TierStore
 from sagellm_core.request import Request
 
 
@@ -35,6 +35,15 @@ class PrefixHit(list[Block]):
     @property
     def num_blocks(self) -> int:
         return len(self) + len(self.below)
+
+
+@attrs.define(eq=False)
+class PendingLoad:
+    """A waiting request's prefix whose blocks below the pool are being copied into ``fresh``."""
+
+    prefix: PrefixHit
+    fresh: list[Block]
+    ticket: LoadTicket
 
 
 def cache_roots(request: Request) -> tuple[Hashable | None, bytes]:
@@ -81,6 +90,7 @@ class KVCacheManager:
         self.tier_keys: dict[int, bytes] = {}  # cached block id -> its tier key
         self.req_tier_keys: dict[str, list[bytes]] = {}
         self.tier_hit_tokens = [0] * (len(tiers.tiers) if tiers is not None else 0)
+        self.loading: dict[str, PendingLoad] = {}
         policy.add_unused(self.blocks)
 
     # ---- queries -------------------------------------------------------------------------------
@@ -125,8 +135,9 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, prefix: list[Block] | None = None) -> bool:
         """Make room for ``num_new_tokens`` more tokens (after an optional prefix hit). False if full.
 
-        A prefix's blocks found below the device pool are loaded into fresh blocks here; a block that
-        cannot be loaded ends the hit there (``prefix.below`` is cut). On success the caller advances
+        A prefix's blocks found below the device pool start loading into fresh blocks here
+        (asynchronously): the request is then `is_loading` until `finish_load` returns its prefix
+        (``below`` cut to the blocks that arrived). Without blocks below, the caller advances
         ``num_computed_tokens`` by the prefix's ``num_blocks`` after this call.
         """
         owned = self.req_blocks.get(request.request_id, [])
@@ -153,18 +164,33 @@ class KVCacheManager:
         fresh = [self._take_free_block() for _ in range(max(needed, 0))]
         owned.extend(fresh)
         if below and isinstance(prefix, PrefixHit):
-            self._load(request.request_id, prefix, fresh)
+            self._start_load(request.request_id, prefix, fresh)
         return True
 
-    def _load(self, request_id: str, prefix: PrefixHit, fresh: list[Block]) -> None:
-        """Copy the prefix's blocks found below the pool into the first fresh blocks and publish
-        them as cached blocks."""
+    def _start_load(self, request_id: str, prefix: PrefixHit, fresh: list[Block]) -> None:
+        """Queue the copies of the prefix's blocks found below the pool into the first fresh blocks."""
         assert self.tiers is not None
         items = [TierItem(block.block_id, hit.key, hit.token_ids) for block, hit in zip(fresh, prefix.below)]
-        del prefix.below[self.tiers.load(items):]
+        self.loading[request_id] = PendingLoad(prefix, fresh[: len(items)], self.tiers.start_load(items))
+
+    def is_loading(self, request_id: str) -> bool:
+        """Whether the request's blocks from below the pool are still on their way (or not yet
+        collected by `finish_load`)."""
+        return request_id in self.loading
+
+    def finish_load(self, request_id: str) -> PrefixHit | None:
+        """None while the request's load is in flight (never waits); then its prefix hit, ``below``
+        cut to the blocks that arrived (their tiers in ``level``), published as cached blocks."""
+        pending = self.loading.get(request_id)
+        if pending is None or self.tiers is None or not self.tiers.poll(pending.ticket):
+            return None
+        del self.loading[request_id]
+        prefix, ticket = pending.prefix, pending.ticket
+        prefix.below[:] = [attrs.evolve(hit, level=level)
+                           for hit, level in zip(prefix.below[: ticket.count], ticket.levels)]
         hashes = self.req_hashes[request_id]
         keys = self.req_tier_keys.setdefault(request_id, [])
-        for block, hit in zip(fresh, prefix.below):
+        for block, hit in zip(pending.fresh, prefix.below):
             if hit.block_hash not in self.cached:
                 block.block_hash = hit.block_hash
                 block.key = (hit.parent, hit.token_ids)
@@ -172,6 +198,23 @@ class KVCacheManager:
                 self.tier_keys[block.block_id] = hit.key
             hashes.append(hit.block_hash)
             keys.append(hit.key)
+        return prefix
+
+    def wait_load(self, request_id: str) -> None:
+        """Block until the request's load has landed (only when nothing else can run)."""
+        pending = self.loading.get(request_id)
+        if pending is not None and self.tiers is not None:
+            self.tiers.wait(pending.ticket)
+
+    def flush(self) -> None:
+        """Queue the step's copies of evicted blocks down to the tiers (once per step, after
+        planning, before the step that overwrites them is launched)."""
+        if self.tiers is not None:
+            self.tiers.flush()
+
+    def owned_room(self, request: Request) -> int:
+        """Tokens the request can still compute in the blocks it owns."""
+        return len(self.req_blocks.get(request.request_id, ())) * self.block_size - request.num_computed_tokens
 
     def allocate_tokens(self, request_id: str, num_tokens: int) -> bool:
         """Give a request that owns no blocks in this pool a fresh table of
@@ -258,6 +301,9 @@ class KVCacheManager:
     # ---- release -------------------------------------------------------------------------------
     def free(self, request_id: str) -> None:
         """Drop a request's blocks (idempotent). Tail blocks are queued for eviction first."""
+        pending = self.loading.pop(request_id, None)
+        if pending is not None and self.tiers is not None:
+            self.tiers.cancel(pending.ticket)
         blocks = self.req_blocks.pop(request_id, None)
         self.req_hashes.pop(request_id, None)
         self.req_tier_keys.pop(request_id, None)

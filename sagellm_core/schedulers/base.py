@@ -74,6 +74,7 @@ class Scheduler:
         self.kv: list[KVCacheManager] = []
         self.num_preemptions = 0
         self.num_self_preemptions = 0
+        self.prefix_counted: set[str] = set()  # loaded prefixes counted before their admission
 
     @property
     def max_num_seqs(self) -> int:
@@ -118,6 +119,7 @@ class Scheduler:
             self.waiting.remove(request)
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
+        self.prefix_counted.discard(request.request_id)
         for pool in self.kv:
             pool.free(request.request_id)
 
@@ -134,6 +136,8 @@ class Scheduler:
         """Schedule one step and commit it: the plain plan for the runner; computed tokens advance
         and each sampling request holds a placeholder for the token the step will sample."""
         output = self.schedule()
+        for pool in self.kv:
+            pool.flush()  # evicted blocks are copied down before this step can overwrite them
         plan = StepPlan(pool=output.pool, transfers=list(output.transfers),
                         preempted=[r.request_id for r in output.preempted])
         for chunk in output.chunks:
@@ -247,6 +251,8 @@ class PolicyScheduler(Scheduler):
         budget = self._schedule_running(output, budget, self.running_order())
         if not output.preempted:
             self._schedule_waiting(output, budget, pool=0)
+        for pool in self.kv:
+            pool.flush()
         output.chunks.sort(key=lambda c: c.num_tokens > 1)  # decodes (one query token) first
         return output
 
@@ -278,27 +284,57 @@ class PolicyScheduler(Scheduler):
             budget -= num_tokens
         return budget
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int, pool: int) -> int:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int, pool: int, waited: bool = False) -> int:
+        """Admit waiting requests in ``waiting_key`` order while budget, sequence slots and KV blocks
+        last. A request whose prefix continues below the device pool starts loading those blocks and
+        waits (skipped, holding its blocks) until they have arrived; the requests behind it go on.
+        Once a request finds no KV room, only requests that hold blocks already (loads) may still
+        start."""
         self.waiting.sort(key=lambda r: (self.waiting_key(r), r.arrival_order))
         kv = self.kv[pool]
         skipped: list[Request] = []
+        blocked = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if request.reached_length or not self.can_admit(request):
+            if (request.reached_length or not self.can_admit(request)
+                    or (blocked and not kv.block_ids(request.request_id))):
                 skipped.append(self.waiting.pop(0))
                 continue
-            prefix = kv.find_prefix(request) if request.num_computed_tokens == 0 else PrefixHit()
+            if kv.is_loading(request.request_id):
+                loaded = kv.finish_load(request.request_id)
+                if loaded is None:
+                    skipped.append(self.waiting.pop(0))  # its blocks are still on their way
+                    continue
+                self._take_prefix(kv, request, loaded)
+                self.prefix_counted.add(request.request_id)
+                prefix = PrefixHit()
+            elif request.num_computed_tokens == 0 and not kv.block_ids(request.request_id):
+                prefix = kv.find_prefix(request)
+            else:
+                prefix = PrefixHit()
             pending = request.num_tokens - request.num_computed_tokens - prefix.num_blocks * kv.block_size
             if not self.config.chunked_prefill and budget < pending <= self.max_num_batched_tokens:
                 break  # whole prompt fits a later step; wait for it rather than chunking
             num_tokens = min(pending, budget)
             if not kv.allocate(request, num_tokens, prefix):
-                break  # it fits once running requests finish (admission checked it fits alone)
-            hit_tokens = prefix.num_blocks * kv.block_size  # blocks that failed to load are cut
-            if request.num_preemptions == 0:
-                kv.record_prefix_lookup(request.num_prompt_tokens, hit_tokens, prefix)
-            request.num_cached_tokens = max(request.num_cached_tokens, hit_tokens)
-            request.num_computed_tokens += hit_tokens
+                room = kv.owned_room(request) if prefix.num_blocks == 0 else 0
+                if room <= 0 or not kv.allocate(request, min(num_tokens, room)):
+                    if not any(kv.block_ids(r.request_id) for r in self.waiting[1:]):
+                        break  # it fits once running requests finish (admission checked it fits alone)
+                    blocked = True  # waiting requests behind hold (loaded) blocks: let them run
+                    skipped.append(self.waiting.pop(0))
+                    continue
+                num_tokens = min(num_tokens, room)  # a loaded request runs in the blocks it holds
+            if kv.is_loading(request.request_id):  # started just now: done at once on the CPU
+                loaded = kv.finish_load(request.request_id)
+                if loaded is None:
+                    skipped.append(self.waiting.pop(0))
+                    continue
+                prefix = loaded
+            if request.request_id in self.prefix_counted:
+                self.prefix_counted.discard(request.request_id)  # counted when its load arrived
+            else:
+                self._take_prefix(kv, request, prefix)
             request.status = RequestStatus.RUNNING
             request.pool = pool
             self.waiting.pop(0)
@@ -307,4 +343,25 @@ class PolicyScheduler(Scheduler):
             output.pool = pool
             budget -= num_tokens
         self.waiting[:0] = skipped
+        if not waited and not output.chunks and not self.running and self._wait_for_a_load(kv):
+            return self._schedule_waiting(output, budget, pool, waited=True)  # admit what arrived
         return budget
+
+    def _wait_for_a_load(self, kv: KVCacheManager) -> bool:
+        """Nothing can run this step but a waiting request's load is in flight: wait for it (no work
+        is held up) rather than spin through empty steps. False when there is none."""
+        for request in self.waiting:
+            if kv.is_loading(request.request_id):
+                kv.wait_load(request.request_id)
+                return True
+        return False
+
+    @staticmethod
+    def _take_prefix(kv: KVCacheManager, request: Request, prefix: PrefixHit) -> None:
+        """Count the request's prefix lookup (first admission only) and let its hit, device blocks
+        and blocks loaded from below, count as computed."""
+        hit_tokens = prefix.num_blocks * kv.block_size
+        if request.num_preemptions == 0:
+            kv.record_prefix_lookup(request.num_prompt_tokens, hit_tokens, prefix)
+        request.num_cached_tokens = max(request.num_cached_tokens, hit_tokens)
+        request.num_computed_tokens += hit_tokens

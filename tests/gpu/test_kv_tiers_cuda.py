@@ -50,3 +50,43 @@ def test_tiers_keep_greedy_tokens_on_gpu(tiny_models: dict[str, Path], tmp_path:
     restarted, again = _run(tiny_models["llama"], schedule, disk_path=str(tmp_path))
     assert restarted == expected and again.kv_pools[0].stats().tier_hit_tokens[0] > 0
     again.release()
+
+
+def test_copy_stream_saves_before_compute_overwrites_and_loads_back(tmp_path: Path) -> None:
+    """Evicted blocks are copied down on the copy stream before later compute overwrites them (the
+    compute stream waits for the save event), and a load of host and disk blocks lands intact."""
+    import torch
+
+    from sagellm_core.config import KVTiersConfig
+    from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
+    from sagellm_core.kv.tiers.disk import DiskTier
+    from sagellm_core.kv.tiers.host import HostTier
+    from sagellm_core.kv.tiers.store import TierItem, TierStore
+
+    device = torch.device("cuda")
+    pool = torch.randn((4, 2, 32, 16, 2, 64), device=device, dtype=torch.bfloat16)
+    context = TierContext((4, 2, 16, 2, 128), device, "fp", KVTiersConfig())
+    host = HostTier(context, 8 * context.block_bytes)
+    disk = DiskTier(context, tmp_path, 64 << 20)
+    store = TierStore([host, disk], device)
+    store.bind(pool)
+    assert host.slab.is_pinned()
+    original = pool.clone()
+    items, key = [], root_key(None)
+    for block_id in range(16):
+        key = chain_key(key, [block_id])
+        items.append(TierItem(block_id, key, (block_id,)))
+    for item in items:
+        store.save(item)
+    store.flush()
+    pool.zero_()  # queued on the compute stream after the flush: the copies must not see it
+    ticket = store.start_load([TierItem(16 + i, item.key, item.token_ids) for i, item in enumerate(items)])
+    store.wait(ticket)
+    assert store.poll(ticket) and ticket.count == 16
+    torch.cuda.synchronize()
+    for i in range(16):
+        assert torch.equal(pool[:, :, 16 + i], original[:, :, i]), f"block {i} came back changed"
+    stats = store.stats()
+    assert stats[0].load_bandwidth > 0 and stats[0].load_bytes == 16 * context.block_bytes
+    assert stats[1].loads > 0, "blocks the 8-slot host tier handed down were read back from disk"
+    store.close()

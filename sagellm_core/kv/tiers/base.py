@@ -12,7 +12,9 @@ from __future__ import annotations
 import abc
 import hashlib
 from array import array
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+import numpy as np
 
 import attrs
 import torch
@@ -65,10 +67,13 @@ class TierBlock:
 
 @attrs.define
 class TierStats:
-    """Counters of one tier: ``hits`` blocks found here at admission, ``loads`` blocks copied up to
-    the device pool (``load_bytes`` / ``load_seconds`` their bytes and copy time), ``stores`` blocks
-    written here, ``evictions`` blocks given up, ``errors`` failed writes and corrupt reads;
-    ``save_seconds``: host time spent copying device blocks into this (top) tier and making room."""
+    """Counters of one tier: ``hits`` / ``loads`` blocks found here at admission and loaded from here
+    into the device pool; ``load_bytes`` / ``load_seconds``: for the host tier (or the top tier
+    without one) the host-to-device copies (every block copied up, including those read from below
+    first; device time between the copy batch's events on CUDA), for a tier below it its reads into
+    host memory (background-thread time); ``stores`` blocks written here, ``evictions`` blocks given
+    up, ``errors`` failed writes and corrupt reads; ``save_seconds``: step-thread time spent queueing
+    device blocks into this (top) tier and making room."""
 
     name: str
     num_blocks: int = 0
@@ -140,6 +145,35 @@ class KVTier(abc.ABC):
 
     def touch(self, key: bytes) -> None:
         """``key`` was hit at admission (default: nothing; LRU tiers move it to the young end)."""
+
+    thread_safe_reads = False
+    """Whether `read_into` may run on a background thread (then it must not change the tier's
+    bookkeeping: `read_done` does that on the engine thread)."""
+
+    def read_into(self, key: bytes, out: np.ndarray) -> tuple[int, ...] | None:
+        """Copy ``key``'s block into ``out`` (uint8, the block's bytes); its token ids, or None when
+        it is missing or unreadable. Default: `get` and a copy (on the engine thread)."""
+        block = self.get(key)
+        if block is None:
+            return None
+        np.copyto(out.reshape(-1), block.data.reshape(-1).numpy())
+        return block.token_ids
+
+    def read_done(self, key: bytes, ok: bool) -> None:
+        """The engine thread learns how a `read_into` of ``key`` ended (default: nothing)."""
+
+    def put_deferred(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...], ready: Any,
+                     release: Callable[[], None]) -> bool:
+        """Store a block whose host ``data`` stays valid until ``release()`` is called (from any
+        thread); ``ready``: an event to ``synchronize()`` before reading ``data`` (None: readable now).
+        Default: wait, `put`, release at once. A tier with a background writer keeps the reference
+        and releases when its write is done."""
+        try:
+            if ready is not None:
+                ready.synchronize()
+            return self.put(key, data, token_ids)
+        finally:
+            release()
 
     def ready(self) -> None:
         """Wait until every ``put`` so far has landed (asynchronous copies to the host, background

@@ -2,12 +2,15 @@
 
 A file is a header (magic, token count, payload length, CRC-32 of tokens and payload), the token
 ids (int64) and the block's bytes. It is written to a temporary name and renamed, so a crash
-leaves either the whole block or none. Writes run on one background thread (checksum and file
-I/O release the GIL), so the engine step only copies the block's bytes; until its file exists a
-block is served from that copy, and `close` waits for every write. A file whose size, checksum or
-tokens do not match is deleted and reported as a miss (the block is recomputed). A failed write
-(disk full, any ``OSError``) stores nothing and is logged; the engine carries on. The directory is
-scanned at start-up: blocks a previous engine with the same fingerprint wrote are found again.
+leaves either the whole block or none. Everything about a write (waiting for the block's copy to
+host memory, the checksum, the file I/O, deleting evicted files) runs on one background thread; the
+engine step only hands over a reference to the block's host bytes (`put_deferred`: a slot of the
+host slab, released when the file is written). Reads run on a reader thread too (`read_into`: the
+file straight into a host slot, then its checksum), and the engine thread does the bookkeeping
+(`read_done`). A file whose size, checksum or tokens do not match is deleted and reported as a miss
+(the block is recomputed). A failed write (disk full, any ``OSError``) stores nothing and is
+logged; the engine carries on. The directory is scanned at start-up: blocks a previous engine with
+the same fingerprint wrote are found again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,33 +38,30 @@ LOG_EVERY = 1000
 """A full disk fails every write: the first failure is logged, then every LOG_EVERY-th."""
 
 
-def encode_block(data: np.ndarray, token_ids: tuple[int, ...]) -> bytes:
+def encode_header(payload: memoryview, token_ids: tuple[int, ...]) -> bytes:
+    """The header and token ids that precede ``payload`` in a block's file (the checksum covers both)."""
     tokens = np.asarray(token_ids, dtype="<i8").tobytes()
-    payload = data.tobytes()
     checksum = zlib.crc32(payload, zlib.crc32(tokens))
-    return HEADER.pack(MAGIC, len(token_ids), len(payload), checksum) + tokens + payload
+    return HEADER.pack(MAGIC, len(token_ids), len(payload), checksum) + tokens
 
 
-def decode_block(raw: bytearray, payload_bytes: int) -> tuple[memoryview, tuple[int, ...]] | None:
-    """(payload, token ids) as views of ``raw``, or None when the bytes are not one intact block of
-    ``payload_bytes``."""
-    if len(raw) < HEADER.size:
-        return None
-    magic, num_tokens, length, checksum = HEADER.unpack_from(raw)
-    body = memoryview(raw)[HEADER.size:]
-    if magic != MAGIC or length != payload_bytes or len(body) != 8 * num_tokens + length:
-        return None
-    if zlib.crc32(body) != checksum:
-        return None
-    tokens = tuple(np.frombuffer(body[: 8 * num_tokens], dtype="<i8").tolist())
-    return body[8 * num_tokens:], tokens
+def encode_block(data: np.ndarray, token_ids: tuple[int, ...]) -> bytes:
+    """A whole block's file as bytes (tests and tools; the writer streams header and payload)."""
+    payload = np.ascontiguousarray(data).reshape(-1).data
+    return encode_header(payload, token_ids) + payload.tobytes()
 
 
-def read_file(path: Path) -> bytearray:
-    with open(path, "rb") as fh:
-        raw = bytearray(os.fstat(fh.fileno()).st_size)
-        read = fh.readinto(raw)
-    return raw[:read] if read != len(raw) else raw
+class _Pending:
+    """A block queued for its file: host ``data`` (valid until ``release``), its tokens, the event
+    its copy to host memory records (None: ready), and ``done`` set once the write ended."""
+
+    def __init__(self, data: torch.Tensor, token_ids: tuple[int, ...], ready: Any,
+                 release: Callable[[], None]) -> None:
+        self.data = data
+        self.token_ids = token_ids
+        self.ready = ready
+        self.release = release
+        self.done = threading.Event()
 
 
 class DiskTier(KVTier):
@@ -68,6 +69,7 @@ class DiskTier(KVTier):
 
     name = "disk"
     persistent = True
+    thread_safe_reads = True
 
     def __init__(self, context: TierContext, root: str | os.PathLike[str], capacity_bytes: int) -> None:
         super().__init__(context)
@@ -76,7 +78,7 @@ class DiskTier(KVTier):
         self.file_bytes = HEADER.size + context.block_bytes + 8 * context.block_shape[2]
         self.capacity = max(1, capacity_bytes // self.file_bytes)
         self.files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, oldest use first
-        self._pending: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}  # written on the thread, not yet on disk
+        self._pending: dict[bytes, _Pending] = {}  # queued or being written on the writer thread
         self._failed: list[bytes] = []  # the thread's failed writes, for the engine thread to forget
         self._cancel_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-kv-disk")
@@ -107,6 +109,7 @@ class DiskTier(KVTier):
     def path(self, key: bytes) -> Path:
         return self.directory / (key.hex() + SUFFIX)
 
+    # ---- lookups -------------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
         self._forget_failed()
         return key in self.files
@@ -116,62 +119,83 @@ class DiskTier(KVTier):
             self.files.move_to_end(key)
 
     def get(self, key: bytes) -> TierBlock | None:
-        self._forget_failed()
-        if key not in self.files:
+        """The block on the engine thread (a copy; generic paths: shutdown, plugin tiers below)."""
+        if not self.contains(key):
             return None
+        out = np.empty(self.context.block_bytes, dtype=np.uint8)
+        tokens = self.read_into(key, out)
+        self.read_done(key, tokens is not None)
+        if tokens is None:
+            return None
+        return TierBlock(torch.from_numpy(out).view(self.context.block_shape), tokens)
+
+    def read_into(self, key: bytes, out: np.ndarray) -> tuple[int, ...] | None:
+        """Any thread: the file of ``key`` into ``out`` (a queued write is waited for first); its
+        tokens, or None when it is missing, truncated or corrupt."""
         pending = self._pending.get(key)
         if pending is not None:
-            self.files.move_to_end(key)
-            payload_bytes, tokens = pending
-            return TierBlock(torch.frombuffer(bytearray(payload_bytes), dtype=torch.uint8).view(self.context.block_shape),
-                             tokens)
+            pending.done.wait()
         try:
-            raw = read_file(self.path(key))
-        except OSError as exc:
-            log.warning("KV disk tier: cannot read %s: %s", self.path(key), exc)
-            raw = bytearray()
-        decoded = decode_block(raw, self.context.block_bytes)
-        if decoded is None:
-            log.warning("KV disk tier: %s is truncated or corrupt; deleted (the block is recomputed)",
+            return read_block(self.path(key), out.reshape(-1).data)
+        except OSError:
+            return None
+
+    def read_done(self, key: bytes, ok: bool) -> None:
+        """The engine thread: a hit is used recently; a failed read deletes the file."""
+        if ok:
+            self.touch(key)
+            return
+        if key in self.files:
+            log.warning("KV disk tier: %s is missing, truncated or corrupt; deleted (the block is recomputed)",
                         self.path(key))
             self.stats.errors += 1
             self.evict(key)
-            return None
-        payload, tokens = decoded
-        self.files.move_to_end(key)
-        data = torch.frombuffer(payload, dtype=torch.uint8).view(self.context.block_shape)
-        return TierBlock(data, tokens)
 
+    # ---- writes --------------------------------------------------------------------------------
     def has_room(self) -> bool:
         self._forget_failed()
         return len(self.files) < self.capacity
 
     def put(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> bool:
-        """Queue the block's file; True when it is stored or queued (a failed write is forgotten later)."""
+        """Queue a copy of the block's file (the caller may reuse ``data`` at once)."""
+        copy = data.detach().to("cpu", copy=True).contiguous()
+        return self.put_deferred(key, copy, token_ids, None, lambda: None)
+
+    def put_deferred(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...], ready: Any,
+                     release: Callable[[], None]) -> bool:
+        """Queue the block's file, written from ``data`` on the writer thread, which then calls
+        ``release``; True when it is stored or queued (a failed write is forgotten later)."""
         self._forget_failed()
         if key in self.files:
             self.files.move_to_end(key)
+            release()
             return True
-        payload = data.cpu().numpy().tobytes()  # a copy: the caller may reuse ``data`` at once
-        self._pending[key] = (payload, token_ids)
-        size = HEADER.size + 8 * len(token_ids) + len(payload)
+        pending = _Pending(data, token_ids, ready, release)
+        self._pending[key] = pending
+        size = HEADER.size + 8 * len(token_ids) + self.context.block_bytes
         self.files[key] = size
         self.stats.stores += 1
         self.stats.bytes += size
         self.stats.num_blocks = len(self.files)
-        self._writer.submit(self._write, key, payload, token_ids)
+        self._writer.submit(self._write, key, pending)
         return True
 
-    def _write(self, key: bytes, payload: bytes, token_ids: tuple[int, ...]) -> None:
+    def _write(self, key: bytes, pending: _Pending) -> None:
         """The writer thread: one block's file, written to a temporary name and renamed."""
-        raw = encode_block(np.frombuffer(payload, dtype=np.uint8), token_ids)
         target = self.path(key)
         temporary = target.with_name(target.name + f".{os.getpid()}.tmp")
         try:
+            if self._pending.get(key) is not pending:
+                return  # evicted before its turn
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            payload = pending.data.numpy().reshape(-1).data
+            header = encode_header(payload, pending.token_ids)
             with open(temporary, "wb") as fh:
-                fh.write(raw)
+                fh.write(header)
+                fh.write(payload)
             with self._cancel_lock:
-                if key in self._pending:
+                if self._pending.get(key) is pending:
                     os.replace(temporary, target)
                 else:  # evicted while it was being written
                     temporary.unlink(missing_ok=True)
@@ -181,12 +205,18 @@ class DiskTier(KVTier):
             if len(self._failed) % LOG_EVERY == 1:
                 log.warning("KV disk tier: cannot write %s (%s); the block is not stored", target, exc)
         finally:
-            self._pending.pop(key, None)
+            with self._cancel_lock:
+                if self._pending.get(key) is pending:
+                    del self._pending[key]
+            pending.done.set()
+            pending.release()
 
     def _forget_failed(self) -> None:
         while self._failed:
             key = self._failed.pop()
             self.stats.errors += 1
+            if key in self._pending:
+                continue  # queued again since: that write decides
             size = self.files.pop(key, None)
             if size is not None:
                 self.stats.bytes -= size
@@ -208,11 +238,36 @@ class DiskTier(KVTier):
         return next(iter(self.files), None)
 
     def evict(self, key: bytes) -> None:
+        """Forget ``key`` now; its file is deleted on the writer thread (after any queued write)."""
         size = self.files.pop(key, None)
         if size is not None:
             with self._cancel_lock:
                 self._pending.pop(key, None)  # a queued write then leaves no file
-                self.path(key).unlink(missing_ok=True)
+            self._writer.submit(self._delete, key)
             self.stats.evictions += 1
             self.stats.bytes -= size
             self.stats.num_blocks = len(self.files)
+
+    def _delete(self, key: bytes) -> None:
+        """The writer thread: remove an evicted block's file (unless it was stored again since)."""
+        with self._cancel_lock:
+            if key not in self._pending:
+                self.path(key).unlink(missing_ok=True)
+
+
+def read_block(path: Path, out: memoryview) -> tuple[int, ...] | None:
+    """Read one block's file into ``out`` (its payload bytes); its token ids, or None when the file
+    is not one intact block of ``len(out)`` bytes."""
+    with open(path, "rb") as fh:
+        header = fh.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None
+        magic, num_tokens, length, checksum = HEADER.unpack(header)
+        if magic != MAGIC or length != len(out) or os.fstat(fh.fileno()).st_size != HEADER.size + 8 * num_tokens + length:
+            return None
+        tokens = fh.read(8 * num_tokens)
+        if len(tokens) != 8 * num_tokens or fh.readinto(out) != length:
+            return None
+    if zlib.crc32(out, zlib.crc32(tokens)) != checksum:
+        return None
+    return tuple(np.frombuffer(tokens, dtype="<i8").tolist())

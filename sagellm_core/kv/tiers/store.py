@@ -1,24 +1,51 @@
 """The tier stack under one device KV pool: blocks the pool evicts move down, prefix hits below the
 pool are copied up into freshly allocated device blocks.
 
-On the CPU, copies go through numpy (one memcpy per layer and K/V, outside torch's intra-op thread
-pool, which costs more than the copy on a busy host). Copies are queued on the device in stream order at the moment the scheduler plans them, so a
-block written back is read before any later step overwrites it, and a loaded block is in place
-before the step that reads it. On CUDA loads run on a side stream: pinned staging, one host-to-device
-copy per batch, a scatter into the pool, and an event the compute stream waits on.
+Data flow (one host slab, indexed by slot, under every copy):
+
+* Down: the pool's manager queues evicted (or, write-through, completed) blocks with `save`; once
+  per step (`flush`, at the end of planning and before any load) they are copied in one batch into
+  slots of the host slab: on CUDA one gather of all blocks and layers on a dedicated copy stream
+  (after the compute stream's queued work), then one device-to-host copy per run of consecutive
+  slots, an event recorded, and the compute stream waits for that event before it may overwrite the
+  evicted blocks; on the CPU plain memcpys. A full host tier hands its least recently used slot to
+  the tier below without copying it (`KVTier.put_deferred`): the disk tier's writer thread waits
+  for the slot's event, checksums and writes the file and releases the slot; until then the block
+  stays readable in the host tier. Without a host tier a private slab of ``STAGING_BLOCKS`` slots
+  stages blocks on their way to the top tier.
+* Up: `start_load` resolves a request's blocks found below the pool: host-resident blocks are copied
+  up at once (one batch: a host-to-device copy per run of slots into a device buffer, one scatter
+  into the pool, start and end events on the copy stream); blocks on a lower tier are read into host
+  slots on a reader thread (`KVTier.read_into`; tiers without thread-safe reads read on the engine
+  thread). `poll` is non-blocking: once a ticket's reads have landed it copies those blocks up too
+  (the chain ends at the first missing or corrupt block), publishes them in the host tier (hot
+  blocks move up), and reports done when its events have completed (`event.query()`, never a
+  synchronize on the engine thread). The scheduler leaves the request waiting until then.
+
+Ordering: every copy that touches the slab runs on the one copy stream, so a slot's reuse is in
+stream order; a thread that touches a slot's bytes waits for the slot's last copy event first. A
+request freed while its load is in flight makes the compute stream wait for that load, so its blocks
+can be handed out again at once.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import functools
 import time
-from typing import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any, Iterator, Sequence
 
 import attrs
 import numpy as np
 import torch
 
 from sagellm_core.kv.tiers.base import KVTier, TierStats
+from sagellm_core.kv.tiers.host import HostTier
+
+STAGING_BLOCKS = 64
+"""Slots of the private host slab that stages blocks when no host tier is configured."""
 
 
 @attrs.frozen
@@ -28,6 +55,40 @@ class TierItem:
     block_id: int
     key: bytes
     token_ids: tuple[int, ...]
+
+
+@attrs.define(eq=False)
+class LoadTicket:
+    """A chain of blocks on its way up to the device pool (one request's prefix below the pool).
+
+    ``levels[i]``: the tier item ``i`` is loaded from; ``limit``: items considered (the chain was cut
+    at admission after them); ``fetches`` / ``fetch_slots``: reads from below into host slots, by
+    item (a slot of None: the host slab had no free slot, the block is read into ``fetch_buffers``);
+    ``events``: the copy-stream end events of its host-to-device batches (None on the CPU);
+    ``count``: the leading items loaded, once the reads have resolved.
+    """
+
+    items: list[TierItem]
+    levels: list[int] = attrs.field(factory=list)
+    limit: int = 0
+    fetches: dict[int, Future[tuple[tuple[int, ...] | None, float]]] = attrs.field(factory=dict)
+    fetch_slots: dict[int, int | None] = attrs.field(factory=dict)
+    fetch_buffers: dict[int, torch.Tensor] = attrs.field(factory=dict)
+    events: list[Any] = attrs.field(factory=list)
+    count: int | None = None
+    cancelled: bool = False
+
+
+def slot_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``pairs`` of (position in a batch, slot), sorted by slot, as runs ``(position, slot, length)``
+    of consecutive positions and slots: one copy each."""
+    runs: list[tuple[int, int, int]] = []
+    for position, slot in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == position and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, slot, 1))
+    return runs
 
 
 class TierStore:
@@ -40,15 +101,22 @@ class TierStore:
         self.write_mode = write_mode
         self.pool: torch.Tensor | None = None
         self._pool_array: np.ndarray | None = None  # the CPU pool, for copies that skip torch's thread pool
-        self._stream: torch.cuda.Stream | None = None
-        self._staging: torch.Tensor | None = None
-        self._staging_free: torch.cuda.Event | None = None
-        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event, int, KVTier]] = []
+        if not self.tiers:
+            raise ValueError("a tier store needs at least one tier")
+        top = self.tiers[0]
+        self.host_visible = isinstance(top, HostTier)
+        self.host: HostTier = top if isinstance(top, HostTier) else HostTier(
+            attrs.evolve(top.context), STAGING_BLOCKS * top.context.block_bytes)
+        self._saves: list[TierItem] = []
+        self._orphans: list[LoadTicket] = []  # cancelled tickets whose reads are still running
+        self._stream: Any = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._timings: list[tuple[Any, Any, int, KVTier]] = []
 
     def bind(self, pool: torch.Tensor) -> None:
         """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, seen
         as bytes ``[num_layers * 2, num_blocks, block bytes per layer and K/V]`` (a block: one row per
-        layer and K/V, each contiguous)."""
+        layer and K/V, each contiguous; a host slot holds the rows of one block back to back)."""
         layers, kv, num_blocks = pool.shape[:3]
         self.pool = pool.view(torch.uint8).view(layers * kv, num_blocks, -1)
         self._pool_array = self.pool.numpy() if self.pool.device.type == "cpu" else None
@@ -64,17 +132,119 @@ class TierStore:
 
     # ---- down ----------------------------------------------------------------------------------
     def save(self, item: TierItem) -> None:
-        """Copy a device block into the top tier (nothing when it is there already)."""
+        """Queue a device block for the top tier; it is copied at the next `flush`, before the step
+        that may overwrite it is launched."""
+        self._saves.append(item)
+
+    def flush(self) -> None:
+        """Copy the queued blocks into host slots in one batch (more only when the host tier must
+        make room in between), handing them on to the top tier when it is not the host tier."""
+        self._poll_orphans()
+        if not self._saves:
+            return
         tick = time.perf_counter()
-        self._store(0, item.key, self._device_block(item.block_id), item.token_ids)
+        saves, self._saves = self._saves, []
+        if self.host_visible:
+            self._drain_ahead(self.host, 0, len(saves))
+        batch: list[tuple[int, int]] = []
+        keys: list[bytes] = []
+        overflow: list[TierItem] = []
+        for item in saves:
+            if self.tiers[0].contains(item.key) or item.key in keys:
+                self.tiers[0].touch(item.key)
+                continue
+            if not self.host.has_room():
+                overflow.append(item)  # every slot is busy (draining): no waiting for the writer
+                continue
+            batch.append((item.block_id, self.host.reserve(item.key, item.token_ids)))
+            keys.append(item.key)
+        self._copy_down(batch)
+        self._hand_down_staged(keys)
+        self._save_overflow(overflow)
         self.tiers[0].stats.save_seconds += time.perf_counter() - tick
 
-    def _device_block(self, block_id: int) -> torch.Tensor:
-        if self.pool is None:
-            raise RuntimeError("the tier store is not bound to a device pool")
-        return self.pool[:, block_id]
+    def _save_overflow(self, items: list[TierItem]) -> None:
+        """Blocks the host slab has no free slot for go straight to the tier below it, through a
+        temporary host buffer (one batch); with nothing below they are dropped."""
+        level = 1 if self.host_visible else 0
+        if not items or level >= len(self.tiers):
+            return
+        tier = self.tiers[level]
+        items = [item for item in items if not tier.contains(item.key)]
+        if not items:
+            return
+        buffer, event = self._copy_down_buffer([item.block_id for item in items])
+        for index, item in enumerate(items):
+            self._make_room(level)
+            if tier.has_room():
+                tier.put_deferred(item.key, buffer[index], item.token_ids, event, _nothing)
+
+    def _hand_down_staged(self, keys: list[bytes]) -> None:
+        """Without a host tier: staged blocks go on to the top tier (its writer releases the slots;
+        the next flush stages through temporary buffers while all slots are busy)."""
+        if self.host_visible:
+            return
+        for key in keys:
+            self._move_down(self.host, key, 0)
+
+    def _drain_ahead(self, tier: HostTier, level: int, needed: int) -> None:
+        """Hand least recently used blocks of host tier ``level`` down until its free and draining
+        slots cover ``needed`` plus a headroom of an eighth of it (so the writer below works between
+        steps); at the bottom, only ``needed`` blocks are dropped."""
+        tier.collect_released()
+        below = level + 1 < len(self.tiers)
+        target = needed + (max(1, tier.capacity // 8) if below else 0)
+        while len(tier.free_slots) + len(tier.draining) < target:
+            key = tier.victim()
+            if key is None:
+                return
+            if below:
+                self._move_down(tier, key, level + 1)
+            else:
+                tier.evict(key)
+
+    def _make_room(self, level: int) -> None:
+        """Room for one block in tier ``level``: victims move one tier down (or are dropped at the
+        bottom); a host tier whose slots are all draining waits for the writer below."""
+        tier = self.tiers[level]
+        if isinstance(tier, HostTier):
+            self._drain_ahead(tier, level, 1)
+            if not tier.has_room():
+                tier.wait_released()
+            return
+        while not tier.has_room():
+            key = tier.victim()
+            if key is None:
+                return
+            if level + 1 < len(self.tiers):
+                self._move_down(tier, key, level + 1)
+            else:
+                tier.evict(key)
+
+    def _move_down(self, tier: KVTier, key: bytes, level: int) -> None:
+        """Give ``key`` of ``tier`` to tier ``level``: a host slot by reference (released by the tier
+        below when it is done with it), any other tier's block through `get` and `put`."""
+        below = self.tiers[level]
+        if below.contains(key):
+            below.touch(key)
+            tier.evict(key)
+            return
+        self._make_room(level)
+        if not below.has_room():
+            tier.evict(key)
+            return
+        if isinstance(tier, HostTier):
+            slot = tier.drain(key)
+            below.put_deferred(key, tier.slab[slot], tier.tokens[slot], tier.events.get(slot),
+                               functools.partial(tier.release_drained, key))
+            return
+        block = tier.get(key)
+        if block is not None:
+            below.put(key, block.data, block.token_ids)
+        tier.evict(key)
 
     def _store(self, level: int, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> None:
+        """Synchronously store a host block in tier ``level`` (shutdown)."""
         tier = self.tiers[level]
         if tier.contains(key):
             tier.touch(key)
@@ -83,21 +253,10 @@ class TierStore:
         if tier.has_room():
             tier.put(key, data, token_ids)
 
-    def _make_room(self, level: int) -> None:
-        tier = self.tiers[level]
-        while not tier.has_room():
-            key = tier.victim()
-            if key is None:
-                return
-            if level + 1 < len(self.tiers):
-                block = tier.get(key)
-                if block is not None:
-                    self._store(level + 1, key, block.data, block.token_ids)
-            tier.evict(key)
-
     def persist(self, device_items: Sequence[TierItem]) -> None:
         """Shutdown: write the device pool's cached blocks and every block of the tiers above the
         first persistent tier into it, so a restarted engine finds them."""
+        self.flush()
         target = next((i for i, tier in enumerate(self.tiers) if tier.persistent), None)
         if target is None or self.pool is None:
             return
@@ -110,76 +269,247 @@ class TierStore:
                 if block is not None:
                     self._store(target, key, block.data, block.token_ids)
 
-    # ---- up ------------------------------------------------------------------------------------
-    def load(self, items: Sequence[TierItem]) -> int:
-        """Copy the blocks of ``items`` (a chain, in order) from the tiers into their device blocks;
-        returns how many leading items were loaded (a block missing, corrupt or holding other tokens
-        ends the chain there)."""
-        found: list[tuple[int, torch.Tensor, KVTier]] = []
-        for item in items:
-            level = self.find(item.key)
-            block = self.tiers[level].get(item.key) if level is not None else None
-            if block is not None and block.token_ids != item.token_ids:
-                tier = self.tiers[level]  # type: ignore[index]
-                tier.stats.errors += 1
-                tier.evict(item.key)
-                block = None
-            if block is None or level is None:
-                break
-            found.append((item.block_id, block.data, self.tiers[level]))
-        for _, run in itertools.groupby(found, key=lambda entry: id(entry[2])):
-            self._copy_up(list(run))
-        for _, _, tier in found:
-            tier.stats.hits += 1
-            tier.stats.loads += 1
-        return len(found)
-
-    def _copy_up(self, found: list[tuple[int, torch.Tensor, KVTier]]) -> None:
+    def _device_block(self, block_id: int) -> torch.Tensor:
         if self.pool is None:
             raise RuntimeError("the tier store is not bound to a device pool")
-        nbytes = sum(int(data.numel()) for _, data, _ in found)
-        tier = found[0][2]
-        if self._pool_array is not None:
-            tick = time.perf_counter()
-            rows = self._pool_array.shape[0]
-            for block_id, data, _ in found:
-                np.copyto(self._pool_array[:, block_id], data.numpy().reshape(rows, -1))
-            tier.stats.load_seconds += time.perf_counter() - tick
-            tier.stats.load_bytes += nbytes
-            return
-        if self.device.type != "cuda":  # other accelerators: plain blocking copies
-            tick = time.perf_counter()
-            for block_id, data, _ in found:
-                self.pool[:, block_id].copy_(data.view(self.pool.shape[0], -1))
-            tier.stats.load_seconds += time.perf_counter() - tick
-            tier.stats.load_bytes += nbytes
-            return
-        self._copy_up_cuda(found, nbytes, tier)
+        return self.pool[:, block_id]
 
-    def _copy_up_cuda(self, found: list[tuple[int, torch.Tensor, KVTier]], nbytes: int, tier: KVTier) -> None:
-        assert self.pool is not None
-        count = len(found)
-        if self._staging_free is not None:
-            self._staging_free.synchronize()  # the previous batch's host-to-device copy read the staging
-        if self._staging is None or self._staging.shape[0] < count:
-            self._staging = torch.empty((count, *found[0][1].shape), dtype=torch.uint8, pin_memory=True)
-        staging = self._staging[:count]
-        torch.stack([data for _, data, _ in found], out=staging)
+    # ---- up ------------------------------------------------------------------------------------
+    def start_load(self, items: Sequence[TierItem]) -> LoadTicket:
+        """Start copying ``items`` (a chain, in order) from the tiers into their device blocks; never
+        blocks on the device or on a file. `poll` tells when it is done and how many leading items
+        were loaded (a block missing, corrupt or holding other tokens ends the chain there)."""
+        self.flush()  # blocks evicted for these fresh blocks are copied out first
+        ticket = LoadTicket(list(items))
+        resident: list[tuple[int, int]] = []
+        for index, item in enumerate(ticket.items):
+            level = self.find(item.key)
+            if level is None or not self._resident_ok(level, item):
+                break
+            ticket.levels.append(level)
+            if level == 0 and self.host_visible:
+                resident.append((item.block_id, self.host.slot_of(item.key)))  # type: ignore[arg-type]
+        ticket.limit = len(ticket.levels)
+        if resident:  # before any slot is reserved below: making room may give these slots up
+            ticket.events.append(self._copy_up(resident))
+        for index in range(ticket.limit):
+            if ticket.levels[index] != 0 or not self.host_visible:
+                self._start_fetch(ticket, index)
+        return ticket
+
+    def _resident_ok(self, level: int, item: TierItem) -> bool:
+        """A host-resident block must hold the item's tokens (else it is dropped and counted)."""
+        if level != 0 or not self.host_visible:
+            return True
+        slot = self.host.slot_of(item.key)
+        if slot is not None and self.host.tokens.get(slot) == item.token_ids:
+            return True
+        self.host.stats.errors += 1
+        self.host.evict(item.key)
+        return False
+
+    def _start_fetch(self, ticket: LoadTicket, index: int) -> None:
+        """Read item ``index`` from its tier into a free host slot, else a temporary host buffer (on
+        a reader thread when the tier allows it); never waits for a slot."""
+        slot = self.host.reserve_filling()
+        if slot is not None:
+            out, ready = self.host.slab_array[slot], self.host.events.get(slot)
+        else:  # no free slot: a temporary host buffer (the block is not kept in the host tier)
+            buffer = torch.empty(self.host.context.block_shape, dtype=torch.uint8,
+                                 pin_memory=self.device.type == "cuda")
+            ticket.fetch_buffers[index] = buffer
+            out, ready = buffer.numpy(), None
+        tier = self.tiers[ticket.levels[index]]
+        job = functools.partial(read_job, tier, ticket.items[index].key, out, ready)
+        if tier.thread_safe_reads:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-kv-read")
+            future = self._reader.submit(job)
+        else:
+            future = Future()
+            future.set_result(job())
+        ticket.fetch_slots[index] = slot
+        ticket.fetches[index] = future
+
+    def poll(self, ticket: LoadTicket) -> bool:
+        """Whether the ticket's blocks are in the device pool (``ticket.count`` of them); never waits.
+        Once its reads have landed, copies the blocks read from below up (one batch)."""
+        if ticket.count is None:
+            if not all(future.done() for future in ticket.fetches.values()):
+                return False
+            self._resolve(ticket)
+        return all(event is None or event.query() for event in ticket.events)
+
+    def wait(self, ticket: LoadTicket) -> None:
+        """Block until `poll` is True (the scheduler calls it only when nothing else can run)."""
+        wait_futures(list(ticket.fetches.values()))
+        self.poll(ticket)
+        for event in ticket.events:
+            if event is not None:
+                event.synchronize()
+
+    def cancel(self, ticket: LoadTicket) -> None:
+        """The request went away: later compute waits for copies already queued into its blocks
+        (they may be handed out at once); reads still running are resolved later (their slots)."""
+        ticket.cancelled = True
+        if self.device.type == "cuda":
+            compute = torch.cuda.current_stream(self.device)
+            for event in ticket.events:
+                if event is not None:
+                    compute.wait_event(event)
+        if ticket.count is None:
+            self._orphans.append(ticket)
+
+    def _poll_orphans(self) -> None:
+        self._orphans = [t for t in self._orphans if not all(f.done() for f in t.fetches.values())
+                         or self._resolve(t)]
+
+    def _resolve(self, ticket: LoadTicket) -> bool:
+        """The reads of ``ticket`` have landed: count the chain, copy its blocks read from below up,
+        publish them in the host tier (or free their staging slots). False (for filters)."""
+        count, cut, batch = 0, False, []
+        for index in range(ticket.limit):
+            future = ticket.fetches.get(index)
+            if future is not None:
+                tokens, seconds = future.result()
+                item, tier = ticket.items[index], self.tiers[ticket.levels[index]]
+                ok = tokens is not None and tokens == item.token_ids
+                tier.read_done(item.key, ok)
+                if ok and not cut and not ticket.cancelled:
+                    tier.stats.load_seconds += seconds
+                    tier.stats.load_bytes += self.host.context.block_bytes
+                    slot = ticket.fetch_slots[index]
+                    batch.append((item.block_id, slot if slot is not None else ticket.fetch_buffers[index]))
+                cut = cut or not ok
+            count += 0 if cut else 1
+        if batch:
+            ticket.events.append(self._copy_up(batch))
+        ticket.fetch_buffers.clear()  # a queued copy keeps its pinned block (the host allocator's event)
+        for index, slot in ticket.fetch_slots.items():
+            if slot is None:
+                continue
+            tokens = ticket.fetches[index].result()[0]
+            item = ticket.items[index]
+            if self.host_visible and tokens == item.token_ids:
+                self.host.publish(slot, item.key, item.token_ids)
+            else:
+                self.host.unfill(slot)
+        ticket.count = count
+        if not ticket.cancelled:
+            for index in range(count):
+                stats = self.tiers[ticket.levels[index]].stats
+                stats.hits += 1
+                stats.loads += 1
+        return False
+
+    # ---- batched copies --------------------------------------------------------------------------
+    def _copy_down(self, batch: list[tuple[int, int]]) -> None:
+        """Device blocks into host slots, ``batch`` of (block id, slot); the slots' events are set."""
+        if not batch:
+            return
+        if self.device.type != "cuda":
+            for block_id, slot in batch:
+                self._copy_block_down(block_id, self.host.slab[slot])
+            return
+        batch = sorted(batch, key=lambda pair: pair[1])
+        slab = self.host.slab.view(self.host.capacity, -1)
+        with self._on_copy_stream() as (stream, event):
+            staged = self._gather([block_id for block_id, _ in batch])
+            for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
+                slab[slot:slot + length].copy_(staged[position:position + length].view(length, -1),
+                                               non_blocking=True)
+        for _, slot in batch:
+            self.host.events[slot] = event
+
+    def _copy_down_buffer(self, block_ids: list[int]) -> tuple[torch.Tensor, Any]:
+        """Device blocks into a new host buffer ``[n, *block_shape]`` (pinned on CUDA: one copy);
+        the buffer and the event to wait for before reading it (None on the CPU)."""
+        shape = (len(block_ids), *self.host.context.block_shape)
+        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        if self.device.type != "cuda":
+            for index, block_id in enumerate(block_ids):
+                self._copy_block_down(block_id, buffer[index])
+            return buffer, None
+        with self._on_copy_stream() as (stream, event):
+            buffer.view(len(block_ids), -1).copy_(self._gather(block_ids).view(len(block_ids), -1), non_blocking=True)
+        return buffer, event
+
+    def _copy_block_down(self, block_id: int, out: torch.Tensor) -> None:
+        """One device block into host ``out`` on a backend without a copy stream (memcpys on the CPU)."""
+        pool = self._bound()
+        rows = pool.shape[0]
+        if self._pool_array is not None:
+            np.copyto(out.numpy().reshape(rows, -1), self._pool_array[:, block_id])
+        else:  # other accelerators: a plain blocking copy
+            out.view(rows, -1).copy_(pool[:, block_id])
+
+    @contextlib.contextmanager
+    def _on_copy_stream(self) -> Iterator[tuple[Any, Any]]:
+        """Device-to-host work on the copy stream after the compute stream's queued work; the
+        compute stream then waits for the recorded event (it may overwrite those blocks after)."""
+        stream, compute = self._copy_stream(), torch.cuda.current_stream(self.device)
+        stream.wait_stream(compute)  # the blocks' last writes have run
+        event = torch.cuda.Event()
+        with torch.cuda.stream(stream):
+            yield stream, event
+            event.record(stream)
+        compute.wait_event(event)
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """On the copy stream: the blocks ``[n, rows, row bytes]`` in one gather over blocks and layers."""
+        index = pinned_index(block_ids).to(self.device, non_blocking=True)
+        return self._bound().transpose(0, 1)[index]
+
+    def _copy_up(self, batch: Sequence[tuple[int, int | torch.Tensor]]) -> Any:
+        """Host blocks into device blocks, ``batch`` of (block id, host slot or host buffer); the
+        batch's end event (None on the CPU, where the copy is done on return). Timed for the top
+        tier's load statistics."""
+        pool = self._bound()
+        top = self.tiers[0]
+        nbytes = len(batch) * self.host.context.block_bytes
+        sources = [self.host.slab[src] if isinstance(src, int) else src for _, src in batch]
+        if self.device.type != "cuda":
+            tick = time.perf_counter()
+            rows = pool.shape[0]
+            for (block_id, _), source in zip(batch, sources):
+                if self._pool_array is not None:
+                    np.copyto(self._pool_array[:, block_id], source.numpy().reshape(rows, -1))
+                else:
+                    pool[:, block_id].copy_(source.view(rows, -1))
+            top.stats.load_seconds += time.perf_counter() - tick
+            top.stats.load_bytes += nbytes
+            return None
+        stream = self._copy_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the fresh blocks' last readers have run
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            staged = torch.empty((len(batch), pool.shape[0], pool.shape[2]), dtype=torch.uint8, device=self.device)
+            flat, slab = staged.view(len(batch), -1), self.host.slab.view(self.host.capacity, -1)
+            slots = sorted((entry, i) for i, (_, entry) in enumerate(batch) if isinstance(entry, int))
+            for position, first, length in _position_runs(slots):
+                flat[position:position + length].copy_(slab[first:first + length], non_blocking=True)
+            for i, (_, entry) in enumerate(batch):
+                if not isinstance(entry, int):
+                    flat[i].copy_(entry.view(-1), non_blocking=True)
+            index = pinned_index([block_id for block_id, _ in batch]).to(self.device, non_blocking=True)
+            pool[:, index] = staged.transpose(0, 1)  # one scatter over blocks and layers
+            end.record(stream)
+        for _, entry in batch:
+            if isinstance(entry, int):
+                self.host.events[entry] = end
+        self._timings.append((start, end, nbytes, top))
+        return end
+
+    def _copy_stream(self) -> Any:
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        compute = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(compute)  # the fresh blocks' last readers have run
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self._stream):
-            start.record()
-            blocks = staging.to(self.device, non_blocking=True)
-            index = torch.tensor([block_id for block_id, _, _ in found], device="cpu").to(self.device,
-                                                                                         non_blocking=True)
-            self.pool[:, index] = blocks.view(count, self.pool.shape[0], -1).transpose(0, 1)
-            end.record()
-        compute.wait_event(end)
-        self._staging_free = end
-        self._timings.append((start, end, nbytes, tier))
+        return self._stream
+
+    def _bound(self) -> torch.Tensor:
+        if self.pool is None:
+            raise RuntimeError("the tier store is not bound to a device pool")
+        return self.pool
 
     # ---- stats ---------------------------------------------------------------------------------
     def stats(self) -> list[TierStats]:
@@ -194,10 +524,47 @@ class TierStore:
         return [attrs.evolve(tier.stats) for tier in self.tiers]
 
     def ready(self) -> None:
-        """Wait until every tier's queued copies and writes have landed."""
+        """Wait until every queued copy, read and write has landed."""
+        self.flush()
+        if self._reader is not None:
+            self._reader.submit(lambda: None).result()
+        self._poll_orphans()
         for tier in self.tiers:
             tier.ready()
+        self.host.collect_released()
+        if not self.host_visible:
+            self.host.ready()
 
     def close(self) -> None:
+        self.ready()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
+
+
+def _nothing() -> None:
+    """The release of a temporary buffer (the garbage collector frees it)."""
+
+
+def _position_runs(slots: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(slot, batch position) pairs sorted by slot as runs (position, slot, length) of consecutive
+    slots at consecutive positions."""
+    return slot_runs([(position, slot) for slot, position in slots])
+
+
+def pinned_index(values: list[int]) -> torch.Tensor:
+    """An int64 index in pinned host memory (its copy to the device does not wait for the stream)."""
+    index = torch.empty(len(values), dtype=torch.int64, pin_memory=True)
+    index.numpy()[:] = values
+    return index
+
+
+def read_job(tier: KVTier, key: bytes, out: np.ndarray, ready: Any) -> tuple[tuple[int, ...] | None, float]:
+    """A reader thread (or the engine thread): wait for the slot's last copy, read ``key`` into it;
+    (token ids or None, seconds)."""
+    if ready is not None:
+        ready.synchronize()
+    tick = time.perf_counter()
+    tokens = tier.read_into(key, out)
+    return tokens, time.perf_counter() - tick
