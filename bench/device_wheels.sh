@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Fill .whl/core with the Python 3.12 wheels the device machines lack (they have no internet; the
+# device scripts install these through bench/device_install.sh), at the versions this checkout's
+# .venv runs. Run here, from the repository root, after scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+names=(cattrs gguf fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn pyzmq
+       llguidance compressed-tensors loguru openai jiter distro sniffio jsonschema jsonschema-specifications
+       referencing rpds-py anyio h11)
+pins=()
+for name in "${names[@]}"; do
+  version=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" \
+            2>/dev/null) || continue  # not needed by this .venv's versions
+  pins+=("$name==$version")
+done
+mkdir -p .whl/core
+platforms=()
+for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+for pin in "${pins[@]}"; do
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d .whl/core "$pin"
+done
+ls .whl/core
