@@ -7,7 +7,8 @@
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # tiers: `sagellm bench multiturn`, Qwen3-0.6B, working set 5x the device pool (issue 14);
-# structured: bench/structured_bench.py, 256 requests (issue 13), then tests/gpu/test_structured_gpu.py;
+# structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
+# gpunew: the GPU tests of the KV tiers' copy stream and of structured outputs, in one pytest run;
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
 # serve-auto: serve-inf after issue 11's derived --api-server-count (none given: the server picks it; the
 #   report's topology rows say how many and "derived"), with the offline peer and the CPU seconds;
@@ -54,7 +55,7 @@ for name in "$@"; do
     serve-llama) part serve-llama 170 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
                    "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-llama"
                  grep -E "CPU seconds|server/offline|api_server_count" "$logs/serve-llama.log" | tail -5 ;;
-    serve-inf) part serve-inf 200 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
+    serve-inf) part serve-inf 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
                  "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-inf"
                grep -E "CPU seconds|server/offline|offline" "$logs/serve-inf.log" | tail -4 ;;
     serve-auto) part serve-auto 200 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \
@@ -88,9 +89,12 @@ for name in "$@"; do
            rm -rf "$disk" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
-                tail -20 "$logs/structured.log"
-                part structured-tests 150 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
-                tail -3 "$logs/structured-tests.log" ;;
+                tail -20 "$logs/structured.log" ;;
+    structured-tests) part structured-tests 150 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
+                      tail -3 "$logs/structured-tests.log" ;;
+    gpunew) part gpunew 150 python3 -m pytest tests/gpu/test_kv_tiers_cuda.py tests/gpu/test_structured_gpu.py -q \
+              -p no:cacheprovider
+            tail -3 "$logs/gpunew.log" ;;
     fp8) for q in none fp8; do
            part "fp8-$q" 150 sagellm bench latency --model-shape llama-3-8b --backend cuda --dtype bfloat16 \
              --input-len 128 --output-len 256 --quantization "$q" --output-dir "$logs/latency-$q"
