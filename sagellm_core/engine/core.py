@@ -305,9 +305,8 @@ class LLMEngine:
     def _advance_grammars(self, updates: list[TokenUpdate]) -> None:
         """Constrained requests: the grammar takes each accepted token; a complete (or broken) one ends
         its request."""
-        for update in updates:
-            request = update.request
-            if self.structured.on_token(request, update.token_id) and not request.is_finished:
+        for request in self.structured.on_tokens([(update.request, update.token_id) for update in updates]):
+            if not request.is_finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
 
     def _on_finished(self, group: RequestGroup, state: CompletionState) -> None:

@@ -1,7 +1,8 @@
 """Per-request grammar state for constrained requests, and the calls the engine makes:
 
-* `StructuredOutputs.on_token(request, token_id)` when a sampled token is accepted: advances the
-  request's matcher and says whether the grammar is complete (the request then finishes).
+* `StructuredOutputs.on_tokens(accepted)` with a step's accepted tokens: advances the requests'
+  matchers (in llguidance's pool for many rows) and says which grammars are complete (those requests
+  then finish).
 * `StructuredOutputs.prepare(requests, device)` (optional) once the grammars have taken the previous
   step's tokens: starts computing this step's masks on a helper thread (llguidance's pool, GIL
   released), so they fill while the engine's thread processes the previous step's outputs.
@@ -264,16 +265,32 @@ class StructuredOutputs:
     def on_token(self, request: Request, token_id: int) -> bool:
         """Advance ``request``'s grammar by an accepted token; True when the grammar is complete
         (nothing but EOS may follow) or the token broke it (then the request must stop)."""
-        if request.params.structured_outputs is None:
-            return False
+        return bool(self.on_tokens([(request, token_id)]))
+
+    def on_tokens(self, accepted: list[tuple[Request, int]]) -> list[Request]:
+        """Advance the grammars of the constrained requests among ``accepted`` (request, token) pairs,
+        in llguidance's pool from `PARALLEL_MIN_ROWS` rows; the requests that must stop (grammar
+        complete, or the token broke it)."""
+        rows = [(request, token) for request, token in accepted if request.params.structured_outputs is not None]
+        if not rows:
+            return []
         self.settle()
-        matcher = self._matcher(request)
-        if not matcher.consume_token(token_id):
-            log.warning("request %s: token %d rejected by its grammar (%s); stopping it",
-                        request.request_id, token_id, matcher.get_error())
-            return True
-        self._consumed[request.request_id] = self._consumed.get(request.request_id, 0) + 1
-        return matcher.is_stopped()
+        matchers = [(self._matcher(request), token) for request, token in rows]
+        if self._executor is not None and len(matchers) >= PARALLEL_MIN_ROWS:
+            taken = self._executor.consume_token_par(matchers)
+        else:
+            taken = [matcher.consume_token(token) for matcher, token in matchers]
+        stopping = []
+        for (request, token), (matcher, _), ok in zip(rows, matchers, taken):
+            if not ok:
+                log.warning("request %s: token %d rejected by its grammar (%s); stopping it",
+                            request.request_id, token, matcher.get_error())
+                stopping.append(request)
+                continue
+            self._consumed[request.request_id] = self._consumed.get(request.request_id, 0) + 1
+            if matcher.is_stopped():
+                stopping.append(request)
+        return stopping
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's matcher."""
