@@ -82,7 +82,9 @@ class KVTiersConfig:
     the model weights and KV layout; ``disk_bytes`` caps it. ``write_mode``: ``back`` copies a block
     down when the pool evicts it, ``through`` as soon as it is a full cached block. ``extra``: tiers
     registered by plugins (`sagellm_register_kv_tiers`), below the built-in ones, in order, with their
-    options in ``options.<name>``.
+    options in ``options.<name>``. ``load_gate``: a prefix block found on a tier is loaded only while
+    the tier's measured load time per block is below the engine's measured prefill time per block
+    (`sagellm_core.kv.tiers.gate`); false: always load.
     """
 
     host_bytes: int = attrs.field(default=0, validator=at_least(0))
@@ -91,6 +93,7 @@ class KVTiersConfig:
     write_mode: str = attrs.field(default="back", validator=one_of("back", "through"))
     extra: list[str] = attrs.field(factory=list)
     options: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    load_gate: bool = True
 
     def names(self) -> list[str]:
         """The tiers in use, top first."""

@@ -24,6 +24,7 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.kv.tiers import disk as disk_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
+from sagellm_core.kv.tiers.gate import PROBE_EVERY, LoadGate
 from sagellm_core.kv.tiers.host import HostTier
 from sagellm_core.kv.tiers.store import TierItem, TierStore, slot_runs
 from sagellm_core.request import Request, RequestStatus
@@ -213,7 +214,10 @@ def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
     assert reopened.contains(b"k" * 16)
     path = reopened.path(b"k" * 16)
     path.write_bytes(path.read_bytes()[:-1])
-    assert reopened.get(b"k" * 16) is None and not path.exists() and reopened.stats.errors == 1
+    assert reopened.get(b"k" * 16) is None and reopened.stats.errors == 1 and not reopened.contains(b"k" * 16)
+    reopened.ready()  # the file is deleted on the writer thread
+    assert not path.exists()
+    reopened.close()
 
 
 # ---- the store: batched copies, loads that do not block the step ---------------------------------------
@@ -469,3 +473,48 @@ def test_openai_requests_pass_cache_salt_through() -> None:
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], cache_salt="t")
     assert chat.sampling_params().cache_salt == "t"
     assert CompletionRequest(prompt="hi").sampling_params().cache_salt is None
+
+
+# ---- the load gate: load a block only where that beats recomputing it ---------------------------------
+def test_load_gate_turns_down_a_tier_slower_than_recompute_and_probes_it(tmp_path: Path) -> None:
+    store, _, host, disk = store_with_pool(tmp_path, host_blocks=4)
+    gate = store.gate
+    assert gate.worth_loading(1, store.tiers, 4), "nothing measured yet: every tier is tried"
+    gate.observe_step(prefill_tokens=100, step_tokens=1000, seconds=1.0)  # decode-heavy: says nothing of prefill
+    gate.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=1e-3)
+    assert gate.token_seconds() == pytest.approx(1e-6)
+    block = host.context.block_bytes
+    host.stats.load_bytes, host.stats.load_seconds = 1000 * block, 1e-4  # 0.1 us a block
+    disk.stats.load_bytes, disk.stats.load_seconds = 1000 * block, 1.0  # 1 ms a block; recompute: 4 us
+    assert gate.worth_loading(0, store.tiers, 4)
+    decisions = [gate.worth_loading(1, store.tiers, 4) for _ in range(PROBE_EVERY * 2)]
+    assert decisions.count(True) == 2 and decisions[PROBE_EVERY - 1] and decisions[-1]
+    assert disk.stats.turned_down == 2 * PROBE_EVERY - 2 and host.stats.turned_down == 0
+    disk.stats.load_seconds = 1e-4  # the disk got fast (a warm page cache): loaded again
+    assert gate.worth_loading(1, store.tiers, 4)
+    gate.enabled = False
+    disk.stats.load_seconds = 1.0
+    assert gate.worth_loading(1, store.tiers, 4)
+    store.close()
+
+
+class FreePrefillGate(LoadGate):
+    """A gate that has measured prefill as (almost) free."""
+
+    def token_seconds(self) -> float | None:
+        return 1e-12
+
+
+def test_a_gated_tier_is_recomputed_with_the_same_tokens(tiny_models: dict[str, Path], baseline: list[list[int]],
+                                                         tmp_path: Path) -> None:
+    """Prefill measured as free, the disk tier is never worth a load: the prompts are recomputed
+    (no disk loads past the probes) and the tokens are the baseline's."""
+    engine = tiny_engine(tiny_models["llama"], disk_path=str(tmp_path))
+    engine.kv_pools[0].tiers.gate = FreePrefillGate()  # type: ignore[union-attr]
+    try:
+        disk = engine.kv_pools[0].tiers.tiers[0]  # type: ignore[union-attr]
+        disk.stats.load_bytes, disk.stats.load_seconds = 1, 1.0  # measured slow before the run
+        assert run_one_by_one(engine, workload()) == baseline
+        assert engine.get_stats()["kv_tiers"][0]["loads"] <= len(workload()) // PROBE_EVERY + 1
+    finally:
+        engine.release()

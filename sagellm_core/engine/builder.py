@@ -20,6 +20,7 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.models import loader
 from sagellm_core.kv.tiers.base import TierContext
 from sagellm_core.kv.tiers.fingerprint import kv_fingerprint, weights_signature
+from sagellm_core.kv.tiers.gate import LoadGate
 from sagellm_core.kv.tiers.store import TierStore
 from sagellm_core.models.kv_cache import kv_bytes_per_block, kv_shape, text_config
 from sagellm_core.models.runner import ModelRunner
@@ -135,7 +136,7 @@ def tier_store(config: EngineConfig, selection: PluginSelection, backend: Backen
                           config.kv_tiers)
     tiers = selection.create_kv_tiers(context)
     log.info("KV tiers under the device pool: %s (fingerprint %s)", ", ".join(t.name for t in tiers), fingerprint)
-    return TierStore(tiers, backend.device(), config.kv_tiers.write_mode)
+    return TierStore(tiers, backend.device(), config.kv_tiers.write_mode, LoadGate(enabled=config.kv_tiers.load_gate))
 
 
 def model_dtype(config: EngineConfig, backend: Backend) -> torch.dtype:

@@ -229,8 +229,17 @@ class LLMEngine:
         if synchronous:
             outputs += self._drain()
         self._progress(True)
-        self.events.step(plan, start, time.monotonic())
+        end = time.monotonic()
+        self.events.step(plan, start, end)
+        self._observe_prefill(plan, end - start)
         return outputs
+
+    def _observe_prefill(self, plan: StepPlan, seconds: float) -> None:
+        """The KV tiers' load gate learns what a prefill token costs from steps like this one."""
+        tiers = self.kv_pools[0].tiers if self.kv_pools else None
+        if tiers is not None:
+            decode = sum(1 for chunk in plan.chunks if chunk.decode)
+            tiers.gate.observe_step(plan.num_tokens - decode, plan.num_tokens, seconds)
 
     def _progress(self, made: bool) -> None:
         if made:

@@ -124,7 +124,7 @@ class KVCacheManager:
                 hits.append(block)
             else:
                 level = self.tiers.find(key) if self.tiers is not None else None
-                if level is None:
+                if level is None or not self.tiers.worth_loading(level, self.block_size):  # type: ignore[union-attr]
                     break
                 hits.below.append(BelowHit(key, chunk, block_hash, parent, level))
             hits.keys.append(key)

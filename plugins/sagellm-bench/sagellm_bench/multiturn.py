@@ -214,6 +214,8 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
     if pinned and host:
         lines.append(f"host tier load rate {host['load_bandwidth'] / 1e9:.2f} GB/s vs pinned copy "
                      f"{pinned / 1e9:.2f} GB/s ({host['load_bandwidth'] / pinned:.0%})")
+    turned_down = ", ".join(f"{t['name']} {t.get('turned_down', 0)}" for t in on["tiers"])
+    lines.append(f"lookups the load gate left to recompute (tier slower than prefill), per tier: {turned_down}")
     lines.append(f"greedy tokens identical with tiers on and off: {results['same_tokens']}")
     return lines
 

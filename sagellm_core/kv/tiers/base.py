@@ -73,7 +73,8 @@ class TierStats:
     first; device time between the copy batch's events on CUDA), for a tier below it its reads into
     host memory (background-thread time); ``stores`` blocks written here, ``evictions`` blocks given
     up, ``errors`` failed writes and corrupt reads; ``save_seconds``: step-thread time spent queueing
-    device blocks into this (top) tier and making room."""
+    device blocks into this (top) tier and making room; ``turned_down``: lookups of a block found
+    here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`)."""
 
     name: str
     num_blocks: int = 0
@@ -88,6 +89,7 @@ class TierStats:
     evictions: int = 0
     errors: int = 0
     save_seconds: float = 0.0
+    turned_down: int = 0
 
     @property
     def load_bandwidth(self) -> float:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from sagellm_core.kv.tiers.base import KVTier, TierStats
+from sagellm_core.kv.tiers.gate import LoadGate
 from sagellm_core.kv.tiers.host import HostTier
 
 STAGING_BLOCKS = 64
@@ -95,10 +96,12 @@ class TierStore:
     """Tiers top (fastest) to bottom; ``write_mode`` ``back``: a block moves down when the device
     pool evicts it; ``through``: when it becomes a full cached block."""
 
-    def __init__(self, tiers: Sequence[KVTier], device: torch.device, write_mode: str = "back") -> None:
+    def __init__(self, tiers: Sequence[KVTier], device: torch.device, write_mode: str = "back",
+                 gate: LoadGate | None = None) -> None:
         self.tiers = list(tiers)
         self.device = device
         self.write_mode = write_mode
+        self.gate = gate if gate is not None else LoadGate()
         self.pool: torch.Tensor | None = None
         self._pool_array: np.ndarray | None = None  # the CPU pool, for copies that skip torch's thread pool
         if not self.tiers:
@@ -122,6 +125,10 @@ class TierStore:
         self._pool_array = self.pool.numpy() if self.pool.device.type == "cpu" else None
 
     # ---- lookups -------------------------------------------------------------------------------
+    def worth_loading(self, level: int, block_size: int) -> bool:
+        """Whether a block found on tier ``level`` should be loaded rather than recomputed (`LoadGate`)."""
+        return self.gate.worth_loading(level, self.tiers, block_size)
+
     def find(self, key: bytes) -> int | None:
         """The level of the highest tier holding ``key`` (marked recently used), or None."""
         for level, tier in enumerate(self.tiers):

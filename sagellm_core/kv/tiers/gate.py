@@ -1,0 +1,75 @@
+"""Whether a prefix block found below the device pool is worth loading, or cheaper to recompute.
+
+A load pays the tier's read (disk, a plugin's store) and the copy up; a recompute pays prefill
+compute. Which is cheaper depends on the model and the hardware: on the CPU prefill is slow and
+every tier wins; a small model on a GPU prefills a block in microseconds while a disk read of the
+same block takes tens. The gate measures both as the engine runs (seconds per prefill token from
+prefill-heavy steps; seconds per block from each tier's own load statistics) and stops a prefix
+chain at the first block whose tier costs more than `LOAD_ALLOWANCE` times recomputing it: a load
+runs beside the compute (copy stream, reader thread) and delays only its own request, while a
+recompute takes device time from every request in the batch. A tier the gate turned down
+is still tried on one lookup in `PROBE_EVERY`, so its figure follows the hardware (a warm page
+cache, a quieter disk). Before both figures exist every tier is tried.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import attrs
+
+from sagellm_core.kv.tiers.base import KVTier
+
+PROBE_EVERY = 32
+LOAD_ALLOWANCE = 4.0  # a load may take this many times the recompute of its block
+MIN_PREFILL_SHARE = 0.5  # steps with less prefill than this share of their tokens say little about prefill
+MIN_STEP_TOKENS = 256
+DECAY = 0.8  # weight of the earlier steps in the running prefill figure
+
+
+@attrs.define
+class LoadGate:
+    """Running prefill cost and the per-tier load-or-recompute decision (``enabled`` False: always load)."""
+
+    enabled: bool = True
+    _seconds: float = 0.0
+    _tokens: float = 0.0
+    _turned_down: dict[int, int] = attrs.field(factory=dict)
+
+    def observe_step(self, prefill_tokens: int, step_tokens: int, seconds: float) -> None:
+        """Fold in one engine step (its prefill and total forward tokens, its wall time)."""
+        if step_tokens < MIN_STEP_TOKENS or prefill_tokens < MIN_PREFILL_SHARE * step_tokens or seconds <= 0:
+            return
+        self._seconds = DECAY * self._seconds + seconds
+        self._tokens = DECAY * self._tokens + step_tokens
+
+    def token_seconds(self) -> float | None:
+        """Seconds per prefill token, once a prefill-heavy step was seen."""
+        return self._seconds / self._tokens if self._tokens > 0 else None
+
+    def worth_loading(self, level: int, tiers: Sequence[KVTier], block_size: int) -> bool:
+        """Whether a block on ``tiers[level]`` should be loaded rather than recomputed."""
+        recompute = self.token_seconds()
+        load = block_load_seconds(level, tiers)
+        if not self.enabled or recompute is None or load is None or load <= LOAD_ALLOWANCE * recompute * block_size:
+            self._turned_down.pop(level, None)
+            return True
+        count = self._turned_down[level] = self._turned_down.get(level, 0) + 1
+        probe = count % PROBE_EVERY == 0
+        if not probe:
+            tiers[level].stats.turned_down += 1
+        return probe
+
+
+def block_load_seconds(level: int, tiers: Sequence[KVTier]) -> float | None:
+    """Measured seconds to bring one block from ``tiers[level]`` into the device pool: the load time
+    per byte of every tier from the top down to it (a block read from below is copied up through the
+    top tier's path, whose figure counts every block copied up), times a block's bytes; None until
+    each of them has loaded something."""
+    per_byte = 0.0
+    for tier in tiers[: level + 1]:
+        stats = tier.stats
+        if stats.load_bytes <= 0 or stats.load_seconds <= 0:
+            return None
+        per_byte += stats.load_seconds / stats.load_bytes
+    return per_byte * tiers[0].context.block_bytes
