@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 names=(cattrs gguf fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn pyzmq
-       llguidance compressed-tensors loguru openai jiter distro sniffio jsonschema jsonschema-specifications
+       llguidance compressed-tensors loguru opentelemetry-api openai jiter distro sniffio jsonschema jsonschema-specifications
        referencing rpds-py anyio h11)
 pins=()
 for name in "${names[@]}"; do

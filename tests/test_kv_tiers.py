@@ -271,13 +271,19 @@ def test_store_saves_in_one_flush_and_loads_back_from_host_and_disk(tmp_path: Pa
     store.close()
 
 
-def test_a_corrupt_file_ends_the_loaded_chain_there(tmp_path: Path) -> None:
-    store, pool, host, disk = store_with_pool(tmp_path, host_blocks=1)
+def stored_chain(directory: Path, host_blocks: int) -> tuple[TierStore, HostTier, DiskTier, list[TierItem]]:
+    """A store over ``host_blocks`` host slots and a disk tier holding a saved chain of 6 blocks."""
+    store, _, host, disk = store_with_pool(directory, host_blocks=host_blocks)
     saved = items_for(list(range(6)))
     for item in saved:
         store.save(item)
     store.flush()
     store.ready()
+    return store, host, disk, saved
+
+
+def test_a_corrupt_file_ends_the_loaded_chain_there(tmp_path: Path) -> None:
+    store, host, disk, saved = stored_chain(tmp_path, host_blocks=1)
     on_disk = [i for i, item in enumerate(saved) if disk.path(item.key).exists() and not host.contains(item.key)]
     assert on_disk, "the one-slot host tier handed blocks down"
     broken = on_disk[0]
@@ -292,12 +298,7 @@ def test_a_corrupt_file_ends_the_loaded_chain_there(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_load_gives_its_host_slots_back(tmp_path: Path) -> None:
-    store, pool, host, disk = store_with_pool(tmp_path, host_blocks=2)
-    saved = items_for(list(range(6)))
-    for item in saved:
-        store.save(item)
-    store.flush()
-    store.ready()
+    store, host, disk, saved = stored_chain(tmp_path, host_blocks=2)
     ticket = store.start_load([TierItem(8 + i, item.key, item.token_ids) for i, item in enumerate(saved)])
     store.cancel(ticket)
     store.ready()  # the reads land; the cancelled ticket's slots are resolved
