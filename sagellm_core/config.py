@@ -83,8 +83,8 @@ class KVTiersConfig:
     down when the pool evicts it, ``through`` as soon as it is a full cached block. ``extra``: tiers
     registered by plugins (`sagellm_register_kv_tiers`), below the built-in ones, in order, with their
     options in ``options.<name>``. ``load_gate``: a prefix block found on a tier is loaded only while
-    the tier's measured load time per block is below the engine's measured prefill time per block
-    (`sagellm_core.kv.tiers.gate`); false: always load.
+    the tier's measured load time per block stays within 4x the engine's measured prefill time per
+    block (`sagellm_core.kv.tiers.gate`); false: always load.
     """
 
     host_bytes: int = attrs.field(default=0, validator=at_least(0))
