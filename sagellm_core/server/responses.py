@@ -16,7 +16,7 @@ import attrs
 from sagellm_core.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per event
 
 
 @attrs.define
@@ -57,11 +57,11 @@ class Formatter(ABC):
         """`chunk` as one server-sent event (``data: {json}\\n\\n``): the envelope's JSON is made once
         per response, only the choices per event."""
         if not self._event_head:
-            head = _compact({"id": self.response_id, "object": self.chunk_object_name, "created": self.created,
+            head = compact_json({"id": self.response_id, "object": self.chunk_object_name, "created": self.created,
                              "model": self.model})
             self._event_head = f"data: {head[:-1]},\"choices\":"
         tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
-        return self._event_head + _compact(choices) + tail
+        return self._event_head + compact_json(choices) + tail
 
     def envelope(self, object_name: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model,

@@ -6,7 +6,6 @@ An engine error after the stream started (the engine died, the server shuts down
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -15,10 +14,9 @@ from sagellm_core.errors import SageLLMError
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.server.errors import from_engine_error
 from sagellm_core.server.jobs import Job, merge
-from sagellm_core.server.responses import ChoiceCursor, Formatter
+from sagellm_core.server.responses import ChoiceCursor, Formatter, compact_json
 
 DONE = "data: [DONE]\n\n"
-compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per event
 
 
 def sse(payload: dict[str, Any]) -> str:
