@@ -5,6 +5,7 @@ a real tokenizer, on a synchronous and an async-scheduling engine."""
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,8 @@ from typing import Iterator
 import jsonschema
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import engine_config
 from sagellm_core.errors import InvalidRequestError
@@ -319,3 +322,46 @@ def test_prepared_masks_equal_masks_computed_when_applied(tokenizer_model: Path,
     structured.prepare(requests, logits.device)  # prepared but never applied (a failed step)
     structured.settle()
     assert structured._prepared is None and structured.stats.masked_steps == 2
+
+
+# ---- randomized: constrained and free requests under preemption and aborts ------------------------
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(6, 20), async_scheduling=st.sampled_from(["on", "off"]))
+def test_randomized_constrained_workloads_keep_their_grammars(tokenizer_model: Path, seed: int, num_blocks: int,
+                                                              async_scheduling: str) -> None:
+    """Choice, regex and free requests share a small KV pool (preemption) with random aborts: every
+    request ends once, a constrained one that stops holds its constraint, no mask comes from a grammar
+    that missed a token (that raises), and every block ends free."""
+    rng = random.Random(seed)
+    engine = LLMEngine(engine_config(tokenizer_model, kv_cache={"block_size": 4, "num_blocks": num_blocks},
+                                     scheduler={"max_num_batched_tokens": 16, "async_scheduling": async_scheduling}))
+    checks = {"choice": lambda t: t in ("red", "green", "blue"), "regex": lambda t: re.fullmatch(r"[a-z]{1,6}-\d\d", t)}
+    constraints = {"choice": {"choice": ["red", "green", "blue"]}, "regex": {"regex": r"[a-z]{1,6}-\d\d"}}
+    kinds, ids = {}, []
+    for i in range(rng.randint(3, 8)):
+        kind = rng.choice(["choice", "regex", "free"])
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i, max_tokens=rng.randint(4, 16),
+                                structured_outputs=constraints.get(kind))
+        rid = engine.add_request(engine.encode(rng.choice(["Pick:", "Name one", "x"])), params)
+        kinds[rid] = kind
+        ids.append(rid)
+    finals: dict[str, object] = {}
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        assert steps < 2000
+        if rng.random() < 0.05 and engine.groups:
+            engine.abort(rng.choice(sorted(engine.groups)))
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals, "finished twice"
+                finals[out.request_id] = out
+        for pool in engine.kv_pools:
+            pool.check_invariants()
+    assert sorted(finals) == sorted(ids)
+    for rid, out in finals.items():
+        completion = out.outputs[0]  # type: ignore[attr-defined]
+        if kinds[rid] != "free" and completion.finish_reason == "stop":
+            assert checks[kinds[rid]](completion.text), (kinds[rid], completion.text)
+    assert all(pool.stats().used_blocks == 0 for pool in engine.kv_pools)
+    engine.release()

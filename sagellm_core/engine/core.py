@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 import torch
@@ -41,7 +41,6 @@ from sagellm_core.request import Request, RequestStatus
 from sagellm_core.request_state import CompletionState, RequestGroup
 from sagellm_core.sampling import Logprobs, PendingSample
 from sagellm_core.sampling_params import SamplingParams
-from sagellm_core.schedulers.base import TokenUpdate
 from sagellm_core.structured.manager import StructuredOutputs
 
 _request_counter = itertools.count()
@@ -291,8 +290,9 @@ class LLMEngine:
         """Read the step in flight (waits for the device), accept its tokens, return the outputs.
 
         ``masks_for``: the rows of the step about to sample (on ``device``); once the grammars have
-        taken the tokens read here, its masks start filling on the structured outputs' helper thread
-        while this thread processes the outputs."""
+        taken the tokens read here (before the scheduler does), its masks start filling on the
+        structured outputs' helper thread while this thread updates the requests and processes the
+        outputs."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
@@ -301,22 +301,29 @@ class LLMEngine:
         tock = time.perf_counter()
         self.phase_seconds["sample"] += tock - tick
         request_ids = [r.request_id for r in inflight.sample.requests]
-        updates = self.scheduler.update_from_output(inflight.plan, token_ids, request_ids)
-        self._advance_grammars(updates)
+        complete = self._advance_grammars(request_ids, token_ids)
         if masks_for is not None and device is not None:
             self.structured.prepare(masks_for, device)
+        updates = self.scheduler.update_from_output(inflight.plan, token_ids, request_ids)
+        for request in complete:
+            if not request.is_finished:
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
         self.outputs.process(updates, dict(zip(request_ids, logprobs)), time.monotonic())
         self.events.tokens_since_step += len(updates)
         outputs = self.outputs.take_outputs()
         self.phase_seconds["update"] += time.perf_counter() - tock
         return outputs
 
-    def _advance_grammars(self, updates: list[TokenUpdate]) -> None:
-        """Constrained requests: the grammar takes each accepted token; a complete (or broken) one ends
-        its request."""
-        for request in self.structured.on_tokens([(update.request, update.token_id) for update in updates]):
-            if not request.is_finished:
-                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+    def _advance_grammars(self, request_ids: list[str], token_ids: Sequence[int]) -> list[Request]:
+        """Constrained requests that accept their token (as `update_from_output` will): the grammar
+        takes it; returns those whose grammar is now complete (or broken), which must end once the
+        scheduler has their token."""
+        accepted = []
+        for request_id, token_id in zip(request_ids, token_ids):
+            request = self.scheduler.awaiting_token(request_id)
+            if request is not None and request.params.structured_outputs is not None:
+                accepted.append((request, int(token_id)))
+        return self.structured.on_tokens(accepted) if accepted else []
 
     def _on_finished(self, group: RequestGroup, state: CompletionState) -> None:
         self.sampler.forget(state.request.request_id)

@@ -168,8 +168,8 @@ class Scheduler:
         if request_ids is None:
             request_ids = [c.request_id for c in plan.sampled]
         for request_id, token_id in zip(request_ids, token_ids):
-            request = self.requests.get(request_id)
-            if request is None or request.num_placeholders == 0:
+            request = self.awaiting_token(request_id)
+            if request is None:
                 continue  # ended while the step ran
             count = request.resolve_pending_token(token_id)
             params = request.params
@@ -186,6 +186,12 @@ class Scheduler:
             updates.append(TokenUpdate(request, token_id, visible, may_stop))
         self._cache_blocks(c.request_id for c in plan.chunks)
         return updates
+
+    def awaiting_token(self, request_id: str) -> Request | None:
+        """The request whose step in flight will accept its sampled token (`update_from_output`), or
+        None when it ended while the step ran (its token is dropped)."""
+        request = self.requests.get(request_id)
+        return request if request is not None and request.num_placeholders > 0 else None
 
     def _cache_blocks(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
