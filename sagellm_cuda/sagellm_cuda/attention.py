@@ -68,6 +68,7 @@ CUDA-graph contract (decode path, i.e. a step with ``num_decodes == num_seqs``):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -376,8 +377,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def widen_to_f16(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernels widen an fp8 cache to fp16 (and the bf16 query with it) for their dots: on
     Hopper E4M3 -> fp16 is one conversion per pair of codes, E4M3 -> bf16 goes through fp16 and fp32.
-    Queries of any realistic magnitude fit fp16; the softmax and the accumulators stay fp32."""
-    return query.dtype == torch.bfloat16 and k_cache.dtype == torch.float8_e4m3fn
+    Queries of any realistic magnitude fit fp16; the softmax and the accumulators stay fp32.
+
+    Opt-in (``SAGELLM_FP8_ATTN_F16=1``) until it has run on a GPU: written after the last device
+    run, it is untested there; the default keeps the measured bf16 path."""
+    return (os.environ.get("SAGELLM_FP8_ATTN_F16") == "1" and query.dtype == torch.bfloat16
+            and k_cache.dtype == torch.float8_e4m3fn)
 
 
 def _check_inputs(query, k_cache, v_cache) -> None:
