@@ -6,7 +6,7 @@
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
-# tiers: `sagellm bench multiturn`, Qwen3-0.6B, working set 5x the device pool (issue 14);
+# tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
 # gpunew: the GPU tests of the KV tiers' copy stream and of structured outputs, in one pytest run;
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
@@ -82,9 +82,9 @@ for name in "$@"; do
                --kv-cache-dtype "$kv" --output-dir "$logs/throughput-$kv"
            done ;;
     tiers) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
-           part tiers 100 sagellm bench multiturn --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 \
+           part tiers 150 sagellm bench multiturn --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 \
              --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 --disk-tier-path "$disk" \
-             --output-dir "$logs/tiers"
+             --ungated --output-dir "$logs/tiers"
            grep -iE "hit rate|bandwidth|load rate" "$logs/tiers.log" | head -10
            rm -rf "$disk" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \

@@ -234,6 +234,8 @@ def _add_multiturn(benches: argparse._SubParsersAction) -> None:
                         help="device KV pool = working set / this (unless --num-kv-blocks is given)")
     parser.add_argument("--host-tier-bytes", type=int, default=None, help="default: twice the device pool")
     parser.add_argument("--disk-tier-path", default=None, help="default: a temporary directory")
+    parser.add_argument("--ungated", action="store_true",
+                        help="also run the tiers with the load gate off (kv_tiers.load_gate: false)")
     _add_common(parser, temperature=0.0)
     parser.set_defaults(bench_run=_run_multiturn)
 
@@ -246,7 +248,7 @@ def _run_multiturn(args: argparse.Namespace) -> int:
             num_conversations=args.num_conversations, num_turns=args.num_turns, system_len=args.system_len,
             user_len=args.user_len, output_len=args.output_len, working_set_factor=args.working_set_factor,
             host_bytes=args.host_tier_bytes, disk_path=args.disk_tier_path, seed=_seed(args, config),
-            temperature=args.temperature, output_dir=args.output_dir)
+            temperature=args.temperature, output_dir=args.output_dir, ungated=args.ungated)
         multiturn.run(config, options, args)
     return 0
 

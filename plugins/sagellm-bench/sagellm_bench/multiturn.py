@@ -11,6 +11,7 @@ the benchmark's own block trace at the device pool's capacity.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -30,6 +31,7 @@ from sagellm_core.quant import kv_cache_dtype
 from sagellm_core.sampling_params import SamplingParams
 
 MODES = ("device-only", "tiers")
+UNGATED = "tiers, no load gate"
 
 
 @attrs.frozen
@@ -45,6 +47,10 @@ class MultiturnOptions:
     seed: int = 0
     temperature: float = 0.0
     output_dir: str = "bench_results"
+    ungated: bool = False  # a third run: tiers with kv_tiers.load_gate off
+
+    def modes(self) -> tuple[str, ...]:
+        return MODES + ((UNGATED,) if self.ungated else ())
 
     def max_prompt_len(self) -> int:
         return self.system_len + self.num_turns * (self.user_len + self.output_len)
@@ -74,13 +80,16 @@ def run(config: EngineConfig, options: MultiturnOptions, args: argparse.Namespac
     setup: dict[str, Any] = {}
     trace: list[list[int]] = []
     with tempfile.TemporaryDirectory(prefix="sagellm-kv-disk-") as scratch:
-        for mode in MODES:
+        for mode in options.modes():
             mode_config = base if mode == "device-only" else _with_tiers(base, options, blocks, scratch)
+            if mode == UNGATED:  # its own disk directory: nothing left by the gated run
+                disk = os.path.join(mode_config.kv_tiers.disk_path or scratch, "ungated")
+                mode_config = mode_config.evolve(kv_tiers={"load_gate": False, "disk_path": disk})
             with engine_session(mode_config) as llm:
                 warmup(llm, llm.engine.vocab_size)
                 results[mode], outputs[mode], trace = _run_mode(llm, options, mode)
                 setup = {**describe_engine(llm), "device_kv_blocks": blocks,
-                         "kv_tiers": mode_config.kv_tiers.names() if mode == "tiers" else []}
+                         "kv_tiers": mode_config.kv_tiers.names() if mode != "device-only" else []}
                 if mode == "tiers":
                     setup["host_bytes"] = mode_config.kv_tiers.host_bytes
                     results[mode]["pinned_copy_bytes_per_s"] = pinned_copy_bandwidth(llm)
@@ -188,10 +197,14 @@ def _describe(options: MultiturnOptions) -> str:
             f"per turn")
 
 
+def _modes(results: dict[str, Any]) -> list[str]:
+    return [mode for mode in (*MODES, UNGATED) if mode in results]
+
+
 def _tables(results: dict[str, Any]) -> list[Table]:
     main = Table("Multi-turn conversations", ["mode", "mean TTFT ms", "p99 TTFT ms", "output tok/s",
                                               "combined hit rate", "hit rate per tier", "load GB/s per tier"])
-    for mode in MODES:
+    for mode in _modes(results):
         r = results[mode]
         per_tier = ", ".join(f"{k} {v:.3f}" for k, v in r["hit_rate"].items())
         loads = ", ".join(f"{t['name']} {t['load_bandwidth'] / 1e9:.2f}" for t in r["tiers"]) or "-"
@@ -216,6 +229,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
                      f"{pinned / 1e9:.2f} GB/s ({host['load_bandwidth'] / pinned:.0%})")
     turned_down = ", ".join(f"{t['name']} {t.get('turned_down', 0)}" for t in on["tiers"])
     lines.append(f"lookups the load gate left to recompute (tier slower than prefill), per tier: {turned_down}")
+    ungated = results.get(UNGATED)
+    if ungated is not None:
+        lines.append(f"output tok/s tiers with / without the load gate: "
+                     f"{on['output_tokens_per_s'] / ungated['output_tokens_per_s']:.2f}x")
     lines.append(f"greedy tokens identical with tiers on and off: {results['same_tokens']}")
     return lines
 
@@ -230,9 +247,9 @@ def _notes() -> list[str]:
 
 def _figures(results: dict[str, Any]) -> dict[str, Any]:
     panels = {
-        "combined hit rate": {m: results[m]["combined_hit_rate"] for m in MODES},
-        "mean TTFT ms": {m: results[m]["ttft_ms"].get("mean", 0.0) for m in MODES},
-        "output tok/s": {m: results[m]["output_tokens_per_s"] for m in MODES},
+        "combined hit rate": {m: results[m]["combined_hit_rate"] for m in _modes(results)},
+        "mean TTFT ms": {m: results[m]["ttft_ms"].get("mean", 0.0) for m in _modes(results)},
+        "output tok/s": {m: results[m]["output_tokens_per_s"] for m in _modes(results)},
         "policy hit rate": dict(results["policies"]),
     }
     return {"tiers": panel_bars(panels, "Multi-turn conversations: KV tiers off and on")}

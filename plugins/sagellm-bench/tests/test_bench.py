@@ -83,7 +83,7 @@ def test_prefix_policies(tiny_llama: Path, tmp_path: Path) -> None:
 def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
     args = ["bench", "multiturn", "--model", str(tiny_llama), "--backend", "cpu", "--dtype", "float32",
             "--num-conversations", "6", "--num-turns", "3", "--system-len", "32", "--user-len", "8",
-            "--output-len", "4", "--output-dir", str(tmp_path)]
+            "--output-len", "4", "--ungated", "--output-dir", str(tmp_path)]
     assert main(args) == 0
     data = json.loads((tmp_path / "multiturn.json").read_text())
     results, setup = data["results"], data["setup"]
@@ -95,6 +95,9 @@ def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
     assert on["combined_hit_rate"] > off["combined_hit_rate"]
     assert on["hit_rate"]["host"] + on["hit_rate"]["disk"] > 0
     assert set(results["policies"]) == {"lru", "lfu", "arc", "s3fifo"}
+    ungated = results["tiers, no load gate"]  # a fresh disk directory: the same hits as the gated run
+    assert ungated["completed"] == 18 and ungated["hit_rate"] == on["hit_rate"]
+    assert all(tier["turned_down"] == 0 for tier in ungated["tiers"])
     assert list(tmp_path.glob("multiturn_*.png"))
 
 
