@@ -82,6 +82,28 @@ def run_engine(engine: Any, prompts: list[list[int]], params: Any, check_every_s
     return [finals[i] for i in ids]
 
 
+def drive_with_aborts(engine: Any, rng: Any, abort_rate: float, max_steps: int = 2000) -> dict[str, Any]:
+    """Step to completion, aborting a random live request with probability ``abort_rate`` per step and
+    checking the KV invariants after every step; the final outputs by id (each exactly once), every
+    block free at the end."""
+    finals: dict[str, Any] = {}
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        assert steps < max_steps, "no progress"
+        if rng.random() < abort_rate and engine.groups:
+            engine.abort(rng.choice(sorted(engine.groups)))
+        for out in engine.step():
+            assert all(t >= 0 for c in out.outputs for t in c.token_ids)
+            if out.finished:
+                assert out.request_id not in finals, "finished twice"
+                finals[out.request_id] = out
+        for pool in engine.kv_pools:
+            pool.check_invariants()
+    assert all(pool.stats().used_blocks == 0 for pool in engine.kv_pools)
+    return finals
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2 checkpoint converted to safetensors (converted once per machine)."""

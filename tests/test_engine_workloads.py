@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import engine_config, graph_engine, run_engine, unvalidated
+from conftest import drive_with_aborts, engine_config, graph_engine, run_engine, unvalidated
 from sagellm_core.engine import LLMEngine
 from sagellm_core.engine.events import IDLE_EVENT_INTERVAL, EngineEvents
 from sagellm_core.errors import ConfigError, InvalidRequestError, PromptTooLongError
@@ -23,21 +23,7 @@ EXACT = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 def drive(engine: LLMEngine, max_steps: int = 3000) -> dict[str, object]:
     """Step to completion checking the KV invariants after every step; final outputs by id."""
-    finals: dict[str, object] = {}
-    steps = 0
-    while engine.has_unfinished():
-        steps += 1
-        assert steps < max_steps, "no progress"
-        for out in engine.step():
-            assert all(t >= 0 for c in out.outputs for t in c.token_ids)
-            if out.finished:
-                assert out.request_id not in finals, "finished twice"
-                finals[out.request_id] = out
-        for pool in engine.kv_pools:
-            pool.check_invariants()
-    for pool in engine.kv_pools:
-        assert pool.stats().used_blocks == 0
-    return finals
+    return drive_with_aborts(engine, random.Random(0), 0.0, max_steps)
 
 
 @settings(max_examples=10, deadline=None)
@@ -94,21 +80,7 @@ def test_engine_randomized_aborts_and_preemption_leak_nothing(tiny_engine_dir: P
             ids.append(engine.add_request(prompt, params, priority=rng.randint(0, 3)))
         except PromptTooLongError:
             assert len(prompt) + params.max_tokens > engine.admission.pool_tokens  # rejected, not lost
-    finished: list[str] = []
-    steps = 0
-    while engine.has_unfinished():
-        steps += 1
-        assert steps < 2000
-        if rng.random() < 0.1 and engine.groups:
-            engine.abort(rng.choice(sorted(engine.groups)))
-        outputs = engine.step()
-        finished += [o.request_id for o in outputs if o.finished]
-        assert all(t >= 0 for o in outputs for c in o.outputs for t in c.token_ids)
-        for pool in engine.kv_pools:
-            pool.check_invariants()
-    assert sorted(finished) == sorted(ids)
-    for pool in engine.kv_pools:
-        assert pool.stats().used_blocks == 0
+    assert sorted(drive_with_aborts(engine, rng, 0.1)) == sorted(ids)
 
 
 # ---- issue 10: livelock, admission, start-up limits --------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import engine_config
+from conftest import drive_with_aborts, engine_config
 from sagellm_core.errors import InvalidRequestError
 from sagellm_core.llm import LLM
 from sagellm_core.sampling_params import SamplingParams
@@ -345,23 +345,10 @@ def test_randomized_constrained_workloads_keep_their_grammars(tokenizer_model: P
         rid = engine.add_request(engine.encode(rng.choice(["Pick:", "Name one", "x"])), params)
         kinds[rid] = kind
         ids.append(rid)
-    finals: dict[str, object] = {}
-    steps = 0
-    while engine.has_unfinished():
-        steps += 1
-        assert steps < 2000
-        if rng.random() < 0.05 and engine.groups:
-            engine.abort(rng.choice(sorted(engine.groups)))
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in finals, "finished twice"
-                finals[out.request_id] = out
-        for pool in engine.kv_pools:
-            pool.check_invariants()
+    finals = drive_with_aborts(engine, rng, 0.05)
     assert sorted(finals) == sorted(ids)
     for rid, out in finals.items():
-        completion = out.outputs[0]  # type: ignore[attr-defined]
+        completion = out.outputs[0]
         if kinds[rid] != "free" and completion.finish_reason == "stop":
             assert checks[kinds[rid]](completion.text), (kinds[rid], completion.text)
-    assert all(pool.stats().used_blocks == 0 for pool in engine.kv_pools)
     engine.release()
