@@ -67,6 +67,11 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks)
 
     @property
+    def num_decode_tokens(self) -> int:
+        """Query tokens of decode chunks (one each); the rest of `num_tokens` is prefill."""
+        return sum(1 for c in self.chunks if c.decode)
+
+    @property
     def is_empty(self) -> bool:
         return not self.chunks and not self.transfers
 

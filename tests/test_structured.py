@@ -288,7 +288,7 @@ def test_a_mask_for_a_grammar_behind_its_request_is_refused(tokenizer_model: Pat
     request.output_token_ids = [token, PENDING_TOKEN]  # the token read, a new step planned
     with pytest.raises(manager.StaleGrammarError):
         structured.apply(logits, [request])
-    assert not structured.on_token(request, token)
+    assert structured.on_tokens([(request, token)]) == []  # taken; the grammar goes on
     assert torch.isinf(structured.apply(logits, [request])).any()
     request.output_token_ids = [token, PENDING_TOKEN, PENDING_TOKEN]  # one in flight, one planned
     with pytest.raises(manager.StaleGrammarError):
@@ -310,7 +310,7 @@ def test_prepared_masks_equal_masks_computed_when_applied(tokenizer_model: Path,
     requests = [Request(f"r{i}", [1], p, max_tokens=10, output_token_ids=[PENDING_TOKEN])
                 for i, p in enumerate([params, free, params])]
     for token in tokenizer.encode('{"name": "', add_special_tokens=False):
-        assert not structured.on_token(requests[2], token)
+        assert structured.on_tokens([(requests[2], token)]) == []
     requests[2].output_token_ids = [0] * structured._consumed["r2"] + [PENDING_TOKEN]
     logits = torch.randn(3, len(tokenizer))
     computed = structured.apply(logits, requests)

@@ -237,8 +237,8 @@ class LLMEngine:
         """The KV tiers' load gate learns what a prefill token costs from steps like this one."""
         tiers = self.kv_pools[0].tiers if self.kv_pools else None
         if tiers is not None:
-            decode = sum(1 for chunk in plan.chunks if chunk.decode)
-            tiers.gate.observe_step(plan.num_tokens - decode, plan.num_tokens, seconds)
+            total = plan.num_tokens
+            tiers.gate.observe_step(total - plan.num_decode_tokens, total, seconds)
 
     def _progress(self, made: bool) -> None:
         if made:

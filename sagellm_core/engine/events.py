@@ -37,7 +37,7 @@ class EngineEvents:
             self._last_idle_event = end
         self.step_counter += 1
         num_output_tokens, self.tokens_since_step = self.tokens_since_step, 0
-        decode_tokens = sum(1 for c in plan.chunks if c.decode)
+        decode_tokens = plan.num_decode_tokens
         event = StepEvent(
             step=self.step_counter, start_time=start, end_time=end, num_seqs=len(plan.chunks),
             num_decode_tokens=decode_tokens, num_prefill_tokens=plan.num_tokens - decode_tokens,

@@ -123,8 +123,8 @@ class KVCacheManager:
             if block is not None and block.key == (parent, chunk):
                 hits.append(block)
             else:
-                level = self.tiers.find(key) if self.tiers is not None else None
-                if level is None or not self.tiers.worth_loading(level, self.block_size):  # type: ignore[union-attr]
+                level = self.tiers.find_loadable(key, self.block_size) if self.tiers is not None else None
+                if level is None:
                     break
                 hits.below.append(BelowHit(key, chunk, block_hash, parent, level))
             hits.keys.append(key)

@@ -262,15 +262,10 @@ class StructuredOutputs:
         else:
             self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
 
-    def on_token(self, request: Request, token_id: int) -> bool:
-        """Advance ``request``'s grammar by an accepted token; True when the grammar is complete
-        (nothing but EOS may follow) or the token broke it (then the request must stop)."""
-        return bool(self.on_tokens([(request, token_id)]))
-
     def on_tokens(self, accepted: list[tuple[Request, int]]) -> list[Request]:
         """Advance the grammars of the constrained requests among ``accepted`` (request, token) pairs,
         in llguidance's pool from `PARALLEL_MIN_ROWS` rows; the requests that must stop (grammar
-        complete, or the token broke it)."""
+        complete: nothing but EOS may follow, or the token broke it)."""
         rows = [(request, token) for request, token in accepted if request.params.structured_outputs is not None]
         if not rows:
             return []

@@ -125,9 +125,10 @@ class TierStore:
         self._pool_array = self.pool.numpy() if self.pool.device.type == "cpu" else None
 
     # ---- lookups -------------------------------------------------------------------------------
-    def worth_loading(self, level: int, block_size: int) -> bool:
-        """Whether a block found on tier ``level`` should be loaded rather than recomputed (`LoadGate`)."""
-        return self.gate.worth_loading(level, self.tiers, block_size)
+    def find_loadable(self, key: bytes, block_size: int) -> int | None:
+        """`find`, then None unless loading the block from that tier beats recomputing it (`LoadGate`)."""
+        level = self.find(key)
+        return level if level is not None and self.gate.worth_loading(level, self.tiers, block_size) else None
 
     def find(self, key: bytes) -> int | None:
         """The level of the highest tier holding ``key`` (marked recently used), or None."""
