@@ -86,10 +86,7 @@ class HostTier(KVTier):
         """Take a free slot for ``key`` (the caller fills it in copy-stream order); it is findable at
         once. Only when `has_room`."""
         slot = self.free_slots.pop()
-        self.slots[key] = slot
-        self.tokens[slot] = token_ids
-        self.stats.stores += 1
-        self._count()
+        self._hold(key, slot, token_ids)
         return slot
 
     def reserve_filling(self) -> int | None:
@@ -106,6 +103,10 @@ class HostTier(KVTier):
         if self.contains(key):
             self.free_slots.append(slot)
             return
+        self._hold(key, slot, token_ids)
+
+    def _hold(self, key: bytes, slot: int, token_ids: tuple[int, ...]) -> None:
+        """``slot`` holds ``key``'s block, findable and most recently used."""
         self.slots[key] = slot
         self.tokens[slot] = token_ids
         self.stats.stores += 1
