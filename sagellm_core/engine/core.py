@@ -301,7 +301,7 @@ class LLMEngine:
         tock = time.perf_counter()
         self.phase_seconds["sample"] += tock - tick
         request_ids = [r.request_id for r in inflight.sample.requests]
-        complete = self._advance_grammars(request_ids, token_ids)
+        complete = self._advance_grammars(inflight.sample.requests, token_ids)
         if masks_for is not None and device is not None:
             self.structured.prepare(masks_for, device)
         updates = self.scheduler.update_from_output(inflight.plan, token_ids, request_ids)
@@ -314,15 +314,13 @@ class LLMEngine:
         self.phase_seconds["update"] += time.perf_counter() - tock
         return outputs
 
-    def _advance_grammars(self, request_ids: list[str], token_ids: Sequence[int]) -> list[Request]:
+    def _advance_grammars(self, requests: list[Request], token_ids: Sequence[int]) -> list[Request]:
         """Constrained requests that accept their token (as `update_from_output` will): the grammar
         takes it; returns those whose grammar is now complete (or broken), which must end once the
         scheduler has their token."""
-        accepted = []
-        for request_id, token_id in zip(request_ids, token_ids):
-            request = self.scheduler.awaiting_token(request_id)
-            if request is not None and request.params.structured_outputs is not None:
-                accepted.append((request, int(token_id)))
+        accepted = [(request, int(token_id)) for request, token_id in zip(requests, token_ids)
+                    if request.params.structured_outputs is not None
+                    and self.scheduler.awaiting_token(request.request_id) is request]
         return self.structured.on_tokens(accepted) if accepted else []
 
     def _on_finished(self, group: RequestGroup, state: CompletionState) -> None:
