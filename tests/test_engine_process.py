@@ -137,6 +137,9 @@ def test_serve_with_two_front_end_processes(model_dir: Path, tmp_path: Path) -> 
                 return False
 
         wait_until(healthy, 300, interval=0.2, what="the server to answer")
+        for _ in range(8):  # new connections, whichever front end accepts: only ready ones accept
+            with httpx.Client() as http:
+                assert http.get(url + "/v1/models", headers=headers, timeout=TIMEOUT).status_code == 200
         for index in range(4):
             out = httpx.post(url + "/v1/completions", headers=headers, timeout=TIMEOUT,
                              json={"model": MODEL, "prompt": [1, 2, 3 + index], "max_tokens": 3, "ignore_eos": True})

@@ -139,12 +139,12 @@ def run_frontend(spec: FrontendSpec, sock: socket.socket) -> None:
     logging.basicConfig(level=spec.log_level.upper(),
                         format="%(levelname)s %(name)s[front end %(process)d]: %(message)s")
 
-    def connect() -> EngineClient:
-        return EngineClient(spec.config, spec.infos, spec.engine_inputs, spec.frontend_outputs[spec.index],
-                            frontend_index=spec.index, input_workers=spec.input_workers,
-                            stall_timeout_s=spec.stall_timeout_s)
-
-    app = create_app(connect, served_model_name=spec.served_model_name, owns_llm=True, settings=spec.settings,
+    # Connected before accepting: the socket is shared, so a front end that accepted while still loading
+    # would answer the clients the ready ones could serve with 503s.
+    client = EngineClient(spec.config, spec.infos, spec.engine_inputs, spec.frontend_outputs[spec.index],
+                          frontend_index=spec.index, input_workers=spec.input_workers,
+                          stall_timeout_s=spec.stall_timeout_s)
+    app = create_app(client, served_model_name=spec.served_model_name, owns_llm=True, settings=spec.settings,
                      address=spec.address, topology=spec.topology)
     server = make_server(app, spec.config, spec.settings, spec.log_level)
     server.run(sockets=[sock])

@@ -164,12 +164,17 @@ def goodput(timings: list[RequestTiming], elapsed: float, slo_ttft_ms: float | N
     return sum(1 for t in timings if meets(t)) / elapsed if elapsed else 0.0
 
 
-async def _model_name(client: Any, base_url: str) -> str:
-    try:
+async def _model_name(client: Any, base_url: str, attempts: int = 60) -> str:
+    """The served model's name from ``/v1/models``; a server still loading (503) is asked again once a
+    second, anything else is an error (a guessed name would turn every request into a 404)."""
+    for _ in range(attempts):
         response = await client.get(f"{base_url}/v1/models")
-        return str(response.json()["data"][0]["id"])
-    except Exception:
-        return "default"
+        if response.status_code != 503:
+            break
+        await asyncio.sleep(1.0)
+    if response.status_code != 200:
+        raise RuntimeError(f"GET {base_url}/v1/models answered {response.status_code}: {response.text[:300]}")
+    return str(response.json()["data"][0]["id"])
 
 
 def cpu_use(client_s: float, before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, Any]:
