@@ -52,7 +52,7 @@ for name in "$@"; do
                 --output-dir "$logs/sampling" ;;
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
              "${nano[@]}" --request-rate inf 16 --output-dir "$logs/serve" ;;
-    serve-llama) part serve-llama 170 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
+    serve-llama) part serve-llama 300 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
                    "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-llama"
                  grep -E "CPU seconds|server/offline|api_server_count" "$logs/serve-llama.log" | tail -5 ;;
     serve-inf) part serve-inf 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import attrs
@@ -76,7 +77,10 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         dtype = model_dtype(config, backend)
         source = loader.resolve(config.model.path, config.model.gguf_file)
         tokenizer = loader.load_tokenizer(source, config.model.tokenizer)
+        load_start = time.perf_counter()
         model = loader.load_model(source, dtype, backend.device(), config.model.load_format, backend=backend)
+        log.info("loaded %s (%s weights) in %.1f s", source.directory.name, config.model.load_format,
+                 time.perf_counter() - load_start)
         if layout is not None:
             prepare_model(model, 0, layout)
         quantization = quantize_loaded_model(model, config.model, backend, dtype, source)

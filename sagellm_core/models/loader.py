@@ -187,14 +187,20 @@ def load_model(source: ModelSource, dtype: Any, device: Any, load_format: str = 
 
 
 def _randomize(model: Any) -> None:
-    """Small random weights (std 0.02, norms at 1) so a dummy model produces varied tokens."""
+    """Small random weights (std 0.02, norms at 1) so a dummy model produces varied tokens. Drawn on
+    the model's device from a generator seeded 0: every process loading the same shape on the same
+    kind of device gets the same weights (data-parallel replicas, PD instances), and an 8B shape takes
+    seconds, not the minutes a single-threaded host draw took."""
     import torch
 
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    generators: dict[Any, Any] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1:
                 param.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-                param.copy_(cpu.to(param.dtype))
+                continue
+            generator = generators.get(param.device)
+            if generator is None:
+                generator = generators[param.device] = torch.Generator(device=param.device).manual_seed(0)
+            draw = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            param.copy_(draw.normal_(0.0, 0.02, generator=generator))
