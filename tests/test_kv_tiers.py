@@ -499,6 +499,19 @@ def test_load_gate_turns_down_a_tier_slower_than_recompute_and_probes_it(tmp_pat
     store.close()
 
 
+def test_load_gate_charges_recompute_the_marginal_cost_of_a_token_not_the_step_overhead() -> None:
+    """Steps of 5 ms fixed cost plus 2 us a token: a block's recompute costs 2 us a token, however
+    small the steps were (the mean over 300-token steps would say 19 us)."""
+    gate = LoadGate()
+    for tokens in (300, 1000, 4000, 16000, 500, 8000, 300, 2000):
+        gate.observe_step(prefill_tokens=tokens, step_tokens=tokens, seconds=5e-3 + 2e-6 * tokens)
+    assert gate.token_seconds() == pytest.approx(2e-6)
+    alike = LoadGate()  # steps all of one size: no slope to fit, the mean stands in
+    for _ in range(4):
+        alike.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=4e-3)
+    assert alike.token_seconds() == pytest.approx(4e-6)
+
+
 class FreePrefillGate(LoadGate):
     """A gate that has measured prefill as (almost) free."""
 

@@ -3,8 +3,10 @@
 A load pays the tier's read (disk, a plugin's store) and the copy up; a recompute pays prefill
 compute. Which is cheaper depends on the model and the hardware: on the CPU prefill is slow and
 every tier wins; a small model on a GPU prefills a block in microseconds while a disk read of the
-same block takes tens. The gate measures both as the engine runs (seconds per prefill token from
-prefill-heavy steps; seconds per block from each tier's own load statistics) and stops a prefix
+same block takes tens. The gate measures both as the engine runs (the marginal seconds of a prefill
+token: the slope of step time over step tokens fitted to prefill-heavy steps, so a step's fixed cost
+-- launches, planning -- is not charged to its tokens; seconds per block from each tier's own load
+statistics) and stops a prefix
 chain at the first block whose tier costs more than `LOAD_ALLOWANCE` times recomputing it: a load
 runs beside the compute (copy stream, reader thread) and delays only its own request, while a
 recompute takes device time from every request in the batch. A tier the gate turned down
@@ -24,7 +26,38 @@ PROBE_EVERY = 32
 LOAD_ALLOWANCE = 4.0  # a load may take this many times the recompute of its block
 MIN_PREFILL_SHARE = 0.5  # steps with less prefill than this share of their tokens say little about prefill
 MIN_STEP_TOKENS = 256
-DECAY = 0.8  # weight of the earlier steps in the running prefill figure
+DECAY = 0.9  # weight of the earlier steps in the running prefill fit
+MIN_SIZE_SPREAD = 0.25  # step sizes must vary by this share of their mean before a slope is trusted
+
+
+@attrs.define
+class StepFit:
+    """A least-squares line ``seconds = fixed + per_token * tokens`` over decayed step observations."""
+
+    weight: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    tokens_squared: float = 0.0
+    tokens_seconds: float = 0.0
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.weight = DECAY * self.weight + 1.0
+        self.tokens = DECAY * self.tokens + tokens
+        self.seconds = DECAY * self.seconds + seconds
+        self.tokens_squared = DECAY * self.tokens_squared + tokens * tokens
+        self.tokens_seconds = DECAY * self.tokens_seconds + tokens * seconds
+
+    def per_token(self) -> float | None:
+        """The slope; the mean seconds per token while the steps are too alike in size to fit one (or
+        the fit is not positive); None before any step."""
+        if self.tokens <= 0:
+            return None
+        spread = self.weight * self.tokens_squared - self.tokens * self.tokens
+        if spread > (MIN_SIZE_SPREAD * self.tokens) ** 2:
+            slope = (self.weight * self.tokens_seconds - self.tokens * self.seconds) / spread
+            if slope > 0:
+                return slope
+        return self.seconds / self.tokens
 
 
 @attrs.define
@@ -32,20 +65,18 @@ class LoadGate:
     """Running prefill cost and the per-tier load-or-recompute decision (``enabled`` False: always load)."""
 
     enabled: bool = True
-    _seconds: float = 0.0
-    _tokens: float = 0.0
+    _fit: StepFit = attrs.field(factory=StepFit)
     _turned_down: dict[int, int] = attrs.field(factory=dict)
 
     def observe_step(self, prefill_tokens: int, step_tokens: int, seconds: float) -> None:
         """Fold in one engine step (its prefill and total forward tokens, its wall time)."""
         if step_tokens < MIN_STEP_TOKENS or prefill_tokens < MIN_PREFILL_SHARE * step_tokens or seconds <= 0:
             return
-        self._seconds = DECAY * self._seconds + seconds
-        self._tokens = DECAY * self._tokens + step_tokens
+        self._fit.add(step_tokens, seconds)
 
     def token_seconds(self) -> float | None:
-        """Seconds per prefill token, once a prefill-heavy step was seen."""
-        return self._seconds / self._tokens if self._tokens > 0 else None
+        """Marginal seconds per prefill token, once a prefill-heavy step was seen."""
+        return self._fit.per_token()
 
     def worth_loading(self, level: int, tiers: Sequence[KVTier], block_size: int) -> bool:
         """Whether a block on ``tiers[level]`` should be loaded rather than recomputed."""
