@@ -8,6 +8,7 @@
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
+# maskthreads: bench/mask_threads.py, llguidance's mask fill and grammar advance per step by pool size (this host);
 # gpunew: the GPU tests of the KV tiers' copy stream and of structured outputs, in one pytest run;
 # fp8: Llama-3-8B batch-1 latency with --quantization none and fp8 (issue 15);
 # serve-auto: serve-inf after issue 11's derived --api-server-count (none given: the server picks it; the
@@ -90,6 +91,8 @@ for name in "$@"; do
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
                 tail -20 "$logs/structured.log" ;;
+    maskthreads) part maskthreads 60 python3 bench/mask_threads.py --tokenizer .whl/tokenizer --rows 256 --steps 64
+                 tail -40 "$logs/maskthreads.log" ;;
     structured-tests) part structured-tests 150 python3 -m pytest tests/gpu/test_structured_gpu.py -q -p no:cacheprovider
                       tail -3 "$logs/structured-tests.log" ;;
     gpunew) part gpunew 150 python3 -m pytest tests/gpu/test_kv_tiers_cuda.py tests/gpu/test_structured_gpu.py -q \
