@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
 from sagellm_core.kv.tiers.gate import PROBE_EVERY, LoadGate
 from sagellm_core.kv.tiers.host import HostTier
-from sagellm_core.kv.tiers.store import TierItem, TierStore, slot_runs
+from sagellm_core.kv.tiers.store import TierItem, TierStore, pending_write_limit, slot_runs
 from sagellm_core.request import Request, RequestStatus
 from sagellm_core.sampling_params import SamplingParams
 
@@ -244,6 +245,45 @@ def items_for(block_ids: list[int], salt: int = 0) -> list[TierItem]:
 def test_slot_runs_join_consecutive_positions_and_slots() -> None:
     assert slot_runs([(0, 3), (1, 4), (2, 5), (3, 9), (4, 10), (5, 2)]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
     assert slot_runs([]) == []
+
+
+class StalledDisk(DiskTier):
+    """A disk tier whose writer waits for ``go`` before each file (a disk slower than eviction)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go = threading.Event()
+
+    def _write(self, key: bytes, pending: Any) -> None:
+        self.go.wait()
+        super()._write(key, pending)
+
+
+def test_a_host_tier_drops_victims_instead_of_queueing_writes_without_bound(tmp_path: Path) -> None:
+    """With `pending_write_limit` blocks on their way to a stalled disk, a flush drops blocks (counted)
+    instead of waiting or staging more: every block is in the host tier, on its way to the disk (and
+    there once it writes) or dropped."""
+    pool = torch.randn((2, 2, 256, 4, 1, 8))
+    context = TierContext((2, 2, 4, 1, 32), torch.device("cpu"), "fp", KVTiersConfig())
+    host, disk = HostTier(context, 96 * context.block_bytes), StalledDisk(context, tmp_path, 1 << 24)
+    store = TierStore([host, disk], torch.device("cpu"))
+    store.bind(pool)
+    limit = pending_write_limit(host.capacity)
+    saved = items_for(list(range(240)))
+    try:
+        for start in range(0, 240, 48):
+            for item in saved[start:start + 48]:
+                store.save(item)
+            store.flush()
+            assert len(host.draining) + store._overflow.count == disk.stats.stores <= limit
+        assert host.stats.write_drops > 0 and disk.stats.stores == limit
+        levels = [store.find(item.key) for item in saved]
+        assert levels.count(None) == host.stats.write_drops  # the rest: in the host slab (draining too) or staged
+    finally:
+        disk.go.set()
+    store.ready()
+    assert not host.draining and disk.stats.num_blocks == disk.stats.stores
+    store.close()
 
 
 def test_store_saves_in_one_flush_and_loads_back_from_host_and_disk(tmp_path: Path) -> None:

@@ -229,6 +229,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
                      f"{pinned / 1e9:.2f} GB/s ({host['load_bandwidth'] / pinned:.0%})")
     turned_down = ", ".join(f"{t['name']} {t.get('turned_down', 0)}" for t in on["tiers"])
     lines.append(f"lookups the load gate left to recompute (tier slower than prefill), per tier: {turned_down}")
+    if host:
+        lines.append(f"engine-thread seconds saving evicted blocks to the host tier: {host['save_seconds']:.2f} "
+                     f"(of {on['elapsed_s']:.2f} s); blocks dropped while the tier below was behind: "
+                     f"{host.get('write_drops', 0)}")
     ungated = results.get(UNGATED)
     if ungated is not None:
         lines.append(f"output tok/s tiers with / without the load gate: "

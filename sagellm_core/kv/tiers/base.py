@@ -74,7 +74,8 @@ class TierStats:
     host memory (background-thread time); ``stores`` blocks written here, ``evictions`` blocks given
     up, ``errors`` failed writes and corrupt reads; ``save_seconds``: step-thread time spent queueing
     device blocks into this (top) tier and making room; ``turned_down``: lookups of a block found
-    here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`)."""
+    here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`); ``write_drops``:
+    blocks a host tier gave up instead of moving them down while the tier below was behind."""
 
     name: str
     num_blocks: int = 0
@@ -90,6 +91,7 @@ class TierStats:
     errors: int = 0
     save_seconds: float = 0.0
     turned_down: int = 0
+    write_drops: int = 0
 
     @property
     def load_bandwidth(self) -> float:

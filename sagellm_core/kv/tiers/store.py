@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -48,6 +49,10 @@ from sagellm_core.kv.tiers.host import HostTier
 
 STAGING_BLOCKS = 64
 """Slots of the private host slab that stages blocks when no host tier is configured."""
+
+MIN_PENDING_WRITES = 64
+"""Blocks a host tier may have on their way to the tier below before it drops victims instead
+(`pending_write_limit`)."""
 
 READERS = min(4, os.cpu_count() or 1)
 """Reader threads for the tiers below the host slab (a disk read and its checksum release the GIL:
@@ -117,6 +122,7 @@ class TierStore:
             attrs.evolve(top.context), STAGING_BLOCKS * top.context.block_bytes)
         self._saves: list[TierItem] = []
         self._orphans: list[LoadTicket] = []  # cancelled tickets whose reads are still running
+        self._overflow = WriteCount()  # blocks staged in temporary buffers for the tier below
         self._stream: Any = None
         self._reader: ThreadPoolExecutor | None = None
         self._timings: list[tuple[Any, Any, int, KVTier]] = []
@@ -186,11 +192,18 @@ class TierStore:
         items = [item for item in items if not tier.contains(item.key)]
         if not items:
             return
+        limit = pending_write_limit(self.host.capacity)
+        room = max(0, limit - self._pending_writes(self.host))
+        self.host.stats.write_drops += max(0, len(items) - room)
+        items = items[:room]
+        if not items:
+            return
         buffer, event = self._copy_down_buffer([item.block_id for item in items])
         for index, item in enumerate(items):
             self._make_room(level)
             if tier.has_room():
-                tier.put_deferred(item.key, buffer[index], item.token_ids, event, _nothing)
+                self._overflow.add()
+                tier.put_deferred(item.key, buffer[index], item.token_ids, event, self._overflow.done)
 
     def _hand_down_staged(self, keys: list[bytes]) -> None:
         """Without a host tier: staged blocks go on to the top tier (its writer releases the slots;
@@ -203,18 +216,40 @@ class TierStore:
     def _drain_ahead(self, tier: HostTier, level: int, needed: int) -> None:
         """Hand least recently used blocks of host tier ``level`` down until its free and draining
         slots cover ``needed`` plus a headroom of an eighth of it (so the writer below works between
-        steps); at the bottom, only ``needed`` blocks are dropped."""
+        steps); at the bottom, only ``needed`` blocks are dropped. Once `pending_write_limit` blocks
+        are on their way down, victims are dropped instead (``stats.write_drops``) as far as
+        ``needed`` requires: the device evicts faster than the tier below writes, and waiting for it
+        or queueing without bound (in pinned memory) would stall or swell the engine."""
         tier.collect_released()
-        below = level + 1 < len(self.tiers)
-        target = needed + (max(1, tier.capacity // 8) if below else 0)
-        while len(tier.free_slots) + len(tier.draining) < target:
+        if level + 1 >= len(self.tiers):
+            self._evict_until(tier, lambda: len(tier.free_slots) >= needed)
+            return
+        target = needed + max(1, tier.capacity // 8)
+        limit = pending_write_limit(tier.capacity)
+        while len(tier.free_slots) + len(tier.draining) < target and self._pending_writes(tier) < limit:
             key = tier.victim()
             if key is None:
                 return
-            if below:
-                self._move_down(tier, key, level + 1)
-            else:
-                tier.evict(key)
+            self._move_down(tier, key, level + 1)
+        # the blocks without a free slot will be staged for the tier below: beyond the limit, room is made
+        tier.stats.write_drops += self._evict_until(tier, lambda: len(tier.free_slots) >= needed or (
+            self._pending_writes(tier) + needed - len(tier.free_slots) <= limit))
+
+    def _pending_writes(self, tier: HostTier) -> int:
+        """Blocks of ``tier`` on their way to the tier below: draining slots and staged overflow."""
+        return len(tier.draining) + self._overflow.count
+
+    @staticmethod
+    def _evict_until(tier: HostTier, done: Callable[[], bool]) -> int:
+        """Drop ``tier``'s least recently used blocks until ``done()``; how many."""
+        dropped = 0
+        while not done():
+            key = tier.victim()
+            if key is None:
+                break
+            tier.evict(key)
+            dropped += 1
+        return dropped
 
     def _make_room(self, level: int) -> None:
         """Room for one block in tier ``level``: victims move one tier down (or are dropped at the
@@ -555,8 +590,25 @@ class TierStore:
             tier.close()
 
 
-def _nothing() -> None:
-    """The release of a temporary buffer (the garbage collector frees it)."""
+def pending_write_limit(capacity: int) -> int:
+    """Blocks of a host tier of ``capacity`` slots that may be draining to the tier below at once."""
+    return max(MIN_PENDING_WRITES, capacity // 4)
+
+
+class WriteCount:
+    """Writes queued to a tier below and not yet done (``done`` runs on its writer thread)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def done(self) -> None:
+        with self._lock:
+            self.count -= 1
 
 
 def _position_runs(slots: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
