@@ -45,7 +45,7 @@ from sagellm_core.structured.params import StructuredOutputsParams
 log = logging.getLogger("sagellm")
 CACHE_SIZE = 128
 PARALLEL_MIN_ROWS = 32  # fewer constrained rows than this: masks in the calling thread
-MAX_THREADS = 8
+MAX_THREADS = 2  # 256 rows on a 16-core H100 host: 1.09 ms with 2 threads, 1.44 with 4, 1.84 with 8
 
 
 class StaleGrammarError(RuntimeError):
@@ -263,18 +263,16 @@ class StructuredOutputs:
             self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
 
     def on_tokens(self, accepted: list[tuple[Request, int]]) -> list[Request]:
-        """Advance the grammars of the constrained requests among ``accepted`` (request, token) pairs,
-        in llguidance's pool from `PARALLEL_MIN_ROWS` rows; the requests that must stop (grammar
-        complete: nothing but EOS may follow, or the token broke it)."""
+        """Advance the grammars of the constrained requests among ``accepted`` (request, token) pairs;
+        the requests that must stop (grammar complete: nothing but EOS may follow, or the token broke
+        it)."""
         rows = [(request, token) for request, token in accepted if request.params.structured_outputs is not None]
         if not rows:
             return []
         self.settle()
         matchers = [(self._matcher(request), token) for request, token in rows]
-        if self._executor is not None and len(matchers) >= PARALLEL_MIN_ROWS:
-            taken = self._executor.consume_token_par(matchers)
-        else:
-            taken = [matcher.consume_token(token) for matcher, token in matchers]
+        # serially: llguidance's pool took 2-3x longer for 256 rows on a 16-core H100 host (bench/mask_threads.py)
+        taken = [matcher.consume_token(token) for matcher, token in matchers]
         stopping = []
         for (request, token), (matcher, _), ok in zip(rows, matchers, taken):
             if not ok:
