@@ -6,6 +6,7 @@
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
+# tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
 # tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
 # maskthreads: bench/mask_threads.py, llguidance's mask fill and grammar advance per step by pool size (this host);
@@ -86,8 +87,14 @@ for name in "$@"; do
            part tiers 150 sagellm bench multiturn --model-shape qwen3-0.6b --num-conversations 32 --num-turns 4 \
              --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 --disk-tier-path "$disk" \
              --ungated --output-dir "$logs/tiers"
-           grep -iE "hit rate|bandwidth|load rate" "$logs/tiers.log" | head -10
+           grep -iE "hit rate|bandwidth|load rate|seconds saving|TTFT|tok/s" "$logs/tiers.log" | head -12
            rm -rf "$disk" ;;
+    tiers-llama) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+                 part tiers-llama 170 sagellm bench multiturn --model-shape llama-3-8b --num-conversations 32 \
+                   --num-turns 4 --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 \
+                   --disk-tier-path "$disk" --output-dir "$logs/tiers-llama"
+                 grep -iE "hit rate|bandwidth|load rate|seconds saving|TTFT|tok/s" "$logs/tiers-llama.log" | head -10
+                 rm -rf "$disk" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
                 tail -20 "$logs/structured.log" ;;
