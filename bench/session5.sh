@@ -6,6 +6,7 @@
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
+# tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
 # tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
@@ -95,6 +96,8 @@ for name in "$@"; do
                    --disk-tier-path "$disk" --output-dir "$logs/tiers-llama"
                  grep -iE "hit rate|bandwidth|load rate|seconds saving|TTFT|tok/s" "$logs/tiers-llama.log" | head -10
                  rm -rf "$disk" ;;
+    tiers-profile) part tiers-profile 120 python3 bench/tiers_profile.py --shape qwen3-0.6b --top 40
+                   head -12 "$logs/tiers-profile.log" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
                   --backend cuda --dtype bfloat16 --requests 256 --max-tokens 256 --max-num-seqs 512 --rounds 2
                 tail -20 "$logs/structured.log" ;;
