@@ -552,6 +552,35 @@ def test_load_gate_charges_recompute_the_marginal_cost_of_a_token_not_the_step_o
     assert alike.token_seconds() == pytest.approx(4e-6)
 
 
+def test_blocks_skip_a_tier_the_load_gate_turned_down(tmp_path: Path) -> None:
+    """Once a disk lookup is turned down, host victims are dropped instead of written to the disk
+    (nobody would load them); a lookup the gate lets through again resumes the writes."""
+    store, _, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
+    gate = store.gate
+    for item in items_for(list(range(6))):
+        store.save(item)
+    store.flush()
+    store.ready()
+    assert disk.stats.stores == 2 and host.stats.write_drops == 0
+    gate.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=1e-3)
+    disk.stats.load_bytes, disk.stats.load_seconds = host.context.block_bytes, 1.0
+    host.stats.load_bytes, host.stats.load_seconds = host.context.block_bytes, 1e-9
+    assert not gate.worth_loading(1, store.tiers, 4) and gate.declines(1)
+    for item in items_for(list(range(6, 12)), salt=1):
+        store.save(item)
+    store.flush()
+    store.ready()
+    assert disk.stats.stores == 2 and host.stats.write_drops == 6
+    disk.stats.load_seconds = 1e-9
+    assert gate.worth_loading(1, store.tiers, 4) and not gate.declines(1)
+    for item in items_for(list(range(12, 18)), salt=2):
+        store.save(item)
+    store.flush()
+    store.ready()
+    assert disk.stats.stores > 2
+    store.close()
+
+
 class FreePrefillGate(LoadGate):
     """A gate that has measured prefill as (almost) free."""
 

@@ -75,7 +75,8 @@ class TierStats:
     up, ``errors`` failed writes and corrupt reads; ``save_seconds``: step-thread time spent queueing
     device blocks into this (top) tier and making room; ``turned_down``: lookups of a block found
     here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`); ``write_drops``:
-    blocks a host tier gave up instead of moving them down while the tier below was behind."""
+    blocks a host tier gave up instead of moving them down: the tier below was behind, or the load
+    gate had turned it down."""
 
     name: str
     num_blocks: int = 0

@@ -78,6 +78,11 @@ class LoadGate:
         """Marginal seconds per prefill token, once a prefill-heavy step was seen."""
         return self._fit.per_token()
 
+    def declines(self, level: int) -> bool:
+        """Whether the last lookup of a block on tier ``level`` was turned down: blocks moving down
+        skip that tier while so (writes nobody loads would only take the engine's time)."""
+        return self.enabled and level in self._turned_down
+
     def worth_loading(self, level: int, tiers: Sequence[KVTier], block_size: int) -> bool:
         """Whether a block on ``tiers[level]`` should be loaded rather than recomputed."""
         recompute = self.token_seconds()

@@ -163,6 +163,9 @@ class TierStore:
             return
         tick = time.perf_counter()
         saves, self._saves = self._saves, []
+        if not self.host_visible and self.gate.declines(0):  # the only tier is turned down: not written
+            self.tiers[0].stats.write_drops += len(saves)
+            return
         if self.host_visible:
             self._drain_ahead(self.host, 0, len(saves))
         batch: list[tuple[int, int]] = []
@@ -193,7 +196,7 @@ class TierStore:
         if not items:
             return
         limit = pending_write_limit(self.host.capacity)
-        room = max(0, limit - self._pending_writes(self.host))
+        room = 0 if self.gate.declines(level) else max(0, limit - self._pending_writes(self.host))
         self.host.stats.write_drops += max(0, len(items) - room)
         items = items[:room]
         if not items:
@@ -219,10 +222,15 @@ class TierStore:
         steps); at the bottom, only ``needed`` blocks are dropped. Once `pending_write_limit` blocks
         are on their way down, victims are dropped instead (``stats.write_drops``) as far as
         ``needed`` requires: the device evicts faster than the tier below writes, and waiting for it
-        or queueing without bound (in pinned memory) would stall or swell the engine."""
+        or queueing without bound (in pinned memory) would stall or swell the engine. While the load
+        gate turns the tier below down, victims are dropped at once: its background writes would cost
+        the engine thread (the interpreter lock) for blocks nobody loads."""
         tier.collect_released()
         if level + 1 >= len(self.tiers):
             self._evict_until(tier, lambda: len(tier.free_slots) >= needed)
+            return
+        if self.gate.declines(level + 1):  # nothing is loaded from there now: no writes either
+            tier.stats.write_drops += self._evict_until(tier, lambda: len(tier.free_slots) >= needed)
             return
         target = needed + max(1, tier.capacity // 8)
         limit = pending_write_limit(tier.capacity)
