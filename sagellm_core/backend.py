@@ -167,6 +167,13 @@ class Backend(abc.ABC):
         Must keep the model's function: greedy outputs stay those of the unmodified model.
         """
 
+    def lean_forward(self, model: torch.nn.Module) -> LeanForward | None:
+        """Optionally, a forward pass that replaces the model's own for the runner's steps: called as
+        ``(ids, positions, meta, kv_pool, keep, attention_op)``, it returns the float32 logits of the
+        rows ``keep``, equal to those of the model's forward with sageLLM's attention function.
+        Called once, after `prepare_model` (default: None, the model's own forward)."""
+        return None
+
     def quantized_linear(self, kind: str) -> "LinearFactory | None":
         """The module factory for linear layers with weights in format ``kind`` (``int8``, ``int4``,
         ``fp8``; see `sagellm_core.quant.weights`), or None when this device has no GEMM for it: those
@@ -221,3 +228,4 @@ class Backend(abc.ABC):
 
 FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 BitmaskOp = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+LeanForward = Callable[..., "torch.Tensor"]

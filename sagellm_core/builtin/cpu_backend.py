@@ -1,16 +1,33 @@
 """The built-in CPU backend: always present, lowest priority, plain-torch paged attention
-(`cpu_attention`; `attention_reference` is the oracle it is tested against)."""
+(`cpu_attention`; `attention_reference` is the oracle it is tested against), and the lean decoder
+forward for Llama-style models (`sagellm_core.models.lean_decoder`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from sagellm_core.backend import Backend, BackendSpec, LeanForward, PagedAttentionOp, ProbeResult
+from sagellm_core.hookspecs import RegisterBackend, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
-from sagellm_core.backend import Backend, BackendSpec, PagedAttentionOp, ProbeResult
-from sagellm_core.hookspecs import RegisterBackend, hookimpl
+    from sagellm_core.config import BackendConfig
+
+log = logging.getLogger("sagellm")
+
+
+@attrs.frozen
+class CPUOptions:
+    """``backend.options`` of the ``cpu`` backend."""
+
+    lean_decoder: bool = True
+    """Run Llama-style models (Llama, Mistral, Qwen2, Qwen3) through the lean decoder forward (same
+    logits, less host time per step); false: always transformers' modules."""
 
 
 class CPUBackend(Backend):
@@ -19,6 +36,10 @@ class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+
+    def __init__(self, config: BackendConfig | None = None, options: CPUOptions | None = None) -> None:
+        super().__init__(config, options)
+        self.settings = options if isinstance(options, CPUOptions) else CPUOptions()
 
     def device(self) -> torch.device:
         import torch
@@ -52,6 +73,20 @@ class CPUBackend(Backend):
 
         return cpu_quantized_linear(kind)
 
+    def lean_forward(self, model: torch.nn.Module) -> LeanForward | None:
+        """`sagellm_core.models.lean_decoder.LeanDecoder` for the models it covers (others, and
+        ``lean_decoder: false``, keep transformers' forward)."""
+        if not self.settings.lean_decoder:
+            return None
+        from sagellm_core.models.lean_decoder import LeanDecoder
+        from sagellm_core.models.lean_support import lean_refusal
+
+        reason = lean_refusal(model)
+        if reason is not None:
+            log.info("lean decoder off: %s", reason)
+            return None
+        return LeanDecoder(model)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "attention": "cpu_attention"}
 
@@ -69,6 +104,7 @@ SPEC = BackendSpec(
     device_type="cpu",
     dist_backend="gloo",
     description="plain torch on the host CPU",
+    options=CPUOptions,
 )
 
 

@@ -36,6 +36,7 @@ class ModelRunner:
             sub_config = getattr(sub, "config", None)
             if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
                 sub_config._attn_implementation = attention_hook.ATTN_IMPLEMENTATION
+        self.lean = backend.lean_forward(model)
         self.num_forward_tokens = 0
         self.graphs: DecodeGraphRunner | None = None
         capture = backend.graph_capture() if graph_batch_size else None
@@ -73,6 +74,8 @@ class ModelRunner:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor,
                 keep: torch.Tensor) -> torch.Tensor:
         """The model over one flattened step; float32 logits of the rows in ``keep``."""
+        if self.lean is not None:
+            return self.lean(ids, positions, meta, kv, keep, self.op)
         step = attention_hook.StepContext(meta=meta, kv_cache=kv, op=self.op)
         out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=keep,
                          sagellm_step=step)

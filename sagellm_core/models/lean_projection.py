@@ -1,0 +1,154 @@
+"""Linear projections of the lean decoder (`sagellm_core.models.lean_decoder`): the math of the model's
+own Linear modules without their module calls, and several projections of one input (q/k/v, gate/up)
+fused into one quantized GEMM where that gives the same numbers.
+
+The CPU's weight-only kernels (`sagellm_core.quant.cpu_linear`) compute each output channel from its
+own weight row (accumulated over the input in fp32), so the rows of several weights stacked into one
+packed weight give each output exactly what its own GEMM gave: one bf16 cast of the input, one kernel
+call and one cast back instead of three of each. Dense float weights are never stacked (a BLAS GEMM of
+another width may block the reduction differently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sagellm_core.quant.cpu_linear import COMPUTE_DTYPE, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+PROJECTION_TYPES = (torch.nn.Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear)
+
+
+def unsupported_projection(module: torch.nn.Module) -> str | None:
+    """Why ``module`` cannot run as a lean projection (None: it can)."""
+    if type(module) not in PROJECTION_TYPES:
+        return f"projection of type {type(module).__name__}"
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+        return f"{type(module).__name__} with a replaced forward or hooks"
+    return None
+
+
+class _Dense:
+    """``F.linear`` with the module's weight and bias (what ``torch.nn.Linear.forward`` computes)."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _WeightOnly:
+    """One weight-only kernel call over the stacked rows of one or more `_WeightOnlyLinear` modules:
+    input cast to bf16, kernel, output cast back, bias added (each module's ``forward``, once)."""
+
+    __slots__ = ("kind", "qweight", "params", "group_size", "bias")
+
+    def __init__(self, modules: Sequence[Int4WeightOnlyLinear | Int8WeightOnlyLinear]) -> None:
+        first = modules[0]
+        self.kind = first.kind
+        self.qweight = _stack([m.qweight for m in modules])  # type: ignore[misc]
+        if isinstance(first, Int4WeightOnlyLinear):
+            self.group_size = first.group_size
+            self.params = _stack([m.scales_and_zeros for m in modules], dim=1)  # type: ignore[misc]
+        else:
+            self.group_size = 0
+            self.params = _stack([m.scales for m in modules])  # type: ignore[misc]
+        biases = [m.bias for m in modules]
+        self.bias = None if biases[0] is None else _stack(biases)  # type: ignore[arg-type]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.to(COMPUTE_DTYPE)
+        if self.group_size:
+            out = _INT4_MM(rows, self.qweight, self.group_size, self.params).to(x.dtype)
+        else:
+            out = _INT8_MM(rows, self.qweight, self.params).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out
+
+
+def _stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """One module's own tensor, or several concatenated (a new tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim)
+
+
+def _fusable(modules: Sequence[torch.nn.Module]) -> bool:
+    first = modules[0]
+    if not isinstance(first, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+        return False
+    return all(type(m) is type(first) and m.in_features == first.in_features
+               and getattr(m, "group_size", None) == getattr(first, "group_size", None)
+               and (m.bias is None) == (first.bias is None) for m in modules)
+
+
+class Projections:
+    """Projections of one input ``x`` [T, K]: ``__call__`` returns their outputs [T, N_i] in order.
+
+    Fused (one GEMM) when every module is weight-only of one kind, group size and bias presence, and
+    the fused GEMM reproduces each module's output bit for bit on probe inputs (checked once, here);
+    the outputs are then column slices of the one result. The modules' packed weights become row
+    views of the fused one where the packing allows (no second copy of the codes)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.widths = [int(m.out_features) for m in modules]  # type: ignore[arg-type]
+        self.fused: _WeightOnly | None = None
+        self.single: list[_Dense | _WeightOnly] = []
+        if len(modules) > 1 and _fusable(modules):
+            fused = _WeightOnly(modules)  # type: ignore[arg-type]
+            if _same_outputs(fused, modules):
+                self.fused = fused
+                _share_rows(fused, modules)
+        if self.fused is None:
+            self.single = [_single(m) for m in modules]
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused output [T, sum N_i] (None when the projections are not fused)."""
+        return None if self.fused is None else self.fused(x)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused is None:
+            return [f(x) for f in self.single]
+        return list(self.fused(x).split(self.widths, dim=-1))
+
+
+@torch.inference_mode()
+def _same_outputs(fused: _WeightOnly, modules: Sequence[torch.nn.Module], rows: Sequence[int] = (1, 7)) -> bool:
+    """Whether the fused GEMM's column slices equal each module's own output, bit for bit, on random
+    inputs of ``rows`` tokens (decode and prefill shapes take different kernel paths)."""
+    generator = torch.Generator().manual_seed(0)
+    in_features = int(modules[0].in_features)  # type: ignore[arg-type]
+    for count in rows:
+        x = torch.randn(count, in_features, generator=generator)
+        parts = fused(x).split([int(m.out_features) for m in modules], dim=-1)  # type: ignore[arg-type]
+        if not all(torch.equal(part, m(x)) for part, m in zip(parts, modules)):
+            return False
+    return True
+
+
+def _share_rows(fused: _WeightOnly, modules: Sequence[torch.nn.Module]) -> None:
+    start = 0
+    for module in modules:
+        own: torch.Tensor = module.qweight  # type: ignore[assignment]
+        rows = fused.qweight[start:start + own.shape[0]]
+        if rows.shape == own.shape and torch.equal(rows, own):
+            module._buffers["qweight"] = rows
+        start += own.shape[0]
+
+
+def _single(module: torch.nn.Module) -> _Dense | _WeightOnly:
+    if isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+        return _WeightOnly([module])
+    return _Dense(module)  # type: ignore[arg-type]
+
+
+def projection(module: torch.nn.Module) -> _Dense | _WeightOnly:
+    """One projection's callable ``x [T, K] -> [T, N]``."""
+    return _single(module)
