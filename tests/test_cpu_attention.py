@@ -280,3 +280,17 @@ def test_ops_declare_their_features() -> None:
     assert op_features(reference_paged_attention) == op_features(cpu_paged_attention) == ALL_FEATURES
     assert op_features(lambda *args: None) == DEFAULT_FEATURES == {"sliding_window"}
     assert CPUBackend().attention_features() == ALL_FEATURES
+
+
+@pytest.mark.parametrize("decodes", [1, 9])
+def test_small_decode_scores_give_the_scratch_path_bits(monkeypatch: pytest.MonkeyPatch, decodes: int) -> None:
+    """Fresh score tensors (small decodes, batch 1 included) and the scratch buffers run the same kernels."""
+    rng = random.Random(decodes)
+    meta = make_step([(rng.randint(1, 150), 1) for _ in range(decodes)], 3, 16, rng)
+    num_blocks = int(meta.block_tables.max()) + 3
+    outs = []
+    for small_bytes in (1 << 30, 0):
+        monkeypatch.setattr(cpu_attention, "_SMALL_SCORES_BYTES", small_bytes)
+        query, key, value, k_cache, v_cache = make_tensors(meta, 9, 3, num_blocks, seed=5)
+        outs.append(CPUPagedAttention()(query, key, value, k_cache, v_cache, copy_meta(meta), HEAD_DIM ** -0.5))
+    assert torch.equal(outs[0], outs[1])

@@ -36,6 +36,8 @@ from sagellm_core.attention.reference import FP8_DTYPES, explicit_attention, fol
 # fp32 (6 MB for 3 KV heads of 64). Smaller chunks stay in faster caches but cost more calls; on a
 # 2-core host 4096-16384 measured alike, 2048 and less ~25% slower.
 CHUNK_TOKENS = 8192
+# Decode scores up to this size are fresh tensors (a batch-1 decode's are a few KB), larger ones scratch.
+_SMALL_SCORES_BYTES = 256 << 10
 # Scratch buffers above this many bytes are not kept between calls.
 _MAX_SCRATCH_BYTES = 64 << 20
 
@@ -62,12 +64,14 @@ class _DecodeChunk:
 
 
 class _DecodePlan:
-    __slots__ = ("chunks", "q_rows", "zero_rows")
+    __slots__ = ("chunks", "q_rows", "zero_rows", "in_order")
 
     def __init__(self, chunks: list[_DecodeChunk], q_rows: torch.Tensor, zero_rows: torch.Tensor | None) -> None:
         self.chunks = chunks
         self.q_rows = q_rows  # every chunk's q_rows, in order
         self.zero_rows = zero_rows  # decode rows without context (padding): their output is zero
+        # q_rows is 0, 1, 2, ...: the chunks read the query groups where they are (batch-1 decode)
+        self.in_order = bool(torch.equal(q_rows, torch.arange(q_rows.numel(), device=q_rows.device)))
 
 
 class _PrefillSeq:
@@ -280,7 +284,8 @@ class CPUPagedAttention:
         q_groups = query[:n].reshape(n * num_kv_heads, group, head_dim)
         if not q_groups.is_contiguous():
             q_groups = q_groups.contiguous()
-        q_all = q_groups.index_select(0, dplan.q_rows)  # every chunk's query groups, chunk by chunk
+        # every chunk's query groups, chunk by chunk
+        q_all = q_groups if dplan.in_order else q_groups.index_select(0, dplan.q_rows)
         out_groups = out[:n].view(n * num_kv_heads, group, head_dim)
         k_flat = k_cache.reshape(-1, head_dim)  # a view for the contiguous caches the backend allocates
         v_flat = v_cache.reshape(-1, head_dim)
@@ -292,14 +297,18 @@ class CPUPagedAttention:
                 keys = k_flat.index_select(0, chunk.k_rows)
             if keys.dtype != query.dtype:
                 keys = keys.to(query.dtype)
-            scores = self._buffer("scores", (batch, group, length), query.dtype)
             q_chunk = q_all[chunk.offset: chunk.offset + batch]
             keys_t = keys.view(batch, length, head_dim).transpose(1, 2)
-            if softcap is None and sinks is None:
+            small = batch * group * length * query.element_size() <= _SMALL_SCORES_BYTES
+            if softcap is None and sinks is None and small:  # fresh tensors cost less than the scratch look-ups
+                probs = torch._softmax(torch.baddbmm(chunk.bias, q_chunk, keys_t, alpha=scale), -1, False)
+            elif softcap is None and sinks is None:
+                scores = self._buffer("scores", (batch, group, length), query.dtype)
                 torch.baddbmm(chunk.bias, q_chunk, keys_t, alpha=scale, out=scores)
                 probs = torch.ops.aten._softmax.out(scores, -1, False,
                                                     out=self._buffer("probs", (batch, group, length), query.dtype))
             else:
+                scores = self._buffer("scores", (batch, group, length), query.dtype)
                 probs = _modified_probs(torch.bmm(q_chunk, keys_t, out=scores).mul_(scale), chunk, softcap, sinks,
                                         num_kv_heads)
             if v_flat.dtype == query.dtype:

@@ -6,8 +6,12 @@ keyword plumbing, mask construction and per-projection casts cost more than the 
 reads the same weights and runs the same torch ops in the same order on the flattened [T, hidden]
 step (the model's [1, T, ...] layout without the batch axis), calls the backend's attention op
 directly, and fuses projections of one input (q/k/v, gate/up) into one weight-only GEMM where that is
-bit-identical (`lean_projection`). Two rewrites keep every bit:
+bit-identical (`lean_projection`). These rewrites keep every bit:
 
+* RMSNorm's ``pow(2)`` is ``x * x`` (what torch computes for the exponent 2), its temporaries are
+  updated in place;
+* the residual sums after o_proj and down_proj take the weight-only kernel's bf16 output as it is
+  (the sum converts it to float32 exactly, as the module's cast did);
 * the rotary embedding ``q * cos + rotate_half(q) * sin`` is computed as
   ``q * cos + roll(q) * sin_signed`` with ``sin_signed`` the sine with its first half negated (a
   product's sign is the XOR of its factors' signs; the magnitude is the same);
@@ -32,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm: normalise in float32, scale in the input dtype."""
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * (h * h).mean(-1, keepdim=True).add_(eps).rsqrt_()  # pow(2) is computed as x * x
     return weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
@@ -138,9 +142,9 @@ class LeanDecoder:
             q, k, v = layer.attention_inputs(layer.input_norm(h), cos, sin_signed)
             k_cache, v_cache = caches[layer.index]
             attn = op(q, k, v, k_cache, v_cache, meta, layer.scale, layer.window)
-            h = h + layer.o_proj(attn.reshape(tokens, -1))
+            h = layer.o_proj.add_to(h, attn.reshape(tokens, -1))
             gate, up = layer.gate_up(layer.post_norm(h))
-            h = h + layer.down_proj(F.silu(gate) * up)
+            h = layer.down_proj.add_to(h, F.silu(gate) * up)
         return self.lm_head(self.norm(h)[keep]).float()
 
 

@@ -20,6 +20,7 @@ from sagellm_core.quant.cpu_linear import COMPUTE_DTYPE, Int4WeightOnlyLinear, I
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+_EXACT_FROM_BF16 = (torch.float32, torch.bfloat16)  # bf16 values convert to these exactly
 PROJECTION_TYPES = (torch.nn.Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear)
 
 
@@ -43,6 +44,10 @@ class _Dense:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``."""
+        return residual + F.linear(x, self.weight, self.bias)
 
 
 class _WeightOnly:
@@ -73,6 +78,16 @@ class _WeightOnly:
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``; the kernel's bf16 output goes into the sum uncast where the sum
+        promotes it to the residual's dtype exactly (float32 or bf16 residuals, no bias)."""
+        if self.bias is not None or residual.dtype not in _EXACT_FROM_BF16 or x.dtype != residual.dtype:
+            return residual + self(x)
+        rows = x.to(COMPUTE_DTYPE)
+        if self.group_size:
+            return residual + _INT4_MM(rows, self.qweight, self.group_size, self.params)
+        return residual + _INT8_MM(rows, self.qweight, self.params)
 
 
 def _stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
