@@ -294,3 +294,4 @@ def test_small_decode_scores_give_the_scratch_path_bits(monkeypatch: pytest.Monk
         query, key, value, k_cache, v_cache = make_tensors(meta, 9, 3, num_blocks, seed=5)
         outs.append(CPUPagedAttention()(query, key, value, k_cache, v_cache, copy_meta(meta), HEAD_DIM ** -0.5))
     assert torch.equal(outs[0], outs[1])
+    check(copy_meta(meta), 9, 3, seed=5)  # a step of decodes only: batch 1 returns the chunk's result as is

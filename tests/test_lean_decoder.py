@@ -16,7 +16,7 @@ from conftest import engine_config, run_engine
 from sagellm_core import SamplingParams
 from sagellm_core.builtin.cpu_backend import CPUBackend, CPUOptions
 from sagellm_core.engine import LLMEngine
-from sagellm_core.models.lean_decoder import LeanDecoder, lean_decoder, rms_norm
+from sagellm_core.models.lean_decoder import LeanDecoder, RMSNorm, lean_decoder, rms_norm
 from sagellm_core.models.lean_projection import Projections
 from sagellm_core.models.lean_support import lean_refusal
 from sagellm_core.models.runner import ModelRunner
@@ -126,8 +126,11 @@ def test_rms_norm_is_transformers_rms_norm() -> None:
     with torch.no_grad():
         norm.weight.normal_()
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(3, 48).to(dtype)
-        assert torch.equal(rms_norm(x, norm.weight.to(dtype), 1e-5), norm.to(dtype)(x))
+        norm = norm.to(dtype)
+        for rows in (1, 3, 17):
+            x = (torch.randn(rows, 48) * 3).to(dtype)
+            assert torch.equal(RMSNorm(norm)(x), norm(x))
+            assert torch.equal(rms_norm(x, norm.weight, torch.tensor(1e-5), torch.tensor(48.0)), norm(x))
 
 
 def _model(arch: str) -> Any:

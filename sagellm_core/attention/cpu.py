@@ -244,10 +244,13 @@ class CPUPagedAttention:
                 k_new, v_new = key[plan.write_keep], value[plan.write_keep]
             k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.write_slots, k_new.to(k_cache.dtype))
             v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.write_slots, v_new.to(v_cache.dtype))
-        # Contiguous [T, Hq, D]: the model's reshape to [T, Hq * D] is then a view, not a copy.
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        # Contiguous [T, Hq, D]: the model's reshape to [T, Hq * D] is then a view, not a copy. A step of
+        # decodes only may get its output from `_decode` as computed (see there).
+        decodes_only = 0 < meta.num_decodes == meta.num_seqs == query.shape[0]
+        out = None if decodes_only else torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if meta.num_decodes:
-            self._decode(query, k_cache, v_cache, meta, plan, scale, sliding_window, out, softcap, sinks)
+            out = self._decode(query, k_cache, v_cache, meta, plan, scale, sliding_window, out, softcap, sinks)
+        assert out is not None
         if meta.num_decodes < meta.num_seqs:
             self._prefill(query, key, value, k_cache, v_cache, meta, plan, scale, sliding_window, out, softcap,
                           sinks)
@@ -270,8 +273,10 @@ class CPUPagedAttention:
         return buf if buf.dtype == dtype else buf.to(dtype)
 
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                plan: _StepPlan, scale: float, sliding_window: int | None, out: torch.Tensor,
-                softcap: float | None = None, sinks: torch.Tensor | None = None) -> None:
+                plan: _StepPlan, scale: float, sliding_window: int | None, out: torch.Tensor | None,
+                softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the decode rows into ``out``; with ``out`` None (a step of decodes only) the
+        result of a single chunk that reads the rows in order is returned as it is (no copy)."""
         n = meta.num_decodes
         num_heads, head_dim = query.shape[1:]
         num_kv_heads = k_cache.shape[2]
@@ -286,7 +291,11 @@ class CPUPagedAttention:
             q_groups = q_groups.contiguous()
         # every chunk's query groups, chunk by chunk
         q_all = q_groups if dplan.in_order else q_groups.index_select(0, dplan.q_rows)
-        out_groups = out[:n].view(n * num_kv_heads, group, head_dim)
+        whole = (out is None and dplan.in_order and dplan.zero_rows is None and len(dplan.chunks) == 1
+                 and dplan.chunks[0].q_rows.numel() == n * num_kv_heads)
+        if out is None and not whole:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        out_groups = None if out is None else out[:n].view(n * num_kv_heads, group, head_dim)
         k_flat = k_cache.reshape(-1, head_dim)  # a view for the contiguous caches the backend allocates
         v_flat = v_cache.reshape(-1, head_dim)
         for chunk in dplan.chunks:
@@ -318,9 +327,13 @@ class CPUPagedAttention:
             else:
                 values = v_flat.index_select(0, chunk.k_rows).to(query.dtype)
                 attn = torch.bmm(probs, values.view(batch, length, head_dim))
+            if out_groups is None:
+                return attn.view(query.shape)
             out_groups.index_copy_(0, chunk.q_rows, attn)
+        assert out is not None
         if dplan.zero_rows is not None:
             out[:n].index_fill_(0, dplan.zero_rows, 0.0)
+        return out
 
     def _prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata, plan: _StepPlan, scale: float,

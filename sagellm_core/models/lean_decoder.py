@@ -8,8 +8,9 @@ step (the model's [1, T, ...] layout without the batch axis), calls the backend'
 directly, and fuses projections of one input (q/k/v, gate/up) into one weight-only GEMM where that is
 bit-identical (`lean_projection`). These rewrites keep every bit:
 
-* RMSNorm's ``pow(2)`` is ``x * x`` (what torch computes for the exponent 2), its temporaries are
-  updated in place;
+* RMSNorm's ``pow(2).mean(-1)`` is ``(x * x).sum(-1).div_(width)`` (what torch computes for the
+  exponent 2 and for a float32 mean on the CPU), its constants are float32 0-dim tensors (the value a
+  Python float becomes inside the op) and its temporaries are updated in place;
 * the residual sums after o_proj and down_proj take the weight-only kernel's bf16 output as it is
   (the sum converts it to float32 exactly, as the module's cast did);
 * the rotary embedding ``q * cos + rotate_half(q) * sin`` is computed as
@@ -32,28 +33,35 @@ from sagellm_core.models.lean_projection import Projections, projection
 from sagellm_core.models.lean_support import Family, family_of, lean_refusal
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm: normalise in float32, scale in the input dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalise in float32, scale in the input dtype. ``eps`` and
+    ``width`` (the normalised size) are 0-dim float32 tensors: the values Python numbers become
+    inside the ops, without converting them on every call."""
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.to(torch.float32)
-    h = h * (h * h).mean(-1, keepdim=True).add_(eps).rsqrt_()  # pow(2) is computed as x * x
+    # mean(h ** 2) as torch computes it on the CPU: x * x for the exponent 2, a sum, a true division
+    h = h * (h * h).sum(-1, keepdim=True).div_(width).add_(eps).rsqrt_()
     return weight * (h if dtype == torch.float32 else h.to(dtype))
+
+
+class RMSNorm:
+    """`rms_norm` with an RMSNorm module's weight and epsilon."""
+
+    __slots__ = ("weight", "eps", "width")
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        self.weight = weight
+        self.eps = torch.tensor(float(module.variance_epsilon), dtype=torch.float32)  # type: ignore[arg-type]
+        self.width = torch.tensor(float(weight.shape[-1]), dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.width)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` for x [T, H, D] (see the module docstring)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
-
-
-class _Norm:
-    __slots__ = ("weight", "eps")
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.weight = module.weight
-        self.eps = float(module.variance_epsilon)  # type: ignore[arg-type]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # type: ignore[arg-type]
 
 
 class _Layer:
@@ -62,14 +70,14 @@ class _Layer:
     def __init__(self, layer: torch.nn.Module, family: Family, config: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.index = int(attn.layer_idx)
-        self.input_norm = _Norm(layer.input_layernorm)
-        self.post_norm = _Norm(layer.post_attention_layernorm)
+        self.input_norm = RMSNorm(layer.input_layernorm)
+        self.post_norm = RMSNorm(layer.post_attention_layernorm)
         self.qkv = Projections([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = projection(attn.o_proj)
         self.gate_up = Projections([mlp.gate_proj, mlp.up_proj])
         self.down_proj = projection(mlp.down_proj)
-        self.q_norm = _Norm(attn.q_norm) if family.qk_norm else None
-        self.k_norm = _Norm(attn.k_norm) if family.qk_norm else None
+        self.q_norm = RMSNorm(attn.q_norm) if family.qk_norm else None
+        self.k_norm = RMSNorm(attn.k_norm) if family.qk_norm else None
         self.head_dim = int(attn.head_dim)
         self.scale = float(attn.scaling)
         self.window = _window(attn, family, config)
@@ -116,7 +124,7 @@ class LeanDecoder:
         self.embedding = base.embed_tokens.weight
         self.rotary = base.rotary_emb
         self.layers = [_Layer(layer, family, config) for layer in list(base.layers)[: config.num_hidden_layers]]
-        self.norm = _Norm(base.norm)
+        self.norm = RMSNorm(base.norm)
         self.lm_head = projection(model.lm_head)
         self._pool_views: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
