@@ -14,6 +14,7 @@ import sys
 import types
 from typing import Any, Callable
 
+import attrs
 import pytest
 
 import sagellm_ascend.plugin as ascend
@@ -256,5 +257,10 @@ def test_backend_options_are_validated_against_the_spec() -> None:
     from sagellm_core.errors import ConfigError
 
     assert isinstance(create_backend(SPEC, BackendConfig()), CPUBackend)
-    with pytest.raises(ConfigError, match=r"^backend\.options: this plugin takes no options, got threads$"):
+    off = create_backend(SPEC, BackendConfig(options={"lean_decoder": False}))
+    assert isinstance(off, CPUBackend) and off.settings.lean_decoder is False
+    with pytest.raises(ConfigError, match=r"^backend\.options\.threads: unknown key$"):
         create_backend(SPEC, BackendConfig(options={"threads": 4}))
+    without_options = attrs.evolve(SPEC, options=None)
+    with pytest.raises(ConfigError, match=r"^backend\.options: this plugin takes no options, got threads$"):
+        create_backend(without_options, BackendConfig(options={"threads": 4}))

@@ -68,6 +68,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the captured graphs and the KV tensors (device memory); the runner cannot run after this."""
         self.graphs = None
+        self.lean = None  # it holds views of the KV tensors
         self.kv_cache.release()
 
     # ---- forward -------------------------------------------------------------------------------
