@@ -102,6 +102,7 @@ async def send_request(client: Any, url: str, payload: Payload) -> RequestTiming
     start = time.perf_counter()
     times: list[float] = []
     usage: dict[str, Any] = {}
+    finish_time: float | None = None
     ok = False
     try:
         async with client.stream("POST", url, json=payload.body) as response:
@@ -118,11 +119,15 @@ async def send_request(client: Any, url: str, payload: Payload) -> RequestTiming
                 chunk = json.loads(data)
                 if _token_event(chunk):
                     times.append(time.perf_counter())
+                elif finish_time is None and (chunk.get("choices") or [{}])[0].get("finish_reason"):
+                    finish_time = time.perf_counter()
                 usage = chunk.get("usage") or usage
     except Exception:  # a dropped connection is a failed request, not a failed benchmark
         ok = False
     end = time.perf_counter()
     tokens = int(usage.get("completion_tokens", len(times)))
+    if not times and tokens > 0 and finish_time is not None:
+        times.append(finish_time)  # every token came in the finishing chunk (text that decodes to nothing)
     prompt_len = int(usage.get("prompt_tokens", payload.prompt_len))  # text prompts: the server's count
     return RequestTiming(start, times[0] if times else None, times[-1] if times else end, prompt_len,
                          tokens, tuple(times), ok=ok and bool(times))

@@ -206,3 +206,26 @@ def test_console_run_records_the_exact_command(tiny_llama: Path, tmp_path: Path)
     data = json.loads((tmp_path / "pd.json").read_text())
     assert data["environment"]["command"] == "sagellm " + " ".join(argv)
     assert "command: sagellm bench pd" in done.stdout and "hardware: CPU" in done.stdout
+
+
+@pytest.mark.parametrize("text", ["", "hello"])
+def test_serve_client_counts_tokens_that_arrive_with_the_finishing_chunk(text: str) -> None:
+    """A stream whose only choice chunk also finishes it (its tokens may decode to no text) is a
+    completed request with a first-token time, not a failure."""
+    import asyncio
+
+    import httpx
+
+    from sagellm_bench.serve import Payload, send_request
+
+    events = [{"choices": [{"index": 0, "text": text, "finish_reason": "length"}]},
+              {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}]
+    body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+
+    async def go() -> RequestTiming:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_request(client, "http://server/v1/completions", Payload({"prompt": [1]}, 4, 3))
+
+    timing = asyncio.run(go())
+    assert timing.ok and timing.first_token is not None and timing.output_len == 3
