@@ -67,7 +67,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
 class _Layer:
     """One decoder layer's weights and settings, read from its modules once."""
 
-    def __init__(self, layer: torch.nn.Module, family: Family, config: Any) -> None:
+    def __init__(self, layer: Any, family: Family, config: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.index = int(attn.layer_idx)
         self.input_norm = RMSNorm(layer.input_layernorm)
@@ -100,7 +100,7 @@ class _Layer:
         return _rotate(q, cos, sin_signed), _rotate(k, cos, sin_signed), v
 
 
-def _window(attn: torch.nn.Module, family: Family, config: Any) -> int | None:
+def _window(attn: Any, family: Family, config: Any) -> int | None:
     """The sliding window transformers hands the attention function for this layer."""
     if family.window_from == "config":
         return getattr(config, "sliding_window", None)

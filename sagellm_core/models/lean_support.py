@@ -56,7 +56,7 @@ def _plain(module: torch.nn.Module, expected: type, what: str) -> str | None:
     return None
 
 
-def _layer_refusal(layer: torch.nn.Module, family: Family, index: int) -> str | None:
+def _layer_refusal(layer: Any, family: Family, index: int) -> str | None:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return f"layer {index} has no self_attn / mlp"
