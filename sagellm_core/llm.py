@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar, cast
 
 from sagellm_core.config import EngineConfig
 from sagellm_core.engine import LLMEngine
@@ -217,8 +217,9 @@ class LLM(RequestIntake):
                  = None, *, use_tqdm: bool = True, priorities: Iterable[int] | None = None) -> list[RequestOutput]:
         """Run many prompts to completion (continuously batched); outputs in the order of ``prompts``."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
-        param_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(batch)
+        batch: list[Prompt] = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
+        param_list: list[SamplingParams] = (list(params) if isinstance(params, (list, tuple))
+                                            else [cast(SamplingParams, params) or SamplingParams()] * len(batch))
         if len(param_list) != len(batch):
             raise ValueError("params must be one SamplingParams or one per prompt")
         prio = list(priorities) if priorities is not None else [0] * len(batch)

@@ -39,7 +39,7 @@ def sagellm_paged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     step: StepContext = kwargs["sagellm_step"]
-    layer_cache = step.kv_cache[module.layer_idx]
+    layer_cache = step.kv_cache[getattr(module, "layer_idx")]
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)

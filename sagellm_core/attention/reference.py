@@ -156,11 +156,11 @@ def reference_paged_attention(
         starts = meta.extras["starts"] = meta.query_start_loc.tolist()
     for i in range(n_dec, meta.num_seqs):
         begin, end = starts[i], starts[i + 1]
-        slots = meta.extras.get(("slots", i))
-        if slots is None:
-            slots = meta.extras[("slots", i)] = meta.context_slots(i)
-        keys = flat_k[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)  # [1, Hkv, L, D]
-        values = flat_v[slots].transpose(0, 1).unsqueeze(0).to(query.dtype)
+        context = meta.extras.get(("slots", i))
+        if context is None:
+            context = meta.extras[("slots", i)] = meta.context_slots(i)
+        keys = flat_k[context].transpose(0, 1).unsqueeze(0).to(query.dtype)  # [1, Hkv, L, D]
+        values = flat_v[context].transpose(0, 1).unsqueeze(0).to(query.dtype)
         q = query[begin:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         mask_key = ("prefill_mask", i, sliding_window)
         if mask_key not in meta.extras:

@@ -134,8 +134,9 @@ def causal_lm_class(config: Any) -> type | None:
     """The transformers class `AutoModelForCausalLM` would build for ``config``, or None."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    mapping: Any = MODEL_FOR_CAUSAL_LM_MAPPING
     try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return mapping[type(config)]
     except KeyError:
         return None
 
@@ -191,8 +192,9 @@ def model_problems(model: Any, calls: list[AttentionCall], op_features: frozense
         problems.append(f"its attention applies dropout {sorted(dropouts)} at inference")
     num_layers, kv_heads, head_dim = kv_shape(model)
     indices = [call.layer_idx for call in calls]
-    if None not in indices and sorted(indices) != list(range(num_layers)):  # type: ignore[type-var]
-        problems.append(f"its attention layers {sorted(set(indices))} are not one per layer of its {num_layers} "
+    known = sorted(index for index in indices if index is not None)
+    if len(known) == len(indices) and known != list(range(num_layers)):
+        problems.append(f"its attention layers {sorted(set(known))} are not one per layer of its {num_layers} "
                         f"layers (layers without attention, such as state-space or linear-attention mixers, or "
                         f"layers sharing a KV cache, are not supported)")
     expected = (kv_heads, head_dim, kv_heads, head_dim)

@@ -216,7 +216,9 @@ def _add_generation_routes(app: FastAPI) -> None:
         llm = state.engine()
         state.check_model(body.model)
         params = llm.inputs.check_params(body.sampling_params(state.sampling_defaults))
-        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser,
+        parser = state.tool_parser
+        assert parser is not None  # set when the engine became ready
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, parser,
                            params.structured_outputs is not None)
         params = tools.sampling_params(params)
         if tools.tools and getattr(llm.tokenizer, "chat_template", None) is None:

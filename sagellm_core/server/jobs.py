@@ -10,7 +10,7 @@ response starts and listens for the disconnect itself (Starlette under ASGI < 2.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, MutableMapping
 
 from starlette.requests import Request
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 DISCONNECT_POLL_S = 0.25
 
 
-def response_listens_for_disconnect(scope: dict) -> bool:
+def response_listens_for_disconnect(scope: MutableMapping[str, Any]) -> bool:
     """Whether a Starlette `StreamingResponse` awaits ``http.disconnect`` while it streams (ASGI spec
     versions before 2.4; from 2.4 on it learns of a disconnect only when a send fails)."""
     version = str(scope.get("asgi", {}).get("spec_version", "2.0"))

@@ -4,6 +4,7 @@ drain timeout. Built from `sagellm serve`'s options and the environment (``SAGEL
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import attrs
 
@@ -13,12 +14,12 @@ API_KEY_ENV = "SAGELLM_API_KEY"
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 
 
-def _keys(value: object) -> tuple[str, ...]:
+def _keys(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = value.split(",")
-    keys = tuple(str(key).strip() for key in value)  # type: ignore[union-attr]
+    keys = tuple(str(key).strip() for key in value)
     return tuple(key for key in keys if key)
 
 
@@ -50,7 +51,7 @@ class ServerSettings:
     tool_call_parser: str = "auto"
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "ServerSettings":
+    def from_env(cls, **overrides: Any) -> "ServerSettings":
         """Settings whose API keys come from ``SAGELLM_API_KEY`` (comma-separated) unless given."""
         if not overrides.get("api_keys"):
             overrides["api_keys"] = os.environ.get(API_KEY_ENV)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import Field
 
+from sagellm_core.errors import InvalidRequestError
 from sagellm_core.inputs import check_text
 from sagellm_core.server.protocol import ChatMessage, _Strict
 
@@ -55,6 +56,8 @@ def _tokenize(llm: Engine, body: TokenizeCompletionRequest | TokenizeChatRequest
     else:
         text = body.prompt
     check_text(text, "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages")
+    if llm.tokenizer is None:
+        raise InvalidRequestError("this model has no tokenizer: /tokenize needs one")
     ids = list(llm.tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids)
     strs = llm.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": inputs.max_model_len, "tokens": ids, "token_strs": strs}

@@ -52,7 +52,8 @@ def _call(data: Any, arguments_key: str) -> ToolCall | None:
 def _json_values(text: str) -> tuple[list[Any], str]:
     """JSON values at the start of ``text`` separated by whitespace, ``,`` or ``;``, and the rest."""
     decoder = json.JSONDecoder()
-    values, position = [], 0
+    values: list[Any] = []
+    position = 0
     while True:
         while position < len(text) and text[position] in " \t\r\n;,":
             position += 1
@@ -283,6 +284,7 @@ class StreamingToolCalls:
             start += self.content_sent
         if finished:
             return self._finish(start)
+        assert start is not None  # an unfinished text without a tool-call section returned above
         content, self.content_sent = self.text[self.content_sent:start], start
         return content, self._new_calls(self._complete_calls(self.text[start:]))
 
