@@ -243,6 +243,11 @@ def test_tokenize_detokenize_version(url: str, llm: LLM) -> None:
     assert result.stdout.strip() == f"sagellm {__version__}"
 
 
+def test_tokenize_without_a_tokenizer_is_a_400(url: str, llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llm, "tokenizer", None)
+    error_of(post(url, {"prompt": "x"}, "/tokenize"), 400)
+
+
 def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI, llm: LLM,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
