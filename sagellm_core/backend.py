@@ -189,6 +189,16 @@ class Backend(abc.ABC):
         generic torch sampler runs)."""
         return None
 
+    def fused_filtered_sampler(self) -> FilteredSampler | None:
+        """Optionally, a sampler for batches where some rows filter (top-k, top-p, min-p) that needs
+        neither a sort nor a masked copy of the logits: ``(logits, inverse temperatures, keys)`` as
+        `fused_sampler`, then per row ``floors`` [N] float32 (top-k's threshold, the k-th largest
+        logit, ties kept; -inf: no top-k), ``top_p`` [N] float32 (1.0: off) and ``log_min_p`` [N]
+        float32 (-inf: off) -> token ids [N] int64 from the filtered distribution (filters in
+        vLLM's order: top-k, top-p, min-p). Default: none (`sagellm_core.sampling.filters` masks the
+        logits, then the draw)."""
+        return None
+
     def bitmask_op(self) -> BitmaskOp | None:
         """Optionally, structured outputs' fused token mask: ``(logits [N, V] float32, words [N, W]
         int32)``, both on this device (bit i of word w allows token 32 * w + i; ids >= 32 * W are not
@@ -227,5 +237,6 @@ class Backend(abc.ABC):
 
 
 FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+FilteredSampler = Callable[..., "torch.Tensor"]
 BitmaskOp = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 LeanForward = Callable[..., "torch.Tensor"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -98,4 +99,67 @@ def test_cuda_sampling_kernel_in_the_triton_interpreter() -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True,
                             cwd=root / "sagellm_cuda", timeout=300)
+    assert result.returncode == 0 and "kernel ok" in result.stdout, result.stderr[-3000:]
+
+
+class RecordingFilteredSampler:
+    """Stands in for a backend's filtered sampler: records its arguments, returns each row's argmax."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, list]] = []
+
+    def __call__(self, logits: torch.Tensor, inverse: torch.Tensor, keys: torch.Tensor, floors: torch.Tensor,
+                 top_p: torch.Tensor, log_min_p: torch.Tensor) -> torch.Tensor:
+        self.calls.append({"inverse": inverse.tolist(), "keys": keys.tolist(), "floors": floors.tolist(),
+                           "top_p": top_p.tolist(), "log_min_p": log_min_p.tolist()})
+        return logits.argmax(dim=-1)
+
+
+def test_filtering_batches_go_to_the_filtered_sampler_with_each_rows_thresholds() -> None:
+    """Rows of a filtering batch reach the backend's filtered sampler unmasked, with top-k's k-th
+    largest logit as the floor (-inf without a top-k), top-p and log(min-p) (-inf when off)."""
+    fused, filtered = RecordingSampler(), RecordingFilteredSampler()
+    sampler = Sampler(fused=fused, filtered=filtered)
+    logits = torch.randn(3, 50)
+    rows = [_request("k", SamplingParams(top_k=5, top_p=0.8, temperature=0.5)),
+            _request("p", SamplingParams(min_p=0.1)), _request("g", SamplingParams(temperature=0.0))]
+    result = sampler.sample(logits, rows)
+    assert result.token_ids == logits.argmax(dim=-1).tolist() and not fused.calls
+    call = filtered.calls[0]
+    assert call["floors"][0] == pytest.approx(float(logits[0].topk(5).values[-1]))
+    assert call["floors"][1:] == [float("-inf")] * 2
+    assert call["top_p"] == pytest.approx([0.8, 1.0, 1.0])
+    assert call["log_min_p"][0] == float("-inf") and call["log_min_p"][1] == pytest.approx(math.log(0.1))
+    assert call["inverse"] == [2.0, 1.0, 0.0]
+    sampler.sample(logits, [_request("plain", SamplingParams())])
+    assert len(fused.calls) == 1 and len(filtered.calls) == 1
+
+
+FILTERED_KERNEL_CHECK = """
+import math
+import torch
+from sagellm_cuda.filtered_sampling import filtered_sample
+from sagellm_core.sampling.filters import reference_filter, top_k_floors
+torch.manual_seed(0)
+base = torch.randn(30) * 2
+draws = 1500
+for temperature, top_k, top_p, min_p in [(0.7, 0, 0.6, 0.0), (1.0, 8, 0.8, 0.05)]:
+    logits = base.repeat(draws, 1)
+    full = lambda value: torch.full((draws,), value)
+    out = filtered_sample(logits, full(1 / temperature), torch.arange(draws), top_k_floors(logits, [top_k] * draws),
+                          full(top_p), full(math.log(min_p) if min_p else -math.inf))
+    expected = reference_filter((base / temperature).unsqueeze(0), [top_k], [top_p], [min_p])[0].softmax(-1)
+    frequencies = torch.bincount(out, minlength=30) / draws
+    assert frequencies[expected == 0].sum() == 0, frequencies
+    assert (frequencies - expected).abs().max() < 0.06, (frequencies, expected)
+print("kernel ok")
+"""
+
+
+def test_cuda_filtered_sampling_kernel_in_the_triton_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", FILTERED_KERNEL_CHECK], env=env, capture_output=True, text=True,
+                            cwd=root / "sagellm_cuda", timeout=600)
     assert result.returncode == 0 and "kernel ok" in result.stdout, result.stderr[-3000:]

@@ -10,17 +10,22 @@ mt19937 for a large vocabulary). No path loops over rows.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import torch
 
 from sagellm_core.request import Request
+from sagellm_core.sampling.filters import top_k_floors
 from sagellm_core.sampling.seeds import is_greedy, keyed_exponential, mix64, request_seed, seed63
 
 FusedSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """A backend's one-pass sampler: (logits [N, V] float32, inverse temperatures [N] (0 = greedy),
 64-bit random keys [N]) -> token ids [N]. See `Backend.fused_sampler`."""
+FilteredSampler = Callable[..., torch.Tensor]
+"""A backend's sampler with top-k / top-p / min-p: `FusedSampler`'s arguments, then per row the
+top-k floor, top-p and log(min-p). See `Backend.fused_filtered_sampler`."""
 
 
 def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -31,9 +36,11 @@ def on_device(values: list, device: torch.device, dtype: torch.dtype | None = No
 class Drawer:
     """Keys and generators of the draws; the engine's seed keys the unseeded rows."""
 
-    def __init__(self, seed: int = 0, fused: FusedSampler | None = None) -> None:
+    def __init__(self, seed: int = 0, fused: FusedSampler | None = None,
+                 filtered: FilteredSampler | None = None) -> None:
         self.seed = seed
         self.fused = fused
+        self.filtered = filtered
         self._draws = 0
         self._bases: dict[str, int] = {}
         self._torch_default: dict[str, torch.Generator] = {}
@@ -76,6 +83,19 @@ class Drawer:
         if unseeded:
             self._race(x, inverse, unseeded, out, self._shared_noise(len(unseeded), x.shape[1], device))
         return out
+
+    def draw_filtered(self, x: torch.Tensor, inverse: list[float], requests: list[Request]) -> torch.Tensor:
+        """`draw` with each request's top-k / top-p / min-p, through the backend's filtered sampler
+        (requires ``filtered``): no masked copy of ``x``."""
+        assert self.filtered is not None
+        device = x.device
+        params = [r.params for r in requests]
+        floors = top_k_floors(x, [p.top_k for p in params])
+        log_min_p = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params]
+        return self.filtered(x, on_device(inverse, device, torch.float32),
+                             on_device([self.key(r) for r in requests], device, torch.int64), floors,
+                             on_device([p.top_p for p in params], device, torch.float32),
+                             on_device(log_min_p, device, torch.float32))
 
     @staticmethod
     def _race(x: torch.Tensor, inverse: list[float], rows: list[int], out: torch.Tensor, noise: torch.Tensor) -> None:

@@ -65,6 +65,24 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
     return logits
 
 
+def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Each row's top-k threshold [N] (its k-th largest logit; -inf where top-k is off): what a
+    backend's filtered sampler (`Backend.fused_filtered_sampler`) takes. One ``topk`` over the rows
+    that have a top-k, with the batch's largest k."""
+    rows, vocab = logits.shape
+    floors = torch.full((rows,), _NEG_INF, dtype=logits.dtype, device=logits.device)
+    with_k = [i for i in range(rows) if 0 < top_k[i] < vocab]
+    if not with_k:
+        return floors
+    subset = _rows(with_k, rows)
+    x = logits if subset is None else logits.index_select(0, _column(subset, logits.device, torch.int64).squeeze(1))
+    values = x.topk(max(top_k[i] for i in with_k), dim=-1).values
+    kth = values.gather(1, _column([top_k[i] - 1 for i in with_k], logits.device, torch.int64)).squeeze(1)
+    if subset is None:
+        return kth
+    return floors.index_copy(0, _column(subset, logits.device, torch.int64).squeeze(1), kth)
+
+
 def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
     subset = _rows(indices, x.shape[0])
     if subset is None:

@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from sagellm_core.request import Request
-from sagellm_core.sampling.draw import Drawer, FusedSampler
+from sagellm_core.sampling.draw import Drawer, FilteredSampler, FusedSampler
 from sagellm_core.sampling.filters import filter_logits
 from sagellm_core.sampling.logprobs import HostCopy, LogprobTensors, Logprobs, logprob_tensors, read_logprobs
 from sagellm_core.sampling.masks import apply_bans, apply_logit_bias
@@ -50,9 +50,10 @@ def _blocking_copy(tensor: torch.Tensor) -> Callable[[], list[Any]]:
 class Sampler:
     """Per-request state: penalty counts on the device and seeded requests' keys."""
 
-    def __init__(self, seed: int = 0, fused: FusedSampler | None = None) -> None:
+    def __init__(self, seed: int = 0, fused: FusedSampler | None = None,
+                 filtered: FilteredSampler | None = None) -> None:
         self.seed = seed
-        self.drawer = Drawer(seed, fused)
+        self.drawer = Drawer(seed, fused, filtered)
         self.penalties = PenaltyState()
         # Objects with ``apply(logits, requests) -> logits`` run after penalties, before sampling
         # (structured outputs' token masks: `sagellm_core.structured.StructuredOutputs`).
@@ -122,6 +123,8 @@ class Sampler:
         """Top-k / top-p / min-p (at each row's temperature), then the draw at that temperature."""
         inverse = [0.0 if is_greedy(r) else 1.0 / r.params.temperature for r in requests]
         if any(r.params.needs_filtering for r in requests):
+            if self.drawer.filtered is not None:
+                return self.drawer.draw_filtered(logits, inverse, requests)
             temperatures = [1.0 / inv if inv > 0.0 else 1.0 for inv in inverse]
             logits = filter_logits(logits, [r.params.top_k for r in requests], [r.params.top_p for r in requests],
                                    [r.params.min_p for r in requests], temperatures)

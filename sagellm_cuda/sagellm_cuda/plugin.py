@@ -156,6 +156,12 @@ class CUDABackend(TorchNamespaceBackend):
         return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.sampling", "gumbel_argmax",
                                     "fused sampler")
 
+    def fused_filtered_sampler(self) -> Any:
+        """`sagellm_cuda.filtered_sampling.filtered_sample` (rejection sampling, no sort, no masked
+        copy) unless Triton is missing or ``SAGELLM_FUSED_SAMPLING=0``."""
+        return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.filtered_sampling", "filtered_sample",
+                                    "fused filtered sampler")
+
     def bitmask_op(self) -> Any:
         """`sagellm_cuda.bitmask.apply_token_bitmask` (structured outputs' mask in one Triton pass)
         unless Triton is missing or ``SAGELLM_FUSED_BITMASK=0``."""
