@@ -267,6 +267,11 @@ class LLM(RequestIntake):
                 pass
         return future.result()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefix blocks no request holds, on the engine's thread (later prompts
+        recompute them); the number of blocks forgotten."""
+        return self.call(lambda engine: engine.reset_prefix_cache())
+
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 

@@ -115,6 +115,17 @@ def test_prefix_hit_computes_only_the_suffix(tiny_models: dict[str, Path]) -> No
     assert kv.hit_rate == pytest.approx(32 / (40 + 42))
 
 
+def test_reset_prefix_cache_makes_the_next_run_prefill_everything(tiny_models: dict[str, Path]) -> None:
+    engine = LLMEngine(engine_config(tiny_models["llama"], kv_cache={"block_size": 16}))
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    prompt = [random.Random(2).randrange(1, 256) for _ in range(40)]
+    expected = run_engine(engine, [prompt], params)[0].outputs[0].token_ids
+    assert engine.reset_prefix_cache() == 2  # the prompt's two full blocks
+    before = engine.runner.num_forward_tokens
+    assert run_engine(engine, [prompt], params)[0].outputs[0].token_ids == expected
+    assert engine.runner.num_forward_tokens - before == 40 + 1  # the whole prompt, then one decode
+
+
 def test_strict_pd_really_copies_blocks_between_pools(tiny_models: dict[str, Path]) -> None:
     options = {"mode": "strict", "decode_pool_fraction": 0.25}
     engine = LLMEngine(engine_config(tiny_models["qwen3"], scheduler={"name": "pd", "options": options}))

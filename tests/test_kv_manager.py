@@ -61,6 +61,22 @@ def test_prefix_hit_is_token_checked_and_refcounted() -> None:
     assert kv.stats().used_blocks == 0 and kv.stats().cached_blocks == 3
 
 
+def test_reset_prefix_cache_forgets_idle_blocks_and_keeps_those_in_use() -> None:
+    kv = KVCacheManager(8, 4, PrefixLRUPolicy())
+    assert _run(kv, "a", list(range(12))) == 0
+    held = make_request("held", list(range(100, 109)))
+    kv.allocate(held, 9)
+    held.num_computed_tokens = 9
+    kv.cache_full_blocks(held)
+    assert kv.reset_prefix_cache() == 3  # a's three idle blocks; held's two stay cached
+    kv.check_invariants()
+    assert kv.stats().cached_blocks == 2 and kv.stats().free_blocks == 5
+    assert _run(kv, "again", list(range(12))) == 0  # recomputed
+    assert _run(kv, "held-prefix", list(range(100, 108)) + [1, 2]) == 8
+    kv.free("held")
+    kv.check_invariants()
+
+
 def test_never_hits_the_last_token_so_one_token_is_always_computed() -> None:
     kv = KVCacheManager(8, 4, PrefixLRUPolicy())
     a = make_request("a", list(range(8)))

@@ -328,6 +328,11 @@ class LLMEngine:
         self.structured.forget(state.request.request_id)
         self.events.request_finished(group, state, time.monotonic())
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the device pools' cached prefix blocks that no request holds (vLLM's
+        ``reset_prefix_cache``: e.g. before a timed run); the number forgotten."""
+        return sum(pool.reset_prefix_cache() for pool in self.kv_pools)
+
     # ---- metrics -------------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         """Metric snapshots, KV-pool statistics, scheduler counters and queue sizes."""

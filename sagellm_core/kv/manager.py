@@ -318,6 +318,17 @@ class KVCacheManager:
                 released.append(block)
         self.policy.push_free(released)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached blocks no request holds (they stay free, no longer findable; the tiers
+        below keep their copies); blocks in use stay cached. Returns how many were forgotten."""
+        idle = [block for block in self.cached.values() if block.ref_count == 0]
+        for block in idle:
+            del self.cached[block.block_hash]
+            self.tier_keys.pop(block.block_id, None)
+            block.block_hash = None
+            block.key = None
+        return len(idle)
+
     # ---- introspection -------------------------------------------------------------------------
     def stats(self) -> KVStats:
         free = self.num_free_blocks()
