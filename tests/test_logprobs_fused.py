@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from sagellm_core.builtin.cpu_backend import CPUBackend
 from sagellm_core.config import BackendConfig
 from sagellm_core.engine import LLMEngine
 from sagellm_core.request import Request
+from sagellm_core.sampler import Sampler
 from sagellm_core.sampling.logprobs import (
     LogprobParts,
     LogprobTensors,
@@ -111,7 +113,12 @@ def test_the_engine_without_an_op_reports_the_previous_logprobs(tiny_models: dic
                  .outputs[0].logprobs] for p, s in zip(prompts, asked)]
 
     now = run()
-    monkeypatch.setattr(sampler_module, "logprob_tensors", previous_logprob_tensors)
+
+    def previous(logits: torch.Tensor, requests: list[Request], fused: object = None) -> LogprobTensors | None:
+        assert fused is None  # the CPU backend has no op
+        return previous_logprob_tensors(logits, requests)
+
+    monkeypatch.setattr(sampler_module, "logprob_tensors", previous)
     assert now == run()
     assert all(len(steps) == 6 for steps in now) and [len(now[i][0][2]) for i in range(3)] == [3, 0, 5]
 
@@ -151,6 +158,25 @@ def test_only_chosen_logprobs_go_through_the_op_with_n_zero() -> None:
     assert op.calls[0][1] == 0
     assert read == [(pytest.approx(float(logits[0].log_softmax(-1)[4])), []),
                     (pytest.approx(float(logits[1].log_softmax(-1)[9])), [])]
+
+
+def test_the_sampler_hands_its_op_the_processed_logits() -> None:
+    """With the backend's op (``Sampler(fused_logprobs=...)``), the logits it gets are those
+    logprobs report: after bias and penalties; the numbers read are the op's."""
+    if "fused_logprobs" not in inspect.signature(Sampler).parameters:
+        pytest.skip("the sampler does not take the backend's fused logprobs yet")
+    op = RecordingOp(offset=1.0)
+    sampler = Sampler(fused_logprobs=op)  # type: ignore[call-arg, unused-ignore]
+    logits = torch.randn(2, 50)
+    biased = Request("a", [1], SamplingParams(temperature=0.0, logprobs=3, logit_bias={4: 3.0}), max_tokens=9)
+    result = sampler.sample(logits, [biased, _request("b", None)])
+    expected = logits[:1].clone()
+    expected[0, 4] += 3.0
+    assert len(op.calls) == 1 and op.calls[0][1] == 3 and torch.allclose(op.calls[0][0], expected)
+    chosen, top = result.logprobs[0]  # type: ignore[misc]
+    reference = expected[0].log_softmax(-1)
+    assert chosen == pytest.approx(float(reference.max()) + 1.0) and result.logprobs[1] is None
+    assert [t for t, _ in top] == reference.topk(3).indices.tolist()
 
 
 def test_the_cpu_backend_has_no_fused_logprobs() -> None:
