@@ -14,13 +14,14 @@ one program streams its slice in blocks of ``BLOCK`` columns and keeps
   keys ordered by (value, lower token id): ``key = ordered_bits(value) << 31 | (2**31 - 1 - id)``,
   so one integer maximum finds the highest value and, among equal values, the lowest id. A block
   whose maximum is below the worst kept value is skipped with no further work; otherwise its best
-  keys replace the worst kept ones until none is better (a few blocks per row, after the first).
+  keys replace the worst kept ones until none is better: with logits in no particular id order that
+  is the first block and a few more per slice; at most K + 1 integer maxima per block in any case.
 
 Merge pass: one program per row combines the slices' (maximum, sum) into the log-sum-exp and takes
 the best n of the slices' keys, written as logprobs (value - log-sum-exp) and int64 ids, best first.
 
 Ties: equal values come out lowest id first (torch.topk leaves their order unspecified). NaN logits
-count as -inf (the torch path would give NaN). ``-0.0`` ranks equal to ``0.0``.
+count as -inf (torch gives the row a NaN log-sum-exp and ranks NaN first). ``-0.0`` ranks as ``0.0``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ MAX_SPLITS = 32  # ... but into at most this many slices
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 EMPTY: tl.constexpr = tl.constexpr(-(2**63))  # a removed candidate
 UNFILLED: tl.constexpr = tl.constexpr(-(2**63) + 1)  # a free slot: below every real entry
 LOW_MASK: tl.constexpr = tl.constexpr(2**31 - 1)
@@ -93,7 +93,7 @@ def _keep_best(x, cols, inside, top, slots):
     return top, floor
 
 
-@triton.jit(do_not_specialize=["vocab"])
+@triton.jit  # vocab stays specialized: divisible by 16 (most vocabularies) gives 16-byte loads
 def _logprobs_split_kernel(logits_ptr, row_stride, vocab, split_len, num_splits, max_ptr, sum_ptr, key_ptr,
                            K: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
