@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sagellm_core.attention.metadata import AttentionMetadata
     from sagellm_core.config import BackendConfig
     from sagellm_core.quant.weights import LinearFactory
+    from sagellm_core.sampling.logprobs import FusedLogprobs
 
 
 @attrs.frozen
@@ -81,7 +82,7 @@ class Backend(abc.ABC):
     dtype ``model.dtype: auto`` means (`default_dtype`), how much memory there is (`memory_info`),
     the paged-attention op (`attention_op`) and how to wait for queued work (`synchronize`).
     Everything else has a documented default that is right for any device: KV storage through
-    ``torch.zeros`` on `device`, no model rewriting, no fused sampler, no graph capture, a blocking
+    ``torch.zeros`` on `device`, no model rewriting, no fused sampler or logprobs, no graph capture, a blocking
     host copy. `sagellm_core.builtin.cpu_backend.CPUBackend` is the built-in host backend;
     `sagellm_core.accelerator.TorchNamespaceBackend` implements the contract for devices whose torch
     extension mirrors ``torch.cuda``.
@@ -197,6 +198,14 @@ class Backend(abc.ABC):
         float32 (-inf: off) -> token ids [N] int64 from the filtered distribution (filters in
         vLLM's order: top-k, top-p, min-p). Default: none (`sagellm_core.sampling.filters` masks the
         logits, then the draw)."""
+        return None
+
+    def fused_logprobs(self) -> FusedLogprobs | None:
+        """Optionally, logprobs in one pass over the logits: ``(logits [M, V] float32, n)`` ->
+        (log-sum-exp [M, 1] float32, the top ``n`` logprobs [M, n] float32 best first, their token ids
+        [M, n] int64), queued without waiting for the device, or None for an input it does not take
+        (then, and by default, torch's ``logsumexp`` and ``topk`` run: `sagellm_core.sampling.logprobs`).
+        ``n`` may be 0 (only the chosen token's logprob is wanted). Equal values may come in any order."""
         return None
 
     def bitmask_op(self) -> BitmaskOp | None:

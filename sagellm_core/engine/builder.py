@@ -116,7 +116,8 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         config=config, budgets=budgets, graph_capture_seconds=capture_seconds, backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
         model=model, quantization=quantization, kv_dtype=kv_dtype, vocab_size=model_config.vocab_size, max_model_len=max_model_len,
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
-        sampler=Sampler(config.model.seed, fused=backend.fused_sampler(), filtered=backend.fused_filtered_sampler()),
+        sampler=Sampler(config.model.seed, fused=backend.fused_sampler(), filtered=backend.fused_filtered_sampler(),
+                        fused_logprobs=backend.fused_logprobs()),
         metric_sinks=selection.create_metric_sinks(config.metrics),
         async_scheduling=layout is None and (mode == "on" or (mode == "auto" and backend.async_output)),
     )

@@ -1,5 +1,9 @@
 """Logprobs on the device: the chosen token's and the top-n alternatives of each row that asked,
-copied to the host together with the sampled tokens (no synchronous step)."""
+copied to the host together with the sampled tokens (no synchronous step).
+
+The log-sum-exp and the top-n come from the backend's one-pass op where it has one
+(`sagellm_core.backend.Backend.fused_logprobs`, passed to `logprob_tensors`), else from torch
+(``logsumexp`` and ``topk``)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,13 @@ Logprobs = tuple[float, list[tuple[int, float]]]
 """(the chosen token's logprob, [(token id, logprob)] of the top alternatives, best first)."""
 
 HostCopy = Callable[[torch.Tensor], Callable[[], list[Any]]]
+
+LogprobParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(log-sum-exp [M, 1] float32, top-n logprobs [M, n] best first, their token ids [M, n] int64)."""
+
+FusedLogprobs = Callable[[torch.Tensor, int], "LogprobParts | None"]
+"""A backend's one-pass op: (logits [M, V] float32, n) -> `LogprobParts`, or None where it does not
+apply (the torch path then runs). See `sagellm_core.backend.Backend.fused_logprobs`."""
 
 
 @attrs.define
@@ -55,24 +66,35 @@ class LogprobTensors:
         return read
 
 
-def logprob_tensors(logits: torch.Tensor, requests: list[Request]) -> LogprobTensors | None:
-    """Queue log-softmax and top-n for the rows whose request asked for logprobs (None if none)."""
+def logprob_tensors(logits: torch.Tensor, requests: list[Request],
+                    fused: FusedLogprobs | None = None) -> LogprobTensors | None:
+    """Queue log-softmax and top-n for the rows whose request asked for logprobs (None if none),
+    through ``fused`` (a backend's one-pass op) where it applies, else torch."""
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not rows:
         return None
     counts = [int(requests[i].params.logprobs or 0) for i in rows]
     if len(rows) != len(requests):
         logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
+    width = max(counts)
+    parts = fused(logits, width) if fused is not None else None
+    if parts is None:
+        parts = torch_logprobs(logits, width)
+    normalizer, top_values, top_ids = parts
+    return LogprobTensors(rows, counts, logits, normalizer, top_values, top_ids)
+
+
+def torch_logprobs(logits: torch.Tensor, width: int) -> LogprobParts:
+    """The generic path: ``logsumexp`` and ``topk`` of ``logits`` [M, V] (``width`` alternatives)."""
     # log-softmax without writing it: logsumexp and top-k read the logits once each
     normalizer = logits.logsumexp(dim=-1, keepdim=True)
-    width = max(counts)
     if width:
         top_values, top_ids = logits.topk(width, dim=-1)
         top_values = top_values - normalizer
     else:
-        top_values = logits.new_empty((len(rows), 0))
-        top_ids = torch.empty((len(rows), 0), dtype=torch.int64, device=logits.device)
-    return LogprobTensors(rows, counts, logits, normalizer, top_values, top_ids)
+        top_values = logits.new_empty((logits.shape[0], 0))
+        top_ids = torch.empty((logits.shape[0], 0), dtype=torch.int64, device=logits.device)
+    return normalizer, top_values, top_ids
 
 
 def read_logprobs(info: LogprobTensors | None, copy: HostCopy, num_rows: int) -> Callable[[], list[Logprobs | None]]:

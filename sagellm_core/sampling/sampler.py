@@ -14,7 +14,8 @@ import torch
 from sagellm_core.request import Request
 from sagellm_core.sampling.draw import Drawer, FilteredSampler, FusedSampler
 from sagellm_core.sampling.filters import filter_logits
-from sagellm_core.sampling.logprobs import HostCopy, LogprobTensors, Logprobs, logprob_tensors, read_logprobs
+from sagellm_core.sampling.logprobs import (FusedLogprobs, HostCopy, LogprobTensors, Logprobs, logprob_tensors,
+                                            read_logprobs)
 from sagellm_core.sampling.masks import apply_bans, apply_logit_bias
 from sagellm_core.sampling.penalties import PenaltyState
 from sagellm_core.sampling.seeds import is_greedy
@@ -51,9 +52,10 @@ class Sampler:
     """Per-request state: penalty counts on the device and seeded requests' keys."""
 
     def __init__(self, seed: int = 0, fused: FusedSampler | None = None,
-                 filtered: FilteredSampler | None = None) -> None:
+                 filtered: FilteredSampler | None = None, fused_logprobs: FusedLogprobs | None = None) -> None:
         self.seed = seed
         self.drawer = Drawer(seed, fused, filtered)
+        self.fused_logprobs = fused_logprobs  # the backend's one-pass logprobs (`Backend.fused_logprobs`)
         self.penalties = PenaltyState()
         # Objects with ``apply(logits, requests) -> logits`` run after penalties, before sampling
         # (structured outputs' token masks: `sagellm_core.structured.StructuredOutputs`).
@@ -81,7 +83,7 @@ class Sampler:
         if not requests:
             return PendingSample([], torch.empty(0, dtype=torch.int64, device=logits.device))
         logits = self.process(logits, requests)
-        logprobs = logprob_tensors(logits, requests)
+        logprobs = logprob_tensors(logits, requests, self.fused_logprobs)
         chosen = self._choose(logits, requests)
         if logprobs is not None:
             logprobs.choose(chosen)

@@ -162,6 +162,12 @@ class CUDABackend(TorchNamespaceBackend):
         return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.filtered_sampling", "filtered_sample",
                                     "fused filtered sampler")
 
+    def fused_logprobs(self) -> Any:
+        """`sagellm_cuda.logprobs.fused_logprobs` (log-sum-exp and top-n in one Triton pass per row)
+        unless Triton is missing or ``SAGELLM_FUSED_LOGPROBS=0``."""
+        return load_optional_kernel("SAGELLM_FUSED_LOGPROBS", "sagellm_cuda.logprobs", "fused_logprobs",
+                                    "fused logprobs")
+
     def bitmask_op(self) -> Any:
         """`sagellm_cuda.bitmask.apply_token_bitmask` (structured outputs' mask in one Triton pass)
         unless Triton is missing or ``SAGELLM_FUSED_BITMASK=0``."""
