@@ -13,7 +13,6 @@ import torch
 from conftest import engine_config, run_engine
 from logprobs_cases import check_against_torch, run_cases
 from sagellm_core.engine import LLMEngine
-from sagellm_core.sampling.logprobs import torch_logprobs
 from sagellm_core.sampling_params import SamplingParams
 
 pytestmark = [
