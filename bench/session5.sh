@@ -50,8 +50,11 @@ for name in "$@"; do
              tests/gpu/test_fp8.py tests/gpu/test_sampling_kernel.py tests/gpu/test_cuda_engine.py -q -p no:cacheprovider
            tail -5 "$logs/tests.log" ;;
     samplingtests) part samplingtests 120 python3 -m pytest tests/gpu/test_filtered_sampling.py \
-                     tests/gpu/test_sampling_kernel.py tests/gpu/test_sampling_gpu.py -q -p no:cacheprovider
+                     tests/gpu/test_logprobs_kernel.py tests/gpu/test_sampling_kernel.py tests/gpu/test_sampling_gpu.py -q -p no:cacheprovider
                    tail -5 "$logs/samplingtests.log" ;;
+    samplesweep) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part samplesweep 90 \
+                   python3 bench/kernels/filtered_sampling_sweep.py
+                 cat "$logs/samplesweep.log" | tail -12 ;;
     tiertest) part tiertest 60 python3 -m pytest tests/gpu/test_kv_tiers_cuda.py -q -p no:cacheprovider
               tail -3 "$logs/tiertest.log" ;;
     sampling) part sampling 150 sagellm bench sampling --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \

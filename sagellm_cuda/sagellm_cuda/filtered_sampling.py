@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 2048
+NUM_WARPS = 8
 MAX_ROUNDS = 64
 
 
@@ -136,12 +137,14 @@ def _filtered_sample_kernel(logits_ptr, row_stride, inv_temp_ptr, key_ptr, floor
 
 
 def filtered_sample(logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: torch.Tensor, floors: torch.Tensor,
-                    top_p: torch.Tensor, log_min_p: torch.Tensor) -> torch.Tensor:
+                    top_p: torch.Tensor, log_min_p: torch.Tensor, *, block: int = BLOCK,
+                    num_warps: int = NUM_WARPS) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab] (float32), drawn from softmax(logits *
     inv_temperature) restricted by the row's filters: ``floors`` [rows] the top-k threshold (the k-th
     largest logit; -inf: no top-k), ``top_p`` [rows] (1.0: off), ``log_min_p`` [rows] (log of min-p;
     -inf: off), applied in that order as vLLM and transformers do. ``inv_temperatures`` 0: the argmax.
-    ``keys`` [rows] int64 fix each row's random stream (as `gumbel_argmax`)."""
+    ``keys`` [rows] int64 fix each row's random stream (as `gumbel_argmax`). ``block`` and
+    ``num_warps``: the kernel's launch configuration (`bench/kernels/filtered_sampling_sweep.py`)."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -149,5 +152,5 @@ def filtered_sample(logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: 
     if rows == 0:
         return out
     _filtered_sample_kernel[(rows,)](logits, logits.stride(0), inv_temperatures, keys, floors, top_p, log_min_p, out,
-                                     vocab, MAX_ROUNDS=MAX_ROUNDS, BLOCK=BLOCK, num_warps=8)
+                                     vocab, MAX_ROUNDS=MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
     return out
