@@ -49,7 +49,8 @@ def main() -> None:
           f"{read_ms:.3f} ms")
     print(f"plain gumbel_argmax: {time_ms(lambda: gumbel_argmax(logits, inverse, keys)):.3f} ms")
     floors = top_k_floors(logits, [50] * ROWS)
-    print(f"torch.topk floors (k=50): {time_ms(lambda: top_k_floors(logits, [50] * ROWS)):.3f} ms")
+    print(f"top_k_floors (k=50, one k: unsorted topk + amin): {time_ms(lambda: top_k_floors(logits, [50] * ROWS)):.3f} "
+          f"ms; mixed k (sorted topk + gather): {time_ms(lambda: top_k_floors(logits, [50, 49] * (ROWS // 2))):.3f} ms")
     cases = {"top_p=0.95": (no_floor, full(0.95), no_min_p), "top_k=50,top_p=0.95": (floors, full(0.95), no_min_p),
              "min_p=0.05": (no_floor, full(1.0), full(math.log(0.05)))}
     for block, warps in CONFIGS:

@@ -76,8 +76,12 @@ def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
         return floors
     subset = _rows(with_k, rows)
     x = logits if subset is None else logits.index_select(0, _column(subset, logits.device, torch.int64).squeeze(1))
-    values = x.topk(max(top_k[i] for i in with_k), dim=-1).values
-    kth = values.gather(1, _column([top_k[i] - 1 for i in with_k], logits.device, torch.int64)).squeeze(1)
+    ks = [top_k[i] for i in with_k]
+    if len(set(ks)) == 1:  # one k: the smallest of the unsorted top k
+        kth = x.topk(ks[0], dim=-1, sorted=False).values.amin(dim=-1)
+    else:
+        values = x.topk(max(ks), dim=-1).values
+        kth = values.gather(1, _column([k - 1 for k in ks], logits.device, torch.int64)).squeeze(1)
     if subset is None:
         return kth
     return floors.index_copy(0, _column(subset, logits.device, torch.int64).squeeze(1), kth)

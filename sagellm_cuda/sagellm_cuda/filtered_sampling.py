@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
-NUM_WARPS = 8
+BLOCK = 8192
+NUM_WARPS = 32  # best of bench/kernels/filtered_sampling_sweep.py on an H100 (0.58 vs 0.69 ms at 2048 / 8)
 MAX_ROUNDS = 64
 
 
