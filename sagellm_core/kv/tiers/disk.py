@@ -30,6 +30,14 @@ import torch
 
 from sagellm_core.kv.tiers.base import KVTier, TierBlock, TierContext
 
+try:  # ISA-L's CRC-32 (the same polynomial as zlib's: files stay readable either way), ~15x faster
+    from isal.isal_zlib import crc32 as _crc32
+
+    CRC_IMPL = "isal"
+except ImportError:  # pragma: no cover - isal is a dependency; a bare install still works, slower
+    _crc32 = zlib.crc32
+    CRC_IMPL = "zlib"
+
 log = logging.getLogger("sagellm")
 MAGIC = b"SGKVBLK2"
 HEADER = struct.Struct("<8sIII")
@@ -38,10 +46,17 @@ LOG_EVERY = 1000
 """A full disk fails every write: the first failure is logged, then every LOG_EVERY-th."""
 
 
+def crc32(data: Any, value: int = 0) -> int:
+    """CRC-32 of ``data`` (a bytes-like object) continuing from ``value``: zlib's checksum, computed
+    by ISA-L when it is installed (several times faster than zlib: a block's checksum no longer
+    bounds the disk tier's read and write rate)."""
+    return int(_crc32(data, value))
+
+
 def encode_header(payload: memoryview, token_ids: tuple[int, ...]) -> bytes:
     """The header and token ids that precede ``payload`` in a block's file (the checksum covers both)."""
     tokens = np.asarray(token_ids, dtype="<i8").tobytes()
-    checksum = zlib.crc32(payload, zlib.crc32(tokens))
+    checksum = crc32(payload, crc32(tokens))
     return HEADER.pack(MAGIC, len(token_ids), len(payload), checksum) + tokens
 
 
@@ -268,6 +283,6 @@ def read_block(path: Path, out: memoryview) -> tuple[int, ...] | None:
         tokens = fh.read(8 * num_tokens)
         if len(tokens) != 8 * num_tokens or fh.readinto(out) != length:
             return None
-    if zlib.crc32(out, zlib.crc32(tokens)) != checksum:
+    if crc32(out, crc32(tokens)) != checksum:
         return None
     return tuple(np.frombuffer(tokens, dtype="<i8").tolist())
