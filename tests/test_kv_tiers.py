@@ -25,7 +25,7 @@ from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.kv.tiers import disk as disk_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
-from sagellm_core.kv.tiers.gate import PROBE_EVERY, LoadGate
+from sagellm_core.kv.tiers.gate import MIN_SLOPE_SHARE, PROBE_EVERY, LoadGate
 from sagellm_core.kv.tiers.host import HostTier
 from sagellm_core.kv.tiers.store import TierItem, TierStore, pending_write_limit, slot_runs
 from sagellm_core.request import Request, RequestStatus
@@ -550,6 +550,79 @@ def test_load_gate_charges_recompute_the_marginal_cost_of_a_token_not_the_step_o
     for _ in range(4):
         alike.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=4e-3)
     assert alike.token_seconds() == pytest.approx(4e-6)
+
+
+def host_load_of(store: TierStore, seconds_a_block: float) -> None:
+    """The top tier has loaded blocks at ``seconds_a_block`` each."""
+    stats = store.tiers[0].stats
+    stats.load_bytes, stats.load_seconds = 1000 * store.host.context.block_bytes, 1000 * seconds_a_block
+
+
+def test_load_gate_a_fit_that_calls_prefill_free_still_loads_a_fast_host_block(tmp_path: Path) -> None:
+    """8B-like steps (25 us a token, 5 ms fixed) whose times the fit got paired with the wrong steps:
+    an exact line of slope ~0 (every step 40 ms) or times unrelated to the sizes. The recompute of a
+    16-token block stays at least `MIN_SLOPE_SHARE` of the mean cost, so a 60 us host load is taken."""
+    sizes = [512, 2048, 1024, 1536, 768, 2048, 640, 1280] * 3
+    flat = LoadGate()
+    for tokens in sizes:
+        flat.observe_step(prefill_tokens=tokens, step_tokens=tokens, seconds=0.04 + 1e-10 * tokens)
+    noisy = LoadGate()
+    rng = random.Random(0)
+    for tokens in sizes:
+        noisy.observe_step(prefill_tokens=tokens, step_tokens=tokens, seconds=rng.choice([0.018, 0.06, 0.03]))
+    store, _, host, _ = store_with_pool(tmp_path, host_blocks=4)
+    host_load_of(store, 60e-6)
+    for gate in (flat, noisy):
+        fit = gate._fit
+        assert gate.token_seconds() >= MIN_SLOPE_SHARE * fit.seconds / fit.tokens
+        assert gate.worth_loading(0, store.tiers, 16) and not gate.declines(0)
+    assert host.stats.turned_down == 0
+    store.close()
+
+
+def test_load_gate_trusts_a_good_fit_over_the_mean() -> None:
+    """Steps of 5 ms plus 25 us a token with a little noise: the slope (25 us) is used, not the mean."""
+    gate = LoadGate()
+    rng = random.Random(1)
+    for tokens in [256, 2048, 1024, 512, 1536, 300, 2000, 800] * 3:
+        gate.observe_step(prefill_tokens=tokens, step_tokens=tokens,
+                          seconds=5e-3 + 25e-6 * tokens + rng.uniform(-5e-4, 5e-4))
+    assert gate.token_seconds() == pytest.approx(25e-6, rel=0.1)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_gate_learns_from_the_step_whose_device_time_was_waited_for(
+        tiny_models: dict[str, Path], mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synchronous steps time their own plan; under async scheduling a step waits for the step before
+    it, so the gate learns from that step's plan: a request's last plan is read by a step that plans
+    nothing (and teaches nothing), the first waits for none."""
+    engine = LLMEngine(engine_config(tiny_models["llama"], kv_cache={"num_blocks": 16},
+                                     scheduler={"max_num_seqs": 2, "async_scheduling": mode},
+                                     kv_tiers={"host_bytes": 1 << 20}))
+    launched: list[list[Any]] = []
+    seen: list[Any] = []
+    execute, observe = engine.runner.execute, engine._observe_prefill
+
+    def record(plan: Any, *args: Any, **kwargs: Any) -> Any:
+        launched[-1].append(plan)
+        return execute(plan, *args, **kwargs)
+
+    def observed(plan: Any, seconds: float) -> None:
+        if plan is not None:
+            seen.append(plan)
+        observe(plan, seconds)
+
+    monkeypatch.setattr(engine.runner, "execute", record)
+    monkeypatch.setattr(engine, "_observe_prefill", observed)
+    try:
+        for prompt in workload(num=2):
+            launched.append([])
+            run_one_by_one(engine, [prompt])
+    finally:
+        engine.release()
+    assert engine.async_scheduling == (mode == "on") and all(len(plans) > 1 for plans in launched)
+    expected = [plan for plans in launched for plan in (plans if mode == "off" else plans[:-1])]
+    assert [id(plan) for plan in seen] == [id(plan) for plan in expected]
 
 
 def test_blocks_skip_a_tier_the_load_gate_turned_down(tmp_path: Path) -> None:
