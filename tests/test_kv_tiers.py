@@ -23,6 +23,7 @@ from sagellm_core.config import KVTiersConfig, SchedulerConfig
 from sagellm_core.engine.core import LLMEngine
 from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.kv.tiers import disk as disk_module
+from sagellm_core.kv.tiers import store as store_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
 from sagellm_core.kv.tiers.gate import MIN_SLOPE_SHARE, PROBE_EVERY, LoadGate
@@ -286,9 +287,41 @@ def test_a_host_tier_drops_victims_instead_of_queueing_writes_without_bound(tmp_
     store.close()
 
 
+def test_a_burst_beyond_the_host_slots_is_staged_in_slots_pinned_at_bind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks with no free host slot go down through the staging slab's free slots (4 here) and no
+    host memory is allocated during a flush; beyond them blocks are dropped (counted). Once the disk
+    has written them, the slots stage the next burst."""
+    monkeypatch.setattr(store_module, "STAGING_BLOCKS", 4)
+    pool = torch.randn((2, 2, 64, 4, 1, 8))
+    context = TierContext((2, 2, 4, 1, 32), torch.device("cpu"), "fp", KVTiersConfig())
+    host, disk = HostTier(context, 4 * context.block_bytes), StalledDisk(context, tmp_path, 1 << 24)
+    store = TierStore([host, disk], torch.device("cpu"))
+    store.bind(pool)
+
+    def no_allocation(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("a flush allocated host memory")
+
+    try:
+        for burst in range(2):
+            for item in items_for(list(range(12)), salt=burst):
+                store.save(item)
+            with monkeypatch.context() as patch:
+                patch.setattr(store_module.torch, "empty", no_allocation)
+                store.flush()
+            assert store._overflow.count == 4 and host.stats.write_drops >= 4 * (burst + 1)
+            disk.go.set()
+            store.ready()
+            disk.go.clear()
+    finally:
+        disk.go.set()
+    assert store._overflow.count == 0 and disk.stats.num_blocks == disk.stats.stores >= 8
+    store.close()
+
+
 def test_store_saves_in_one_flush_and_loads_back_from_host_and_disk(tmp_path: Path) -> None:
-    """12 blocks through a 4-slot host tier: the slab takes 4, the rest go to disk through temporary
-    buffers (no wait for the writer); the whole chain, longer than the slab, loads back."""
+    """12 blocks through a 4-slot host tier: the slab takes 4, the rest go to disk through the staging
+    slab (no wait for the writer); the whole chain, longer than the slab, loads back."""
     store, pool, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
     original = pool.clone()
     saved = items_for(list(range(12)))
