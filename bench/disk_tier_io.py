@@ -6,6 +6,8 @@ Writes ``--blocks`` blocks of the shape's size through ``put_deferred`` (the wri
 file write, rename), waits for them (``ready``), then reads every block back into host slots through
 `sagellm_core.kv.tiers.store.read_job` on ``--readers`` threads (``READERS`` by default: the store's
 reader pool) and once more on one thread. The files are fresh, so the reads come from the page cache.
+``--busy`` keeps a thread running Python meanwhile, as a busy engine thread does: each time a background
+thread takes the interpreter lock back after a system call it may wait a switch interval (5 ms).
 ``--checksum zlib`` makes the tier use zlib's CRC-32 (as before ISA-L) for a before/after on one machine.
 Prints GB/s of each phase and the split of one block's work: checksum (zlib and the checksum the tier
 uses), open + read of a file, a plain memcpy of a block, a file write, a rename and an unlink.
@@ -17,6 +19,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +58,32 @@ def timed(fn: Callable[[], object], repeat: int = 5, setup: Callable[[], object]
         fn()
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
+
+
+class BusyEngine:
+    """A thread running Python without pause (an engine thread planning steps: it holds the
+    interpreter lock but for the forced switches) while the context is open."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            for _ in range(1000):
+                count += 1
+
+    def __enter__(self) -> "BusyEngine":
+        if self.on:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.on:
+            self._thread.join()
 
 
 def make_tier(directory: Path, shape: tuple[int, ...], blocks: int) -> DiskTier:
@@ -132,6 +161,8 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=READERS)
     parser.add_argument("--checksum", choices=("tier", "zlib"), default="tier",
                         help="zlib: the tier checksums with zlib.crc32 (the speed before ISA-L) whatever is installed")
+    parser.add_argument("--busy", action="store_true",
+                        help="a thread runs Python throughout the writes and reads (a busy engine thread)")
     parser.add_argument("--dir", default=None, help="where the files go (default: a temporary directory)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
@@ -149,13 +180,15 @@ def main() -> None:
         keys = [chain_key(b"", t) for t in tokens]
         out = np.empty((args.blocks, *shape), dtype=np.uint8)
         out.fill(1)  # touched, as the host slab is (a first touch of fresh memory would be timed otherwise)
-        seconds = write_phase(tier, slab, keys, tokens)
+        with BusyEngine(args.busy):
+            seconds = write_phase(tier, slab, keys, tokens)
         print(f"write  put_deferred + writer thread: {gbps(total, seconds)}  ({seconds:.3f} s)")
         tick = time.perf_counter()
         os.sync()  # the dirty pages' writeback would share the CPUs with the reads
         print(f"  sync (writeback of the dirty pages): {time.perf_counter() - tick:.3f} s")
         for readers in (args.readers, 1, args.readers, 1):
-            wall, busy = read_phase(tier, out, keys, tokens, readers)
+            with BusyEngine(args.busy):
+                wall, busy = read_phase(tier, out, keys, tokens, readers)
             print(f"read   read_job on {readers} thread(s):     {gbps(total, wall)}  ({wall:.3f} s; "
                   f"{busy / args.blocks * 1e6:.0f} us a read as the store times it)")
         if not np.array_equal(out, slab.numpy()):

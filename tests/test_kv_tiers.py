@@ -5,12 +5,14 @@ over all tiers with aborts and preemption."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -220,6 +222,35 @@ def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
     reopened.ready()  # the file is deleted on the writer thread
     assert not path.exists()
     reopened.close()
+
+
+def test_a_block_file_is_read_in_one_call_and_any_size_mismatch_is_a_miss(tmp_path: Path) -> None:
+    """`read_block` with the expected token count reads the file at once; a file of fewer tokens is
+    read again with its count; a byte more or less, or more tokens than expected, is no block."""
+    data = np.arange(64, dtype=np.uint8)
+    path = tmp_path / "block.kvb"
+    out = np.zeros(64, dtype=np.uint8)
+    for tokens in [(1, 2, 3, 4), (7, 8)]:
+        path.write_bytes(disk_module.encode_block(data, tokens))
+        for guess in (4, None):
+            out[:] = 0
+            assert disk_module.read_block(path, out.data, guess) == tokens and np.array_equal(out, data)
+    path.write_bytes(disk_module.encode_block(data, (1, 2, 3, 4, 5)))
+    assert disk_module.read_block(path, out.data, 4) is None
+    whole = disk_module.encode_block(data, (1, 2, 3, 4))
+    for broken in (whole + b"\0", whole[:-1], whole[:10]):
+        path.write_bytes(broken)
+        assert disk_module.read_block(path, out.data, 4) is None
+        assert disk_module.read_block(path, out.data) is None
+
+
+def test_block_files_are_written_whole_across_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`write_file` goes on after a short ``writev`` (at most 5 bytes a call here)."""
+    writev = os.writev
+    monkeypatch.setattr(disk_module.os, "writev", lambda fd, views: writev(fd, [bytes(views[0][:5])]))
+    parts = [b"header", np.arange(23, dtype=np.uint8).data, b"", b"end"]
+    disk_module.write_file(tmp_path / "f", parts)
+    assert (tmp_path / "f").read_bytes() == b"header" + bytes(range(23)) + b"end"
 
 
 # ---- the store: batched copies, loads that do not block the step ---------------------------------------

@@ -174,19 +174,20 @@ class TierStore:
         if self.host_visible:
             self._drain_ahead(self.host, 0, len(saves))
         batch: list[tuple[int, int]] = []
-        keys: list[bytes] = []
+        keys: dict[bytes, None] = {}  # those taken this flush, in order
         overflow: list[TierItem] = []
+        top = self.tiers[0]
         for item in saves:
-            if self.tiers[0].contains(item.key) or item.key in keys:
-                self.tiers[0].touch(item.key)
+            if item.key in keys or top.contains(item.key):
+                top.touch(item.key)
                 continue
             if not self.host.has_room():
                 overflow.append(item)  # every slot is busy (draining): no waiting for the writer
                 continue
             batch.append((item.block_id, self.host.reserve(item.key, item.token_ids)))
-            keys.append(item.key)
+            keys[item.key] = None
         self._copy_down(batch)
-        self._hand_down_staged(keys)
+        self._hand_down_staged(list(keys))
         self._save_overflow(overflow)
         self.tiers[0].stats.save_seconds += time.perf_counter() - tick
 
