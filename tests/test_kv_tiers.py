@@ -318,6 +318,25 @@ def test_a_host_tier_drops_victims_instead_of_queueing_writes_without_bound(tmp_
     store.close()
 
 
+def test_waiting_for_a_load_is_charged_to_the_lowest_tier_it_reads(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain from the host slab and the disk: the engine thread's wait counts for the disk tier."""
+    store, _, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
+    saved = items_for(list(range(8)))
+    for item in saved:
+        store.save(item)
+    store.flush()
+    store.ready()
+    clock = iter(range(100))
+    monkeypatch.setattr(store_module.time, "perf_counter", lambda: float(next(clock)))
+    ticket = store.start_load([TierItem(16 + i, item.key, item.token_ids) for i, item in enumerate(saved)])
+    assert set(ticket.levels) == {0, 1}
+    store.wait(ticket)
+    monkeypatch.undo()
+    assert ticket.count == 8 and disk.stats.wait_seconds > 0 and host.stats.wait_seconds == 0
+    store.close()
+
+
 def test_a_burst_beyond_the_host_slots_is_staged_in_slots_pinned_at_bind(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks with no free host slot go down through the staging slab's free slots (4 here) and no

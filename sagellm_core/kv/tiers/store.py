@@ -417,12 +417,16 @@ class TierStore:
         return all(event is None or event.query() for event in ticket.events)
 
     def wait(self, ticket: LoadTicket) -> None:
-        """Block until `poll` is True (the scheduler calls it only when nothing else can run)."""
+        """Block until `poll` is True (the scheduler calls it only when nothing else can run); the
+        time is charged to the lowest tier the ticket reads from (``TierStats.wait_seconds``)."""
+        tick = time.perf_counter()
         wait_futures(list(ticket.fetches.values()))
         self.poll(ticket)
         for event in ticket.events:
             if event is not None:
                 event.synchronize()
+        if ticket.levels:
+            self.tiers[max(ticket.levels)].stats.wait_seconds += time.perf_counter() - tick
 
     def cancel(self, ticket: LoadTicket) -> None:
         """The request went away: later compute waits for copies already queued into its blocks
