@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 names=(cattrs gguf fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn pyzmq
        llguidance compressed-tensors loguru opentelemetry-api openai jiter distro sniffio jsonschema jsonschema-specifications
-       referencing rpds-py anyio h11)
+       referencing rpds-py anyio h11 isal)
 pins=()
 for name in "${names[@]}"; do
   version=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" \

@@ -5,12 +5,14 @@ over all tiers with aborts and preemption."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,9 +25,10 @@ from sagellm_core.config import KVTiersConfig, SchedulerConfig
 from sagellm_core.engine.core import LLMEngine
 from sagellm_core.kv.manager import KVCacheManager
 from sagellm_core.kv.tiers import disk as disk_module
+from sagellm_core.kv.tiers import store as store_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
-from sagellm_core.kv.tiers.gate import PROBE_EVERY, LoadGate
+from sagellm_core.kv.tiers.gate import MIN_SLOPE_SHARE, PROBE_EVERY, LoadGate
 from sagellm_core.kv.tiers.host import HostTier
 from sagellm_core.kv.tiers.store import TierItem, TierStore, pending_write_limit, slot_runs
 from sagellm_core.request import Request, RequestStatus
@@ -221,6 +224,35 @@ def test_disk_tier_checks_tokens_size_and_digest(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_a_block_file_is_read_in_one_call_and_any_size_mismatch_is_a_miss(tmp_path: Path) -> None:
+    """`read_block` with the expected token count reads the file at once; a file of fewer tokens is
+    read again with its count; a byte more or less, or more tokens than expected, is no block."""
+    data = np.arange(64, dtype=np.uint8)
+    path = tmp_path / "block.kvb"
+    out = np.zeros(64, dtype=np.uint8)
+    for tokens in [(1, 2, 3, 4), (7, 8)]:
+        path.write_bytes(disk_module.encode_block(data, tokens))
+        for guess in (4, None):
+            out[:] = 0
+            assert disk_module.read_block(path, out.data, guess) == tokens and np.array_equal(out, data)
+    path.write_bytes(disk_module.encode_block(data, (1, 2, 3, 4, 5)))
+    assert disk_module.read_block(path, out.data, 4) is None
+    whole = disk_module.encode_block(data, (1, 2, 3, 4))
+    for broken in (whole + b"\0", whole[:-1], whole[:10]):
+        path.write_bytes(broken)
+        assert disk_module.read_block(path, out.data, 4) is None
+        assert disk_module.read_block(path, out.data) is None
+
+
+def test_block_files_are_written_whole_across_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`write_file` goes on after a short ``writev`` (at most 5 bytes a call here)."""
+    writev = os.writev
+    monkeypatch.setattr(disk_module.os, "writev", lambda fd, views: writev(fd, [bytes(views[0][:5])]))
+    parts = [b"header", np.arange(23, dtype=np.uint8).data, b"", b"end"]
+    disk_module.write_file(tmp_path / "f", parts)
+    assert (tmp_path / "f").read_bytes() == b"header" + bytes(range(23)) + b"end"
+
+
 # ---- the store: batched copies, loads that do not block the step ---------------------------------------
 def store_with_pool(directory: Path, host_blocks: int, device: str = "cpu", num_blocks: int = 16,
                     ) -> tuple[TierStore, torch.Tensor, HostTier, DiskTier]:
@@ -286,9 +318,60 @@ def test_a_host_tier_drops_victims_instead_of_queueing_writes_without_bound(tmp_
     store.close()
 
 
+def test_waiting_for_a_load_is_charged_to_the_lowest_tier_it_reads(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain from the host slab and the disk: the engine thread's wait counts for the disk tier."""
+    store, _, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
+    saved = items_for(list(range(8)))
+    for item in saved:
+        store.save(item)
+    store.flush()
+    store.ready()
+    clock = iter(range(100))
+    monkeypatch.setattr(store_module.time, "perf_counter", lambda: float(next(clock)))
+    ticket = store.start_load([TierItem(16 + i, item.key, item.token_ids) for i, item in enumerate(saved)])
+    assert set(ticket.levels) == {0, 1}
+    store.wait(ticket)
+    monkeypatch.undo()
+    assert ticket.count == 8 and disk.stats.wait_seconds > 0 and host.stats.wait_seconds == 0
+    store.close()
+
+
+def test_a_burst_beyond_the_host_slots_is_staged_in_slots_pinned_at_bind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks with no free host slot go down through the staging slab's free slots (4 here) and no
+    host memory is allocated during a flush; beyond them blocks are dropped (counted). Once the disk
+    has written them, the slots stage the next burst."""
+    monkeypatch.setattr(store_module, "STAGING_BLOCKS", 4)
+    pool = torch.randn((2, 2, 64, 4, 1, 8))
+    context = TierContext((2, 2, 4, 1, 32), torch.device("cpu"), "fp", KVTiersConfig())
+    host, disk = HostTier(context, 4 * context.block_bytes), StalledDisk(context, tmp_path, 1 << 24)
+    store = TierStore([host, disk], torch.device("cpu"))
+    store.bind(pool)
+
+    def no_allocation(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("a flush allocated host memory")
+
+    try:
+        for burst in range(2):
+            for item in items_for(list(range(12)), salt=burst):
+                store.save(item)
+            with monkeypatch.context() as patch:
+                patch.setattr(store_module.torch, "empty", no_allocation)
+                store.flush()
+            assert store._overflow.count == 4 and host.stats.write_drops >= 4 * (burst + 1)
+            disk.go.set()
+            store.ready()
+            disk.go.clear()
+    finally:
+        disk.go.set()
+    assert store._overflow.count == 0 and disk.stats.num_blocks == disk.stats.stores >= 8
+    store.close()
+
+
 def test_store_saves_in_one_flush_and_loads_back_from_host_and_disk(tmp_path: Path) -> None:
-    """12 blocks through a 4-slot host tier: the slab takes 4, the rest go to disk through temporary
-    buffers (no wait for the writer); the whole chain, longer than the slab, loads back."""
+    """12 blocks through a 4-slot host tier: the slab takes 4, the rest go to disk through the staging
+    slab (no wait for the writer); the whole chain, longer than the slab, loads back."""
     store, pool, host, disk = store_with_pool(tmp_path, host_blocks=4, num_blocks=24)
     original = pool.clone()
     saved = items_for(list(range(12)))
@@ -550,6 +633,79 @@ def test_load_gate_charges_recompute_the_marginal_cost_of_a_token_not_the_step_o
     for _ in range(4):
         alike.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=4e-3)
     assert alike.token_seconds() == pytest.approx(4e-6)
+
+
+def host_load_of(store: TierStore, seconds_a_block: float) -> None:
+    """The top tier has loaded blocks at ``seconds_a_block`` each."""
+    stats = store.tiers[0].stats
+    stats.load_bytes, stats.load_seconds = 1000 * store.host.context.block_bytes, 1000 * seconds_a_block
+
+
+def test_load_gate_a_fit_that_calls_prefill_free_still_loads_a_fast_host_block(tmp_path: Path) -> None:
+    """8B-like steps (25 us a token, 5 ms fixed) whose times the fit got paired with the wrong steps:
+    an exact line of slope ~0 (every step 40 ms) or times unrelated to the sizes. The recompute of a
+    16-token block stays at least `MIN_SLOPE_SHARE` of the mean cost, so a 60 us host load is taken."""
+    sizes = [512, 2048, 1024, 1536, 768, 2048, 640, 1280] * 3
+    flat = LoadGate()
+    for tokens in sizes:
+        flat.observe_step(prefill_tokens=tokens, step_tokens=tokens, seconds=0.04 + 1e-10 * tokens)
+    noisy = LoadGate()
+    rng = random.Random(0)
+    for tokens in sizes:
+        noisy.observe_step(prefill_tokens=tokens, step_tokens=tokens, seconds=rng.choice([0.018, 0.06, 0.03]))
+    store, _, host, _ = store_with_pool(tmp_path, host_blocks=4)
+    host_load_of(store, 60e-6)
+    for gate in (flat, noisy):
+        fit = gate._fit
+        assert gate.token_seconds() >= MIN_SLOPE_SHARE * fit.seconds / fit.tokens
+        assert gate.worth_loading(0, store.tiers, 16) and not gate.declines(0)
+    assert host.stats.turned_down == 0
+    store.close()
+
+
+def test_load_gate_trusts_a_good_fit_over_the_mean() -> None:
+    """Steps of 5 ms plus 25 us a token with a little noise: the slope (25 us) is used, not the mean."""
+    gate = LoadGate()
+    rng = random.Random(1)
+    for tokens in [256, 2048, 1024, 512, 1536, 300, 2000, 800] * 3:
+        gate.observe_step(prefill_tokens=tokens, step_tokens=tokens,
+                          seconds=5e-3 + 25e-6 * tokens + rng.uniform(-5e-4, 5e-4))
+    assert gate.token_seconds() == pytest.approx(25e-6, rel=0.1)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_gate_learns_from_the_step_whose_device_time_was_waited_for(
+        tiny_models: dict[str, Path], mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synchronous steps time their own plan; under async scheduling a step waits for the step before
+    it, so the gate learns from that step's plan: a request's last plan is read by a step that plans
+    nothing (and teaches nothing), the first waits for none."""
+    engine = LLMEngine(engine_config(tiny_models["llama"], kv_cache={"num_blocks": 16},
+                                     scheduler={"max_num_seqs": 2, "async_scheduling": mode},
+                                     kv_tiers={"host_bytes": 1 << 20}))
+    launched: list[list[Any]] = []
+    seen: list[Any] = []
+    execute, observe = engine.runner.execute, engine._observe_prefill
+
+    def record(plan: Any, *args: Any, **kwargs: Any) -> Any:
+        launched[-1].append(plan)
+        return execute(plan, *args, **kwargs)
+
+    def observed(plan: Any, seconds: float) -> None:
+        if plan is not None:
+            seen.append(plan)
+        observe(plan, seconds)
+
+    monkeypatch.setattr(engine.runner, "execute", record)
+    monkeypatch.setattr(engine, "_observe_prefill", observed)
+    try:
+        for prompt in workload(num=2):
+            launched.append([])
+            run_one_by_one(engine, [prompt])
+    finally:
+        engine.release()
+    assert engine.async_scheduling == (mode == "on") and all(len(plans) > 1 for plans in launched)
+    expected = [plan for plans in launched for plan in (plans if mode == "off" else plans[:-1])]
+    assert [id(plan) for plan in seen] == [id(plan) for plan in expected]
 
 
 def test_blocks_skip_a_tier_the_load_gate_turned_down(tmp_path: Path) -> None:

@@ -218,6 +218,7 @@ class LLMEngine:
             self.events.step(StepPlan(), start, time.monotonic())
             return outputs
         synchronous = not self.async_scheduling
+        waited = plan if synchronous else self._inflight.plan if self._inflight is not None else None
         outputs = self._drain() if synchronous else []
         logits = self._execute(planned, replay)
         if planned.grammar:  # the masks of this step need the previous step's tokens
@@ -230,13 +231,17 @@ class LLMEngine:
         self._progress(True)
         end = time.monotonic()
         self.events.step(plan, start, end)
-        self._observe_prefill(plan, end - start)
+        self._observe_prefill(waited, end - start)
         return outputs
 
-    def _observe_prefill(self, plan: StepPlan, seconds: float) -> None:
-        """The KV tiers' load gate learns what a prefill token costs from steps like this one."""
+    def _observe_prefill(self, plan: StepPlan | None, seconds: float) -> None:
+        """The KV tiers' load gate learns what a prefill token costs from a step's wall time and the
+        plan whose device work that time waited for: this step's when synchronous, the step before's
+        under async scheduling (its tokens are read here while this one runs; None: nothing was waited
+        for). Paired with this step's tokens instead, a prefill step got the time of the decode step
+        before it: the fit saw prefill as nearly free and the gate turned even the host tier down."""
         tiers = self.kv_pools[0].tiers if self.kv_pools else None
-        if tiers is not None:
+        if tiers is not None and plan is not None:
             total = plan.num_tokens
             tiers.gate.observe_step(total - plan.num_decode_tokens, total, seconds)
 

@@ -233,6 +233,8 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
         lines.append(f"engine-thread seconds saving evicted blocks to the host tier: {host['save_seconds']:.2f} "
                      f"(of {on['elapsed_s']:.2f} s); blocks dropped while the tier below was behind: "
                      f"{host.get('write_drops', 0)}")
+    waits = ", ".join(f"{t['name']} {t.get('wait_seconds', 0.0):.2f}" for t in on["tiers"])
+    lines.append(f"engine-thread seconds waiting for loads (nothing else could run), per tier: {waits}")
     ungated = results.get(UNGATED)
     if ungated is not None:
         lines.append(f"output tok/s tiers with / without the load gate: "

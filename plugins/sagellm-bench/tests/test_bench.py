@@ -99,6 +99,9 @@ def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
     assert ungated["completed"] == 18 and ungated["hit_rate"] == on["hit_rate"]
     assert all(tier["turned_down"] == 0 for tier in ungated["tiers"])
     assert list(tmp_path.glob("multiturn_*.png"))
+    assert all(tier["wait_seconds"] >= 0 for tier in on["tiers"])
+    assert "engine-thread seconds waiting for loads (nothing else could run), per tier: host " in \
+        (tmp_path / "multiturn.md").read_text()
 
 
 def test_pd_modes(tiny_llama: Path, tmp_path: Path) -> None:

@@ -76,7 +76,8 @@ class TierStats:
     device blocks into this (top) tier and making room; ``turned_down``: lookups of a block found
     here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`); ``write_drops``:
     blocks a host tier gave up instead of moving them down: the tier below was behind, or the load
-    gate had turned it down."""
+    gate had turned it down; ``wait_seconds``: engine-thread time blocked on loads (`TierStore.wait`:
+    nothing else could run), charged to the lowest tier the waited-for load reads from."""
 
     name: str
     num_blocks: int = 0
@@ -93,6 +94,7 @@ class TierStats:
     save_seconds: float = 0.0
     turned_down: int = 0
     write_drops: int = 0
+    wait_seconds: float = 0.0
 
     @property
     def load_bandwidth(self) -> float:

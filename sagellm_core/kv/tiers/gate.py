@@ -5,8 +5,8 @@ compute. Which is cheaper depends on the model and the hardware: on the CPU pref
 every tier wins; a small model on a GPU prefills a block in microseconds while a disk read of the
 same block takes tens. The gate measures both as the engine runs (the marginal seconds of a prefill
 token: the slope of step time over step tokens fitted to prefill-heavy steps, so a step's fixed cost
--- launches, planning -- is not charged to its tokens; seconds per block from each tier's own load
-statistics) and stops a prefix
+-- launches, planning -- is not charged to its tokens, trusted only where it fits the steps well and
+never below a share of the mean; seconds per block from each tier's own load statistics) and stops a prefix
 chain at the first block whose tier costs more than `LOAD_ALLOWANCE` times recomputing it: a load
 runs beside the compute (copy stream, reader thread) and delays only its own request, while a
 recompute takes device time from every request in the batch. A tier the gate turned down
@@ -28,6 +28,11 @@ MIN_PREFILL_SHARE = 0.5  # steps with less prefill than this share of their toke
 MIN_STEP_TOKENS = 256
 DECAY = 0.9  # weight of the earlier steps in the running prefill fit
 MIN_SIZE_SPREAD = 0.25  # step sizes must vary by this share of their mean before a slope is trusted
+MIN_FIT_R2 = 0.5  # a slope is trusted only where step size explains this share of the step times' variance
+MIN_SLOPE_SHARE = 0.25
+"""The marginal cost of a token is taken as at least this share of the mean seconds per token: a step's
+fixed cost (launches, planning) is not charged to its tokens, but a noisy fit cannot call prefill
+free (a load of microseconds then looked dearer than recomputing its block)."""
 
 
 @attrs.define
@@ -39,25 +44,37 @@ class StepFit:
     seconds: float = 0.0
     tokens_squared: float = 0.0
     tokens_seconds: float = 0.0
+    seconds_squared: float = 0.0
 
     def add(self, tokens: float, seconds: float) -> None:
+        """Fold in one step of ``tokens`` that took ``seconds`` (earlier steps weigh ``DECAY`` less)."""
         self.weight = DECAY * self.weight + 1.0
         self.tokens = DECAY * self.tokens + tokens
         self.seconds = DECAY * self.seconds + seconds
         self.tokens_squared = DECAY * self.tokens_squared + tokens * tokens
         self.tokens_seconds = DECAY * self.tokens_seconds + tokens * seconds
+        self.seconds_squared = DECAY * self.seconds_squared + seconds * seconds
 
     def per_token(self) -> float | None:
-        """The slope; the mean seconds per token while the steps are too alike in size to fit one (or
-        the fit is not positive); None before any step."""
+        """Marginal seconds per token: the slope where it is a good fit (sizes spread, positive, step
+        size explaining `MIN_FIT_R2` of the times' variance), at least `MIN_SLOPE_SHARE` of the mean
+        seconds per token; else the mean; None before any step."""
         if self.tokens <= 0:
             return None
+        mean = self.seconds / self.tokens
+        slope = self.slope()
+        return mean if slope is None else max(slope, MIN_SLOPE_SHARE * mean)
+
+    def slope(self) -> float | None:
+        """The fitted seconds per token, or None where the fit says little (see `per_token`)."""
         spread = self.weight * self.tokens_squared - self.tokens * self.tokens
-        if spread > (MIN_SIZE_SPREAD * self.tokens) ** 2:
-            slope = (self.weight * self.tokens_seconds - self.tokens * self.seconds) / spread
-            if slope > 0:
-                return slope
-        return self.seconds / self.tokens
+        if spread <= (MIN_SIZE_SPREAD * self.tokens) ** 2:
+            return None
+        covariance = self.weight * self.tokens_seconds - self.tokens * self.seconds
+        variance = self.weight * self.seconds_squared - self.seconds * self.seconds
+        if covariance <= 0 or variance <= 0 or covariance * covariance < MIN_FIT_R2 * spread * variance:
+            return None
+        return covariance / spread
 
 
 @attrs.define

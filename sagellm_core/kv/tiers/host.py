@@ -34,7 +34,8 @@ class HostTier(KVTier):
 
     def __init__(self, context: TierContext, capacity_bytes: int) -> None:
         super().__init__(context)
-        self.capacity = max(1, capacity_bytes // context.block_bytes)
+        self.block_bytes = context.block_bytes
+        self.capacity = max(1, capacity_bytes // self.block_bytes)
         pin = context.device.type == "cuda"
         self.slab = torch.empty((self.capacity, *context.block_shape), dtype=torch.uint8, pin_memory=pin)
         self.slab_array = self.slab.numpy()
@@ -188,4 +189,4 @@ class HostTier(KVTier):
 
     def _count(self) -> None:
         self.stats.num_blocks = len(self.slots)
-        self.stats.bytes = len(self.slots) * self.context.block_bytes
+        self.stats.bytes = len(self.slots) * self.block_bytes

@@ -12,7 +12,9 @@ Data flow (one host slab, indexed by slot, under every copy):
   the tier below without copying it (`KVTier.put_deferred`): the disk tier's writer thread waits
   for the slot's event, checksums and writes the file and releases the slot; until then the block
   stays readable in the host tier. Without a host tier a private slab of ``STAGING_BLOCKS`` slots
-  stages blocks on their way to the top tier.
+  stages blocks on their way to the top tier. Blocks saved while every host slot is busy draining go
+  down through a second slab of ``STAGING_BLOCKS`` slots, pinned once at `bind` (a flush allocates
+  no host memory; beyond its free slots blocks are dropped, counted in ``write_drops``).
 * Up: `start_load` resolves a request's blocks found below the pool: host-resident blocks are copied
   up at once (one batch: a host-to-device copy per run of slots into a device buffer, one scatter
   into the pool, start and end events on the copy stream); blocks on a lower tier are read into host
@@ -122,7 +124,8 @@ class TierStore:
             attrs.evolve(top.context), STAGING_BLOCKS * top.context.block_bytes)
         self._saves: list[TierItem] = []
         self._orphans: list[LoadTicket] = []  # cancelled tickets whose reads are still running
-        self._overflow = WriteCount()  # blocks staged in temporary buffers for the tier below
+        self._overflow = WriteCount()  # blocks in staging slots on their way to the tier below
+        self._staging: HostTier | None = None  # slots for blocks with no free host slot (`_save_overflow`)
         self._stream: Any = None
         self._reader: ThreadPoolExecutor | None = None
         self._timings: list[tuple[Any, Any, int, KVTier]] = []
@@ -134,6 +137,8 @@ class TierStore:
         layers, kv, num_blocks = pool.shape[:3]
         self.pool = pool.view(torch.uint8).view(layers * kv, num_blocks, -1)
         self._pool_array = self.pool.numpy() if self.pool.device.type == "cpu" else None
+        if self._staging is None and len(self.tiers) > (1 if self.host_visible else 0):
+            self._staging = HostTier(attrs.evolve(self.host.context), STAGING_BLOCKS * self.host.context.block_bytes)
 
     # ---- lookups -------------------------------------------------------------------------------
     def find_loadable(self, key: bytes, block_size: int) -> int | None:
@@ -169,48 +174,63 @@ class TierStore:
         if self.host_visible:
             self._drain_ahead(self.host, 0, len(saves))
         batch: list[tuple[int, int]] = []
-        keys: list[bytes] = []
+        keys: dict[bytes, None] = {}  # those taken this flush, in order
         overflow: list[TierItem] = []
+        top = self.tiers[0]
         for item in saves:
-            if self.tiers[0].contains(item.key) or item.key in keys:
-                self.tiers[0].touch(item.key)
+            if item.key in keys or top.contains(item.key):
+                top.touch(item.key)
                 continue
             if not self.host.has_room():
                 overflow.append(item)  # every slot is busy (draining): no waiting for the writer
                 continue
             batch.append((item.block_id, self.host.reserve(item.key, item.token_ids)))
-            keys.append(item.key)
+            keys[item.key] = None
         self._copy_down(batch)
-        self._hand_down_staged(keys)
+        self._hand_down_staged(list(keys))
         self._save_overflow(overflow)
         self.tiers[0].stats.save_seconds += time.perf_counter() - tick
 
     def _save_overflow(self, items: list[TierItem]) -> None:
-        """Blocks the host slab has no free slot for go straight to the tier below it, through a
-        temporary host buffer (one batch); with nothing below they are dropped."""
+        """Blocks the host slab has no free slot for go straight to the tier below it through free
+        slots of the staging slab (pinned once at `bind`: nothing is allocated here), one batch;
+        those beyond the free staging slots or `pending_write_limit` are dropped (``write_drops``),
+        as all are with nothing below."""
         level = 1 if self.host_visible else 0
-        if not items or level >= len(self.tiers):
+        staging = self._staging
+        if not items or level >= len(self.tiers) or staging is None:
             return
         tier = self.tiers[level]
         items = [item for item in items if not tier.contains(item.key)]
         if not items:
             return
+        staging.collect_released()
         limit = pending_write_limit(self.host.capacity)
         room = 0 if self.gate.declines(level) else max(0, limit - self._pending_writes(self.host))
+        room = min(room, len(staging.free_slots))
         self.host.stats.write_drops += max(0, len(items) - room)
         items = items[:room]
         if not items:
             return
-        buffer, event = self._copy_down_buffer([item.block_id for item in items])
-        for index, item in enumerate(items):
+        self._copy_down([(item.block_id, staging.reserve(item.key, item.token_ids)) for item in items], staging)
+        for item in items:
             self._make_room(level)
-            if tier.has_room():
-                self._overflow.add()
-                tier.put_deferred(item.key, buffer[index], item.token_ids, event, self._overflow.done)
+            if not tier.has_room():
+                staging.evict(item.key)
+                continue
+            self._overflow.add()
+            slot = staging.drain(item.key)
+            tier.put_deferred(item.key, staging.slab[slot], item.token_ids, staging.events.get(slot),
+                              functools.partial(self._staged_written, staging, item.key))
+
+    def _staged_written(self, staging: HostTier, key: bytes) -> None:
+        """The tier below is done with a staged block (its writer thread): the slot is free again."""
+        self._overflow.done()
+        staging.release_drained(key)
 
     def _hand_down_staged(self, keys: list[bytes]) -> None:
         """Without a host tier: staged blocks go on to the top tier (its writer releases the slots;
-        the next flush stages through temporary buffers while all slots are busy)."""
+        while all are busy, the next flush stages through the staging slab's)."""
         if self.host_visible:
             return
         for key in keys:
@@ -397,12 +417,16 @@ class TierStore:
         return all(event is None or event.query() for event in ticket.events)
 
     def wait(self, ticket: LoadTicket) -> None:
-        """Block until `poll` is True (the scheduler calls it only when nothing else can run)."""
+        """Block until `poll` is True (the scheduler calls it only when nothing else can run); the
+        time is charged to the lowest tier the ticket reads from (``TierStats.wait_seconds``)."""
+        tick = time.perf_counter()
         wait_futures(list(ticket.fetches.values()))
         self.poll(ticket)
         for event in ticket.events:
             if event is not None:
                 event.synchronize()
+        if ticket.levels:
+            self.tiers[max(ticket.levels)].stats.wait_seconds += time.perf_counter() - tick
 
     def cancel(self, ticket: LoadTicket) -> None:
         """The request went away: later compute waits for copies already queued into its blocks
@@ -459,36 +483,25 @@ class TierStore:
         return False
 
     # ---- batched copies --------------------------------------------------------------------------
-    def _copy_down(self, batch: list[tuple[int, int]]) -> None:
-        """Device blocks into host slots, ``batch`` of (block id, slot); the slots' events are set."""
+    def _copy_down(self, batch: list[tuple[int, int]], host: HostTier | None = None) -> None:
+        """Device blocks into slots of ``host`` (the host slab by default), ``batch`` of (block id,
+        slot); the slots' events are set."""
+        host = self.host if host is None else host
         if not batch:
             return
         if self.device.type != "cuda":
             for block_id, slot in batch:
-                self._copy_block_down(block_id, self.host.slab[slot])
+                self._copy_block_down(block_id, host.slab[slot])
             return
         batch = sorted(batch, key=lambda pair: pair[1])
-        slab = self.host.slab.view(self.host.capacity, -1)
+        slab = host.slab.view(host.capacity, -1)
         with self._on_copy_stream() as (stream, event):
             staged = self._gather([block_id for block_id, _ in batch])
             for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
                 slab[slot:slot + length].copy_(staged[position:position + length].view(length, -1),
                                                non_blocking=True)
         for _, slot in batch:
-            self.host.events[slot] = event
-
-    def _copy_down_buffer(self, block_ids: list[int]) -> tuple[torch.Tensor, Any]:
-        """Device blocks into a new host buffer ``[n, *block_shape]`` (pinned on CUDA: one copy);
-        the buffer and the event to wait for before reading it (None on the CPU)."""
-        shape = (len(block_ids), *self.host.context.block_shape)
-        buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        if self.device.type != "cuda":
-            for index, block_id in enumerate(block_ids):
-                self._copy_block_down(block_id, buffer[index])
-            return buffer, None
-        with self._on_copy_stream() as (stream, event):
-            buffer.view(len(block_ids), -1).copy_(self._gather(block_ids).view(len(block_ids), -1), non_blocking=True)
-        return buffer, event
+            host.events[slot] = event
 
     def _copy_block_down(self, block_id: int, out: torch.Tensor) -> None:
         """One device block into host ``out`` on a backend without a copy stream (memcpys on the CPU)."""
@@ -591,6 +604,9 @@ class TierStore:
         self.host.collect_released()
         if not self.host_visible:
             self.host.ready()
+        if self._staging is not None:
+            self._staging.collect_released()
+            self._staging.ready()
 
     def close(self) -> None:
         self.ready()

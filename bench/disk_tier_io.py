@@ -1,0 +1,201 @@
+"""Disk tier throughput on the CPU alone (issue 14): `DiskTier` driven the way `TierStore` drives it.
+
+    python bench/disk_tier_io.py [--blocks 256 --shape llama-3-8b --readers 4 --dir /tmp/x]
+
+Writes ``--blocks`` blocks of the shape's size through ``put_deferred`` (the writer thread: checksum,
+file write, rename), waits for them (``ready``), then reads every block back into host slots through
+`sagellm_core.kv.tiers.store.read_job` on ``--readers`` threads (``READERS`` by default: the store's
+reader pool) and once more on one thread. The files are fresh, so the reads come from the page cache.
+``--busy`` keeps a thread running Python meanwhile, as a busy engine thread does: each time a background
+thread takes the interpreter lock back after a system call it may wait a switch interval (5 ms).
+``--checksum zlib`` makes the tier use zlib's CRC-32 (as before ISA-L) for a before/after on one machine.
+Prints GB/s of each phase and the split of one block's work: checksum (zlib and the checksum the tier
+uses), open + read of a file, a plain memcpy of a block, a file write, a rename and an unlink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sagellm_core.kv.tiers import disk as disk_module
+from sagellm_core.kv.tiers.base import TierContext, chain_key
+from sagellm_core.kv.tiers.disk import DiskTier
+from sagellm_core.kv.tiers.store import READERS, read_job
+
+SHAPES = {  # (layers, K/V, block size, KV heads, head_dim * bytes of bf16)
+    "qwen3-0.6b": (28, 2, 16, 8, 128 * 2),
+    "llama-3-8b": (32, 2, 16, 8, 128 * 2),
+}
+
+
+def gbps(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:6.2f} GB/s" if seconds > 0 else "   inf GB/s"
+
+
+def crc_name() -> str:
+    """Which CRC-32 the disk tier uses."""
+    return str(getattr(disk_module, "CRC_IMPL", "zlib"))  # the tier before ISA-L had no CRC_IMPL
+
+
+def timed(fn: Callable[[], object], repeat: int = 5, setup: Callable[[], object] = lambda: None) -> float:
+    """Median seconds of ``repeat`` calls of ``fn`` (each after an untimed ``setup()``)."""
+    times = []
+    for _ in range(repeat):
+        setup()
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+class BusyEngine:
+    """A thread running Python without pause (an engine thread planning steps: it holds the
+    interpreter lock but for the forced switches) while the context is open."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            for _ in range(1000):
+                count += 1
+
+    def __enter__(self) -> "BusyEngine":
+        if self.on:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.on:
+            self._thread.join()
+
+
+def make_tier(directory: Path, shape: tuple[int, ...], blocks: int) -> DiskTier:
+    context = TierContext(shape, torch.device("cpu"), "bench", None)
+    return DiskTier(context, directory, (blocks + 1) * (context.block_bytes + 4096))
+
+
+def write_phase(tier: DiskTier, slab: torch.Tensor, keys: list[bytes], tokens: list[tuple[int, ...]]) -> float:
+    """Seconds to queue every block (the engine thread's part) and have it on disk."""
+    tick = time.perf_counter()
+    for index, key in enumerate(keys):
+        tier.put_deferred(key, slab[index], tokens[index], None, lambda: None)
+    queued = time.perf_counter() - tick
+    tier.ready()
+    total = time.perf_counter() - tick
+    print(f"  queueing on the caller's thread: {queued * 1e3:8.1f} ms ({queued / len(keys) * 1e6:.0f} us a block)")
+    return total
+
+
+def read_phase(tier: DiskTier, out: np.ndarray, keys: list[bytes], tokens: list[tuple[int, ...]],
+               readers: int) -> tuple[float, float]:
+    """(wall seconds, summed per-read seconds) to read every block back on ``readers`` threads."""
+    with ThreadPoolExecutor(max_workers=readers) as pool:
+        pool.submit(lambda: None).result()  # the threads exist before the clock starts
+        tick = time.perf_counter()
+        futures = [pool.submit(read_job, tier, key, out[index], None) for index, key in enumerate(keys)]
+        results = [future.result() for future in futures]
+        wall = time.perf_counter() - tick
+    for index, (read, _) in enumerate(results):
+        if read != tokens[index]:
+            raise SystemExit(f"block {index} read back wrong: {read is None and 'missing or corrupt'}")
+    for key in keys:
+        tier.read_done(key, True)
+    return wall, sum(seconds for _, seconds in results)
+
+
+def split(directory: Path, block: np.ndarray, path: Path) -> None:
+    """The parts of one block's write and read, each timed alone on this thread."""
+    nbytes = block.nbytes
+    payload = block.reshape(-1).data
+    out = np.empty_like(block)
+    print("one block's parts (median of 5, this thread):")
+    crc = timed(lambda: zlib.crc32(payload))
+    print(f"  zlib.crc32                      {crc * 1e6:8.0f} us  {gbps(nbytes, crc)}")
+    tier_crc32 = getattr(disk_module, "crc32", zlib.crc32)
+    tier_crc = timed(lambda: tier_crc32(payload))
+    print(f"  disk tier's crc32 ({crc_name():6s})      {tier_crc * 1e6:8.0f} us  {gbps(nbytes, tier_crc)}")
+    copy = timed(lambda: np.copyto(out, block))
+    print(f"  memcpy (np.copyto)              {copy * 1e6:8.0f} us  {gbps(nbytes, copy)}")
+
+    def read_file() -> None:
+        with open(path, "rb", buffering=0) as fh:
+            fh.readinto(out.reshape(-1).data)
+
+    read = timed(read_file)
+    print(f"  open + readinto (page cache)    {read * 1e6:8.0f} us  {gbps(nbytes, read)}")
+    scratch = directory / "scratch.tmp"
+
+    def write_file() -> None:
+        with open(scratch, "wb", buffering=0) as fh:
+            fh.write(payload)
+
+    write = timed(write_file)
+    print(f"  open + write (page cache)       {write * 1e6:8.0f} us  {gbps(nbytes, write)}")
+    rename = timed(lambda: os.replace(scratch, directory / "scratch.kvb"), setup=write_file)
+    print(f"  rename                          {rename * 1e6:8.0f} us")
+    unlink = timed(scratch.unlink, setup=write_file)
+    print(f"  unlink                          {unlink * 1e6:8.0f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3-8b")
+    parser.add_argument("--readers", type=int, default=READERS)
+    parser.add_argument("--checksum", choices=("tier", "zlib"), default="tier",
+                        help="zlib: the tier checksums with zlib.crc32 (the speed before ISA-L) whatever is installed")
+    parser.add_argument("--busy", action="store_true",
+                        help="a thread runs Python throughout the writes and reads (a busy engine thread)")
+    parser.add_argument("--dir", default=None, help="where the files go (default: a temporary directory)")
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    if args.checksum == "zlib":
+        disk_module._crc32, disk_module.CRC_IMPL = zlib.crc32, "zlib"
+    with tempfile.TemporaryDirectory(dir=args.dir) as name:
+        directory = Path(name)
+        tier = make_tier(directory, shape, args.blocks)
+        block_bytes = tier.context.block_bytes
+        total = args.blocks * block_bytes
+        print(f"{args.blocks} blocks of {args.shape} ({block_bytes / 1e6:.2f} MB each, {total / 1e9:.2f} GB), "
+              f"checksum {crc_name()}, {args.readers} reader thread(s), {os.cpu_count()} CPUs, {directory}")
+        slab = torch.randint(0, 256, (args.blocks, *shape), dtype=torch.uint8)
+        tokens = [tuple(range(i * 16, i * 16 + 16)) for i in range(args.blocks)]
+        keys = [chain_key(b"", t) for t in tokens]
+        out = np.empty((args.blocks, *shape), dtype=np.uint8)
+        out.fill(1)  # touched, as the host slab is (a first touch of fresh memory would be timed otherwise)
+        with BusyEngine(args.busy):
+            seconds = write_phase(tier, slab, keys, tokens)
+        print(f"write  put_deferred + writer thread: {gbps(total, seconds)}  ({seconds:.3f} s)")
+        tick = time.perf_counter()
+        os.sync()  # the dirty pages' writeback would share the CPUs with the reads
+        print(f"  sync (writeback of the dirty pages): {time.perf_counter() - tick:.3f} s")
+        for readers in (args.readers, 1, args.readers, 1):
+            with BusyEngine(args.busy):
+                wall, busy = read_phase(tier, out, keys, tokens, readers)
+            print(f"read   read_job on {readers} thread(s):     {gbps(total, wall)}  ({wall:.3f} s; "
+                  f"{busy / args.blocks * 1e6:.0f} us a read as the store times it)")
+        if not np.array_equal(out, slab.numpy()):
+            raise SystemExit("the blocks read back differ from those written")
+        split(directory, slab[0].numpy(), tier.path(keys[0]))
+        tier.close()
+
+
+if __name__ == "__main__":
+    main()
