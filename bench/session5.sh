@@ -8,6 +8,7 @@
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
+# tiers-bighost: both shapes with an 8 GB host tier (it holds the working set; the default is 2x the device pool);
 # tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
 # maskthreads: bench/mask_threads.py, llguidance's mask fill and grammar advance per step by pool size (this host);
@@ -102,6 +103,14 @@ for name in "$@"; do
                    --disk-tier-path "$disk" --output-dir "$logs/tiers-llama"
                  grep -iE "hit rate|bandwidth|load rate|seconds saving|TTFT|tok/s" "$logs/tiers-llama.log" | head -10
                  rm -rf "$disk" ;;
+    tiers-bighost) for shape in qwen3-0.6b llama-3-8b; do  # a host tier that holds the working set (8 GB)
+                     disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+                     part "tiers-bighost-$shape" 150 sagellm bench multiturn --model-shape "$shape" --num-conversations 32 \
+                       --num-turns 4 --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 \
+                       --host-tier-bytes 8000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-bighost-$shape"
+                     grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-bighost-$shape.log" | head -8
+                     rm -rf "$disk"
+                   done ;;
     tiers-profile) part tiers-profile 120 python3 bench/tiers_profile.py --shape qwen3-0.6b --top 40
                    head -12 "$logs/tiers-profile.log" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
