@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from sagellm_core.sampling.filters import top_k_floors, top_k_values
+from sagellm_core.sampling.filters import top_k_floors
 from sagellm_cuda.filtered_sampling import filtered_sample
 from sagellm_cuda.logprobs import fused_logprobs
 from sagellm_cuda.sampling import gumbel_argmax
@@ -49,9 +49,6 @@ def main() -> None:
           f"{read_ms:.3f} ms")
     print(f"plain gumbel_argmax: {time_ms(lambda: gumbel_argmax(logits, inverse, keys)):.3f} ms")
     floors = top_k_floors(logits, [50] * ROWS)
-    topk = {"torch.topk": lambda: logits.topk(50, dim=-1).values,
-            **{f"chunked (chunks >= {m})": (lambda m=m: top_k_values(logits, 50, min_chunk=m)) for m in (512, 1024, 4096)}}
-    print("k=50 values: " + ", ".join(f"{name} {time_ms(fn):.3f}" for name, fn in topk.items()) + " ms")
     print(f"top_k_floors (k=50, one k: unsorted topk + amin): {time_ms(lambda: top_k_floors(logits, [50] * ROWS)):.3f} "
           f"ms; mixed k (sorted topk + gather): {time_ms(lambda: top_k_floors(logits, [50, 49] * (ROWS // 2))):.3f} ms")
     cases = {"top_p=0.95": (no_floor, full(0.95), no_min_p), "top_k=50,top_p=0.95": (floors, full(0.95), no_min_p),

@@ -30,8 +30,6 @@ _FINE = 1 << _BITS  # buckets per histogram level
 LEVELS_PER_LOGIT = float(1 << 18)
 """Top-p's resolution: tokens whose logits are within 2**-18 of the threshold are kept together."""
 _NEG_INF = float("-inf")
-CHUNK_MIN = 1024
-"""Shortest chunk `top_k_values` cuts a row into."""
 
 
 def _column(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -69,8 +67,9 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
 
 def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Each row's top-k threshold [N] (its k-th largest logit; -inf where top-k is off): what a
-    backend's filtered sampler (`Backend.fused_filtered_sampler`) takes, from `top_k_values` over
-    the rows that have a top-k, with the batch's largest k."""
+    backend's filtered sampler (`Backend.fused_filtered_sampler`) takes. One ``topk`` over the rows
+    that have a top-k, with the batch's largest k (cutting rows into chunks, topk of each, then of
+    those, measured twice as slow on an H100: `bench/kernels/filtered_sampling_sweep.py`)."""
     rows, vocab = logits.shape
     floors = torch.full((rows,), _NEG_INF, dtype=logits.dtype, device=logits.device)
     with_k = [i for i in range(rows) if 0 < top_k[i] < vocab]
@@ -79,33 +78,14 @@ def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     subset = _rows(with_k, rows)
     x = logits if subset is None else logits.index_select(0, _column(subset, logits.device, torch.int64).squeeze(1))
     ks = [top_k[i] for i in with_k]
-    values = top_k_values(x, max(ks))  # descending
-    kth = values.gather(1, _column([k - 1 for k in ks], logits.device, torch.int64)).squeeze(1)
+    if len(set(ks)) == 1:  # one k: the smallest of the unsorted top k
+        kth = x.topk(ks[0], dim=-1, sorted=False).values.amin(dim=-1)
+    else:
+        values = x.topk(max(ks), dim=-1).values
+        kth = values.gather(1, _column([k - 1 for k in ks], logits.device, torch.int64)).squeeze(1)
     if subset is None:
         return kth
     return floors.index_copy(0, _column(subset, logits.device, torch.int64).squeeze(1), kth)
-
-
-def top_k_values(x: torch.Tensor, k: int, min_chunk: int = CHUNK_MIN) -> torch.Tensor:
-    """The ``k`` largest values of each row of ``x`` [N, V], descending (ties as values: the same
-    multiset as ``x.topk(k)``). A long row is cut into equal chunks (the largest count that divides
-    V into chunks of at least ``min_chunk`` and ``8 k``): the top k of each chunk, then the top k of
-    those. The row's k largest are among its chunks' k largest, and many short rows keep more of the
-    GPU busy than a few long ones (torch's topk over [256, 151936] reads at a fraction of bandwidth)."""
-    rows, vocab = x.shape
-    chunks = _chunk_count(vocab, max(min_chunk, 8 * k))
-    if chunks <= 1 or not x.is_contiguous():
-        return x.topk(k, dim=-1).values
-    partial = x.view(rows * chunks, vocab // chunks).topk(k, dim=-1, sorted=False).values
-    return partial.view(rows, chunks * k).topk(k, dim=-1).values
-
-
-def _chunk_count(vocab: int, min_length: int) -> int:
-    """The largest number of equal chunks of ``vocab`` with at least ``min_length`` entries each."""
-    for chunks in range(vocab // min_length, 1, -1):
-        if vocab % chunks == 0:
-            return chunks
-    return 1
 
 
 def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
