@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -96,9 +96,8 @@ def find_stop_string(text: str, new_from: int, stops: list[str]) -> tuple[int, s
     return best
 
 
-def token_logprob(tokenizer: Any, token_id: int, info: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
-    def text(tid: int) -> str:
-        return tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-
+def token_logprob(text: Callable[[int], str], token_id: int, info: tuple[float, list[tuple[int, float]]]
+                  ) -> TokenLogprob:
+    """A generated token's logprob entry, tokens named by ``text`` (a `TokenTexts`)."""
     logprob, top = info
     return TokenLogprob(token_id, text(token_id), logprob, [(tid, text(tid), lp) for tid, lp in top])

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sagellm_core.detokenizer import IncrementalDetokenizer
+from sagellm_core.detokenizer import IncrementalDetokenizer, TokenTexts
 from sagellm_core.engine.token_output import SequenceDelta, TokenDelta
 from sagellm_core.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from sagellm_core.request import Request
-from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string
+from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string, token_logprob
 from sagellm_core.sampling_params import SamplingParams
 
 
@@ -26,6 +26,7 @@ class FrontendOutputs:
 
     def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
+        self.token_texts = TokenTexts(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.groups: dict[str, RequestGroup] = {}
 
@@ -110,8 +111,4 @@ class FrontendOutputs:
                              or token_id in params.stop_token_ids)
 
     def _named(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        decode = self._token_text
-        return TokenLogprob(token_id, decode(token_id), logprob, [(tid, decode(tid), lp) for tid, lp in top])
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+        return token_logprob(self.token_texts, token_id, (logprob, top))

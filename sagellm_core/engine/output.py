@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from sagellm_core.detokenizer import TokenTexts
 from sagellm_core.outputs import RequestOutput
 from sagellm_core.request import RequestStatus
 from sagellm_core.request_state import (
@@ -28,6 +29,7 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Any, scheduler: Scheduler, on_finished: Finished) -> None:
         self.tokenizer = tokenizer
+        self.token_texts = TokenTexts(tokenizer)
         self.scheduler = scheduler
         self.on_finished = on_finished
         self.groups: dict[str, RequestGroup] = {}
@@ -96,7 +98,7 @@ class OutputProcessor:
                 now: float) -> None:
         self._record(group, state, now)
         if state.logprobs is not None and logprob is not None:
-            state.logprobs.append(token_logprob(self.tokenizer, update.token_id, logprob))
+            state.logprobs.append(token_logprob(self.token_texts, update.token_id, logprob))
         params = group.params
         if not group.stream and not params.stop:  # nobody reads the text before the end
             if state.finish_reason is not None:
