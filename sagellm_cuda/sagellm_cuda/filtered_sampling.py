@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sagellm_cuda.sampling import unit_stride_rows
+
 BLOCK = 8192
 NUM_WARPS = 32  # best of bench/kernels/filtered_sampling_sweep.py on an H100 (0.58 vs 0.69 ms at 2048 / 8)
 MAX_ROUNDS = 64
@@ -146,9 +148,7 @@ def filtered_sample(logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: 
     ``keys`` [rows] int64 fix each row's random stream (as `gumbel_argmax`). ``block`` and
     ``num_warps``: the kernel's launch configuration (`bench/kernels/filtered_sampling_sweep.py`)."""
     rows, vocab = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    logits, out = unit_stride_rows(logits)
     if rows == 0:
         return out
     _filtered_sample_kernel[(rows,)](logits, logits.stride(0), inv_temperatures, keys, floors, top_p, log_min_p, out,

@@ -61,13 +61,18 @@ def _pick_split_kernel(best_ptr, index_ptr, out_ptr, num_splits, SPLITS: tl.cons
     tl.store(out_ptr + row, tl.load(index_ptr + row * num_splits + winner).to(tl.int64))
 
 
+def unit_stride_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` with unit column stride (copied only if needed) and the [rows] int64 token output."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits, torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+
+
 def gumbel_argmax(logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab]: argmax where ``inv_temperatures`` [rows] is 0,
     else a draw from softmax(logits * inv_temperature) keyed by ``keys`` [rows] (int64)."""
     rows, vocab = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    logits, out = unit_stride_rows(logits)
     if rows == 0:
         return out
     num_splits = triton.cdiv(vocab, SPLIT)
