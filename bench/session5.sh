@@ -8,6 +8,7 @@
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
+# tiers-llama128: Llama-3-8B, 128 conversations (the device pool then admits ~25 at once), 40 GB host tier;
 # tiers-bighost: both shapes with an 8 GB host tier (it holds the working set; the default is 2x the device pool);
 # tiers: `sagellm bench multiturn --ungated`, Qwen3-0.6B, working set 5x the device pool, the load gate on and off (issue 14);
 # structured: bench/structured_bench.py, 256 requests (issue 13); structured-tests: tests/gpu/test_structured_gpu.py;
@@ -111,6 +112,12 @@ for name in "$@"; do
                      grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-bighost-$shape.log" | head -8
                      rm -rf "$disk"
                    done ;;
+    tiers-llama128) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)  # more conversations: more concurrency at 5x
+                    part tiers-llama128 400 sagellm bench multiturn --model-shape llama-3-8b --num-conversations 128 \
+                      --num-turns 4 --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 \
+                      --host-tier-bytes 40000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-llama128"
+                    grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-llama128.log" | head -8
+                    rm -rf "$disk" ;;
     tiers-profile) part tiers-profile 120 python3 bench/tiers_profile.py --shape qwen3-0.6b --top 40
                    head -12 "$logs/tiers-profile.log" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \
