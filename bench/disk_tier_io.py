@@ -36,7 +36,7 @@ import torch
 from sagellm_core.kv.tiers import disk as disk_module
 from sagellm_core.kv.tiers.base import TierContext, chain_key
 from sagellm_core.kv.tiers.disk import DiskTier
-from sagellm_core.kv.tiers.store import READERS, read_job
+from sagellm_core.kv.tiers.store import READERS, BusyTime, read_job
 
 SPARES = getattr(disk_module, "SPARE_FILES", 0)  # the tier's pool of recycled files (0: before recycling)
 
@@ -118,20 +118,28 @@ def write_phase(tier: DiskTier, slab: torch.Tensor, keys: list[bytes], tokens: l
 
 
 def read_phase(tier: DiskTier, out: np.ndarray, keys: list[bytes], tokens: list[tuple[int, ...]],
-               readers: int) -> tuple[float, float]:
-    """(wall seconds, summed per-read seconds) to read every block back on ``readers`` threads."""
+               readers: int) -> tuple[float, float, float]:
+    """(wall seconds, seconds the store charges the reads: their shares of the busy time, summed
+    per-read seconds: what it charged before `BusyTime`) to read every block back on ``readers`` threads."""
+    busy = BusyTime()
+
+    def job(index: int, key: bytes) -> tuple[tuple[int, ...] | None, float, float]:
+        tick = time.perf_counter()
+        read, share = read_job(tier, key, out[index], None, busy)
+        return read, share, time.perf_counter() - tick
+
     with ThreadPoolExecutor(max_workers=readers) as pool:
         pool.submit(lambda: None).result()  # the threads exist before the clock starts
         tick = time.perf_counter()
-        futures = [pool.submit(read_job, tier, key, out[index], None) for index, key in enumerate(keys)]
+        futures = [pool.submit(job, index, key) for index, key in enumerate(keys)]
         results = [future.result() for future in futures]
         wall = time.perf_counter() - tick
-    for index, (read, _) in enumerate(results):
+    for index, (read, _, _) in enumerate(results):
         if read != tokens[index]:
             raise SystemExit(f"block {index} read back wrong: {read is None and 'missing or corrupt'}")
     for key in keys:
         tier.read_done(key, True)
-    return wall, sum(seconds for _, seconds in results)
+    return wall, sum(share for _, share, _ in results), sum(own for _, _, own in results)
 
 
 def split(directory: Path, block: np.ndarray, path: Path) -> None:
@@ -191,19 +199,31 @@ def write_variants(directory: Path, payload: memoryview) -> None:
         if not scratch.exists():
             write(scratch, os.O_TRUNC, [payload])
 
+    def overwrite_and_rename() -> None:
+        write(scratch, 0, [head, body])
+        os.replace(scratch, other)
+
+    def moved_back() -> None:
+        if other.exists():
+            os.replace(other, scratch)
+        existing()
+
+    def fresh() -> None:
+        unlinked()
+        existing()
+
     variants: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
         ("new file + writev", lambda: write(scratch, os.O_TRUNC, [payload]), unlinked),
         ("new file, fallocate + writev", lambda: write(scratch, os.O_TRUNC, [payload], True), unlinked),
         ("truncate + rewrite", lambda: write(scratch, os.O_TRUNC, [payload]), existing),
         ("overwrite in place (writev)", lambda: write(scratch, 0, [head, body]), existing),
-        ("overwrite in place + rename", lambda: (write(scratch, 0, [head, body]), os.replace(scratch, other)),
-         lambda: (other.exists() and os.replace(other, scratch), existing())),
+        ("overwrite in place + rename", overwrite_and_rename, moved_back),
         ("overwrite, header last (3 pwrite)", header_last, existing),
     ]
     for label, fn, setup in variants:
         seconds = timed(fn, repeat=9, setup=setup)
         print(f"  {label:34s}{seconds * 1e6:8.0f} us  {gbps(nbytes, seconds)}")
-    rename = timed(lambda: os.replace(scratch, other), setup=lambda: (unlinked(), existing()))
+    rename = timed(lambda: os.replace(scratch, other), setup=fresh)
     print(f"  rename                          {rename * 1e6:8.0f} us")
     unlink = timed(scratch.unlink, setup=existing)
     print(f"  unlink                          {unlink * 1e6:8.0f} us")
@@ -240,9 +260,11 @@ def one_pass(directory: Path, args: argparse.Namespace, recycle: bool) -> None:
     held_tokens = [tokens[keys.index(key)] for key in held]
     for readers in (args.readers, 1):
         with BusyEngine(args.busy):
-            wall, busy = read_phase(tier, out, held, held_tokens, readers)
-        print(f"read   read_job on {readers} thread(s):     {gbps(len(held) * block_bytes, wall)}  ({wall:.3f} s; "
-              f"{busy / len(held) * 1e6:.0f} us a read as the store times it)")
+            wall, charged, summed = read_phase(tier, out, held, held_tokens, readers)
+        nbytes = len(held) * block_bytes
+        print(f"read   read_job on {readers} thread(s):     {gbps(nbytes, wall)}  ({wall:.3f} s; "
+              f"{summed / len(held) * 1e6:.0f} us a read); the store's load_bandwidth: {gbps(nbytes, charged)} "
+              f"(busy time), {gbps(nbytes, summed)} (summed read time, before)")
     rows = [keys.index(key) % len(slab) for key in held]
     if not np.array_equal(out, slab.numpy()[rows]):
         raise SystemExit("the blocks read back differ from those written")

@@ -1,12 +1,13 @@
 """The disk tier's files: evicted files recycled for new blocks (and never while a read may still see
-them), torn or stale files detected, reads that do not wait behind the writer."""
+them), torn or stale files detected, reads that do not wait behind the writer, and the read time the
+load gate sees when reads run in parallel."""
 
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -14,8 +15,12 @@ import torch
 
 from sagellm_core.config import KVTiersConfig
 from sagellm_core.kv.tiers import disk as disk_module
-from sagellm_core.kv.tiers.base import TierContext, chain_key, root_key
+from sagellm_core.kv.tiers import store as store_module
+from sagellm_core.kv.tiers.base import KVTier, TierBlock, TierContext, chain_key, root_key
 from sagellm_core.kv.tiers.disk import DiskTier
+from sagellm_core.kv.tiers.gate import block_load_seconds
+from sagellm_core.kv.tiers.host import HostTier
+from sagellm_core.kv.tiers.store import BusyTime, TierItem, TierStore, read_job
 
 CONTEXT = TierContext((1, 2, 4, 1, 8), torch.device("cpu"), "fp", KVTiersConfig())
 TOKENS = (1, 2, 3, 4)
@@ -208,3 +213,98 @@ def test_a_block_queued_for_its_file_is_read_from_its_host_bytes_without_waiting
     tier.ready()
     assert released == [key(0), key(1), key(2)] and read(tier, 2)[0] == TOKENS  # now from its file
     tier.close()
+
+
+# ---- the read time the load gate sees ------------------------------------------------------------------
+def clock_of(now: list[float]) -> Callable[[], float]:
+    return lambda: now[0]
+
+
+def test_busy_time_charges_reads_in_flight_together_their_share_of_the_wall_time() -> None:
+    now = [0.0]
+    busy = BusyTime(clock_of(now))
+    first = busy.start()
+    now[0] = 4.0
+    second = busy.start()  # 0-4: the first alone
+    now[0] = 6.0
+    third = busy.start()  # 4-6: two
+    now[0] = 9.0  # 6-9: three
+    charged = [busy.stop(first)]
+    now[0] = 13.0  # 9-13: two
+    charged += [busy.stop(second), busy.stop(third)]
+    assert charged == pytest.approx([4 + 1 + 1, 1 + 1 + 2, 1 + 2])
+    assert sum(charged) == pytest.approx(13.0)  # the wall time with at least one read in flight
+    now[0] = 20.0  # idle: charged to nobody
+    alone = busy.start()
+    now[0] = 22.0
+    assert busy.stop(alone) == pytest.approx(2.0)
+
+
+class ParallelTier(KVTier):
+    """A tier below the host whose reads wait until ``parties`` of them are in flight; the barrier's
+    action moves the fake clock on by ``seconds`` (every read then ends at the same time)."""
+
+    name = "parallel"
+    thread_safe_reads = True
+
+    def __init__(self, context: TierContext, keys: dict[bytes, tuple[int, ...]], parties: int,
+                 now: list[float], seconds: float) -> None:
+        super().__init__(context)
+        self.blocks = keys
+        self.barrier = threading.Barrier(parties, action=lambda: now.__setitem__(0, now[0] + seconds))
+
+    def contains(self, key: bytes) -> bool:
+        return key in self.blocks
+
+    def get(self, key: bytes) -> TierBlock | None:
+        return None
+
+    def put(self, key: bytes, data: torch.Tensor, token_ids: tuple[int, ...]) -> bool:
+        return False
+
+    def has_room(self) -> bool:
+        return False
+
+    def victim(self) -> bytes | None:
+        return None
+
+    def evict(self, key: bytes) -> None:
+        pass
+
+    def keys(self) -> list[bytes]:
+        return list(self.blocks)
+
+    def read_into(self, key: bytes, out: np.ndarray) -> tuple[int, ...] | None:
+        self.barrier.wait(timeout=60)
+        out.fill(7)
+        return self.blocks[key]
+
+
+def test_parallel_reads_are_charged_the_wall_time_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reads in flight together for 10 s load two blocks in 10 s (not 20: the gate would see half
+    the tier's throughput)."""
+    now = [100.0]
+    monkeypatch.setattr(store_module, "READERS", 2)
+    monkeypatch.setattr(store_module.time, "perf_counter", clock_of(now))
+    context = TierContext((2, 2, 4, 1, 32), torch.device("cpu"), "fp", KVTiersConfig())
+    items = [TierItem(i, chain_key(root_key(None), [i]), (i,)) for i in range(2)]
+    below = ParallelTier(context, {item.key: item.token_ids for item in items}, 2, now, 10.0)
+    host = HostTier(context, 4 * context.block_bytes)
+    store = TierStore([host, below], torch.device("cpu"))
+    store.bind(torch.zeros((2, 2, 4, 4, 1, 8)))
+    ticket = store.start_load(items)
+    store.wait(ticket)
+    assert ticket.count == 2
+    stats = store.stats()[1]
+    assert stats.load_bytes == 2 * context.block_bytes and stats.load_seconds == pytest.approx(10.0)
+    host.stats.load_bytes, host.stats.load_seconds = context.block_bytes, 1e-9
+    assert block_load_seconds(1, store.tiers) == pytest.approx(5.0, rel=1e-6)  # a block every 5 s
+    store.close()
+
+
+def test_read_job_without_a_busy_time_charges_the_reads_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(store_module.time, "perf_counter", clock_of(now))
+    below = ParallelTier(CONTEXT, {b"k": (1,)}, 1, now, 3.0)
+    out = np.zeros(CONTEXT.block_bytes, dtype=np.uint8)
+    assert read_job(below, b"k", out, None) == ((1,), pytest.approx(3.0))
