@@ -170,14 +170,16 @@ def test_another_blocks_whole_file_under_a_name_is_no_block_even_with_the_same_t
     assert disk_module.read_block(path, out.data, 4, key(1)) is None
 
 
-def test_a_stale_file_under_a_blocks_name_is_dropped_by_the_tier(tmp_path: Path) -> None:
+def test_a_stale_or_longer_file_under_a_blocks_name_is_deleted_by_the_tier(tmp_path: Path) -> None:
     tier = disk_tier(tmp_path, 2)
     for index in range(2):
         put_evicting(tier, index)
     tier.ready()
-    tier.path(key(1)).write_bytes(tier.path(key(0)).read_bytes())
+    tier.path(key(1)).write_bytes(tier.path(key(0)).read_bytes() + b"tail")
     assert tier.get(key(1)) is None and tier.stats.errors == 1 and not tier.contains(key(1))
     assert tier.get(key(0)) is not None
+    tier.ready()  # a file that failed its read is deleted, not recycled (its size may be anything)
+    assert not tier.path(key(1)).exists() and tier.spare_count() == 0
     tier.close()
 
 

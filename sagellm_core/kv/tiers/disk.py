@@ -24,6 +24,7 @@ start-up: blocks a previous engine with the same fingerprint wrote are found aga
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import secrets
 import struct
@@ -113,11 +114,12 @@ class _Pending:
 
 class _Spare:
     """An evicted block's file under a spare name, to be overwritten by a later block; ``origin``:
-    the key whose file it was (None: found at start-up)."""
+    the key whose file it was (None: found at start-up); ``size``: its bytes."""
 
-    def __init__(self, path: Path, origin: bytes | None) -> None:
+    def __init__(self, path: Path, origin: bytes | None, size: int) -> None:
         self.path = path
         self.origin = origin
+        self.size = size
 
 
 class DiskTier(KVTier):
@@ -138,6 +140,8 @@ class DiskTier(KVTier):
         self._failed: list[bytes] = []  # the thread's failed writes, for the engine thread to forget
         self._spares: list[_Spare] = []  # the writer thread's
         self._reading: dict[bytes, int] = {}  # key -> reads of its file in flight
+        self._spare_names = secrets.token_hex(8)  # this engine's spare names: <names>-<count>.spare
+        self._spare_count = itertools.count()
         self._cancel_lock = threading.Lock()  # guards _pending's removals, _reading, and renames onto a key
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-kv-disk")
         self._scan()
@@ -151,7 +155,7 @@ class DiskTier(KVTier):
             if name.endswith(".tmp"):
                 os.unlink(entry.path)  # a write that did not finish
             elif name.endswith(SPARE_SUFFIX):
-                self._keep_spare(_Spare(Path(entry.path), None))
+                self._keep_spare(_Spare(Path(entry.path), None, entry.stat().st_size))
             elif name.endswith(SUFFIX):
                 key = key_of(name)
                 if key is not None:
@@ -212,7 +216,8 @@ class DiskTier(KVTier):
                     self._reading[key] = count
 
     def read_done(self, key: bytes, ok: bool) -> None:
-        """The engine thread: a hit is used recently; a failed read gives the file up."""
+        """The engine thread: a hit is used recently; a failed read's file is deleted (its size may
+        be anything: it is not recycled)."""
         if ok:
             self.touch(key)
             return
@@ -220,7 +225,7 @@ class DiskTier(KVTier):
             log.warning("KV disk tier: %s is missing, truncated or corrupt; dropped (the block is recomputed)",
                         self.path(key))
             self.stats.errors += 1
-            self.evict(key)
+            self._evict(key, recycle=False)
 
     # ---- writes --------------------------------------------------------------------------------
     def has_room(self) -> bool:
@@ -267,7 +272,7 @@ class DiskTier(KVTier):
             spare = self._take_spare()
             if spare is not None:
                 temporary = spare.path
-            write_file(temporary, [header, payload], recycle=spare is not None)
+            write_file(temporary, [header, payload], None if spare is None else spare.size)
             with self._cancel_lock:
                 placed = self._pending.get(key) is pending
                 if placed:
@@ -336,21 +341,27 @@ class DiskTier(KVTier):
 
     def evict(self, key: bytes) -> None:
         """Forget ``key`` now; its file becomes a spare on the writer thread (after any queued write)."""
+        self._evict(key, recycle=True)
+
+    def _evict(self, key: bytes, recycle: bool) -> None:
         size = self.files.pop(key, None)
         if size is not None:
             with self._cancel_lock:
                 self._pending.pop(key, None)  # a queued write then leaves no file
-            self._writer.submit(self._retire, key)
+            self._writer.submit(self._retire, key, size if recycle else None)
             self.stats.evictions += 1
             self.stats.bytes -= size
             self.stats.num_blocks = len(self.files)
 
-    def _retire(self, key: bytes) -> None:
-        """The writer thread: an evicted block's file is renamed to a spare name (unless the block was
-        stored again since), pooled or deleted."""
-        spare = _Spare(self.directory / (secrets.token_hex(8) + SPARE_SUFFIX), key)
+    def _retire(self, key: bytes, size: int | None) -> None:
+        """The writer thread: an evicted block's file of ``size`` bytes is renamed to a spare name
+        (unless the block was stored again since), pooled or deleted (``size`` None: deleted)."""
+        spare = _Spare(self.directory / f"{self._spare_names}-{next(self._spare_count)}{SPARE_SUFFIX}", key, size or 0)
         with self._cancel_lock:
             if key in self._pending:
+                return
+            if size is None:
+                self.path(key).unlink(missing_ok=True)
                 return
             try:
                 os.rename(self.path(key), spare.path)
@@ -368,14 +379,15 @@ def key_of(name: str) -> bytes | None:
     return key if len(key) == KEY_BYTES else None
 
 
-def write_file(path: Path, parts: list[Any], recycle: bool = False) -> None:
+def write_file(path: Path, parts: list[Any], recycled: int | None = None) -> None:
     """Write ``parts`` (bytes-like) as the file ``path`` in one ``writev`` (more only after a short
     write): each system call is a point where a background thread gives the interpreter lock up and
-    may wait a switch interval to take it back from a busy engine thread. ``recycle``: ``path`` is an
-    existing file, overwritten in place (its cached pages reused) and cut to the parts' length."""
+    may wait a switch interval to take it back from a busy engine thread. ``recycled``: the size of
+    ``path``, an existing file overwritten in place (its cached pages reused), then cut to the
+    parts' length if it was longer; None: a new file."""
     views = [memoryview(part).cast("B") for part in parts]
     total = sum(len(view) for view in views)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if recycle else os.O_TRUNC), 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if recycled is None else 0), 0o644)
     try:
         while views:
             written = os.writev(fd, views)
@@ -384,7 +396,7 @@ def write_file(path: Path, parts: list[Any], recycle: bool = False) -> None:
                 views.pop(0)
             if views:
                 views[0] = views[0][written:]
-        if recycle and os.fstat(fd).st_size != total:
+        if recycled is not None and recycled > total:
             os.ftruncate(fd, total)
     finally:
         os.close(fd)
