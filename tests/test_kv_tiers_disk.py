@@ -131,6 +131,31 @@ def test_a_spare_is_not_overwritten_while_a_read_of_its_last_block_runs(tmp_path
     tier.close()
 
 
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "new-file"])
+def test_a_block_evicted_while_its_file_is_written_leaves_no_file_and_keeps_the_spare(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spare: bool) -> None:
+    tier = disk_tier(tmp_path, 1)
+    if spare:
+        put_evicting(tier, 0)
+        tier.ready()
+        tier.evict(key(0))
+        tier.ready()
+        assert tier.spare_count() == 1
+    original = disk_module.write_file
+
+    def evicting_write(path: Path, *args: Any) -> None:
+        original(path, *args)
+        tier.evict(key(1))  # the engine thread gives the block up meanwhile
+
+    monkeypatch.setattr(disk_module, "write_file", evicting_write)
+    put_evicting(tier, 1)
+    tier.ready()
+    assert not tier.contains(key(1)) and not tier.path(key(1)).exists()
+    assert tier.spare_count() == int(spare)
+    assert all(name.endswith(disk_module.SPARE_SUFFIX) for name in os.listdir(tier.directory))
+    tier.close()
+
+
 # ---- torn and stale files ------------------------------------------------------------------------------
 def file_of(index: int, tokens: tuple[int, ...] = TOKENS) -> bytes:
     return disk_module.encode_block(block(index).numpy(), tokens, key(index))

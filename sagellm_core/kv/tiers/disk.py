@@ -257,38 +257,44 @@ class DiskTier(KVTier):
         return True
 
     def _write(self, key: bytes, pending: _Pending) -> None:
-        """The writer thread: one block's file, written under a spare's name (overwriting an evicted
-        block's file) or a temporary one, then renamed to the block's."""
-        target = self.path(key)
-        spare: _Spare | None = None
-        temporary = target.with_name(target.name + f".{os.getpid()}.tmp")
+        """The writer thread: one block's file (unless it was evicted before its turn), then its host
+        bytes are released."""
         try:
-            if self._pending.get(key) is not pending:
-                return  # evicted before its turn
-            if pending.ready is not None:
-                pending.ready.synchronize()
-            payload = pending.data.numpy().reshape(-1).data
-            header = encode_header(payload, pending.token_ids, key)
-            spare = self._take_spare()
-            if spare is not None:
-                temporary = spare.path
-            write_file(temporary, [header, payload], None if spare is None else spare.size)
-            with self._cancel_lock:
-                placed = self._pending.get(key) is pending
-                if placed:
-                    os.replace(temporary, target)
-            if not placed:  # evicted while it was being written
-                self._give_up(temporary, spare)
+            if self._pending.get(key) is pending:
+                self._write_file(key, pending)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             self._failed.append(key)
             if len(self._failed) % LOG_EVERY == 1:
-                log.warning("KV disk tier: cannot write %s (%s); the block is not stored", target, exc)
+                log.warning("KV disk tier: cannot write %s (%s); the block is not stored", self.path(key), exc)
         finally:
             with self._cancel_lock:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
             pending.release()
+
+    def _write_file(self, key: bytes, pending: _Pending) -> None:
+        """Write the block's file under a spare's name (overwriting an evicted block's file) or a
+        temporary one, then rename it to the block's (unless evicted meanwhile)."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        payload = pending.data.numpy().reshape(-1).data
+        header = encode_header(payload, pending.token_ids, key)
+        target = self.path(key)
+        spare = self._take_spare()
+        temporary = target.with_name(target.name + f".{os.getpid()}.tmp") if spare is None else spare.path
+        try:
+            write_file(temporary, [header, payload], None if spare is None else spare.size)
+            if spare is not None:
+                spare.size = len(header) + len(payload)  # cut or grown to it
+            with self._cancel_lock:
+                placed = self._pending.get(key) is pending
+                if placed:
+                    os.replace(temporary, target)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+        if not placed:  # evicted while it was being written
+            self._give_up(temporary, spare)
 
     def _take_spare(self) -> _Spare | None:
         """The writer thread: a spare file no read may still see as its block's (None: none)."""
