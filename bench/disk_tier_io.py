@@ -12,6 +12,7 @@ each after evicting the least recently used block (``victim``, ``evict``), timed
 ``--recycle off`` makes the tier delete evicted files instead of reusing them (``SPARE_FILES = 0``).
 ``--busy`` keeps a thread running Python meanwhile, as a busy engine thread does: each time a background
 thread takes the interpreter lock back after a system call it may wait a switch interval (5 ms).
+``--switch-ms`` sets the interpreter's switch interval for that wait.
 ``--checksum zlib`` makes the tier use zlib's CRC-32 (as before ISA-L) for a before/after on one machine.
 Prints GB/s of each phase and the split of one block's work: checksum (zlib and the checksum the tier
 uses), open + read of a file, a plain memcpy of a block, a file write, a rename and an unlink.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -284,7 +286,12 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=0,
                         help="blocks the tier holds (default --blocks: it never fills)")
     parser.add_argument("--recycle", default="on", help="on, off or a list such as on,off,on,off (one pass each)")
+    parser.add_argument("--switch-ms", type=float, default=None,
+                        help="the interpreter's switch interval (sys.setswitchinterval; default 5 ms): how long a "
+                             "thread back from a system call may wait for the lock a busy thread holds")
     args = parser.parse_args()
+    if args.switch_ms is not None:
+        sys.setswitchinterval(args.switch_ms / 1e3)
     if args.checksum == "zlib":
         disk_module._crc32, disk_module.CRC_IMPL = zlib.crc32, "zlib"
     for mode in args.recycle.split(","):
