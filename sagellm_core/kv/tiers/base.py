@@ -71,7 +71,9 @@ class TierStats:
     into the device pool; ``load_bytes`` / ``load_seconds``: for the host tier (or the top tier
     without one) the host-to-device copies (every block copied up, including those read from below
     first; device time between the copy batch's events on CUDA), for a tier below it its reads into
-    host memory (background-thread time); ``stores`` blocks written here, ``evictions`` blocks given
+    host memory: the wall time during which at least one of them was in flight, each read charged its
+    share (`sagellm_core.kv.tiers.store.BusyTime`: parallel reads are not counted once per reader);
+    ``stores`` blocks written here, ``evictions`` blocks given
     up, ``errors`` failed writes and corrupt reads; ``save_seconds``: step-thread time spent queueing
     device blocks into this (top) tier and making room; ``turned_down``: lookups of a block found
     here that the load gate left to be recomputed (`sagellm_core.kv.tiers.gate`); ``write_drops``:
@@ -98,7 +100,9 @@ class TierStats:
 
     @property
     def load_bandwidth(self) -> float:
-        """Bytes per second of the copies up to the device pool (0 before any)."""
+        """Bytes per second of the loads (``load_bytes / load_seconds``): for the host tier the copies
+        up to the device pool, for a tier below it its throughput into host memory with its reader
+        threads together (0 before any)."""
         return self.load_bytes / self.load_seconds if self.load_seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:

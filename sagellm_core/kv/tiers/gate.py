@@ -117,8 +117,9 @@ class LoadGate:
 def block_load_seconds(level: int, tiers: Sequence[KVTier]) -> float | None:
     """Measured seconds to bring one block from ``tiers[level]`` into the device pool: the load time
     per byte of every tier from the top down to it (a block read from below is copied up through the
-    top tier's path, whose figure counts every block copied up), times a block's bytes; None until
-    each of them has loaded something."""
+    top tier's path, whose figure counts every block copied up; a lower tier's is its throughput with
+    its reader threads together, `TierStats.load_seconds`), times a block's bytes; None until each
+    of them has loaded something."""
     per_byte = 0.0
     for tier in tiers[: level + 1]:
         stats = tier.stats

@@ -129,6 +129,7 @@ class TierStore:
         self._stream: Any = None
         self._reader: ThreadPoolExecutor | None = None
         self._timings: list[tuple[Any, Any, int, KVTier]] = []
+        self._busy = [BusyTime() for _ in self.tiers]  # each tier's reads in flight (`read_job`)
 
     def bind(self, pool: torch.Tensor) -> None:
         """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, seen
@@ -395,8 +396,9 @@ class TierStore:
                                  pin_memory=self.device.type == "cuda")
             ticket.fetch_buffers[index] = buffer
             out, ready = buffer.numpy(), None
-        tier = self.tiers[ticket.levels[index]]
-        job = functools.partial(read_job, tier, ticket.items[index].key, out, ready)
+        level = ticket.levels[index]
+        tier = self.tiers[level]
+        job = functools.partial(read_job, tier, ticket.items[index].key, out, ready, self._busy[level])
         if tier.thread_safe_reads:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="sagellm-kv-read")
@@ -648,11 +650,49 @@ def pinned_index(values: list[int]) -> torch.Tensor:
     return index
 
 
-def read_job(tier: KVTier, key: bytes, out: np.ndarray, ready: Any) -> tuple[tuple[int, ...] | None, float]:
+class BusyTime:
+    """The wall time during which at least one of a tier's reads was in flight, split among them:
+    while ``n`` reads run together each is charged ``1/n`` of every second, so the charges of all
+    reads add up to the busy wall time (``N`` parallel readers are not counted ``N`` times) and
+    bytes over their sum is the tier's throughput with its readers together. A read alone is charged
+    its own time. Thread-safe; ``clock``: seconds (default `time.perf_counter`)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active = 0
+        self._last = 0.0
+        self._shared = 0.0  # seconds a read running since the start would have been charged
+
+    def start(self) -> float:
+        """A read begins; the mark to hand to `stop`."""
+        with self._lock:
+            self._advance()
+            self._active += 1
+            return self._shared
+
+    def stop(self, mark: float) -> float:
+        """The read that began at ``mark`` ended: the seconds charged to it."""
+        with self._lock:
+            self._advance()
+            self._active -= 1
+            return self._shared - mark
+
+    def _advance(self) -> None:
+        now = self._clock() if self._clock is not None else time.perf_counter()
+        if self._active:
+            self._shared += (now - self._last) / self._active
+        self._last = now
+
+
+def read_job(tier: KVTier, key: bytes, out: np.ndarray, ready: Any,
+             busy: BusyTime | None = None) -> tuple[tuple[int, ...] | None, float]:
     """A reader thread (or the engine thread): wait for the slot's last copy, read ``key`` into it;
-    (token ids or None, seconds)."""
+    (token ids or None, seconds charged to the read: its share of ``busy``, the tier's `BusyTime`,
+    or without one its own time)."""
     if ready is not None:
         ready.synchronize()
-    tick = time.perf_counter()
+    busy = BusyTime() if busy is None else busy
+    mark = busy.start()
     tokens = tier.read_into(key, out)
-    return tokens, time.perf_counter() - tick
+    return tokens, busy.stop(mark)
