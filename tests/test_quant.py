@@ -82,6 +82,17 @@ def test_many_rows_run_the_bf16_gemm_over_the_kernels_weight(kind: str, module: 
     assert float((dense - kernel).abs().max()) <= 0.01 * float(kernel.abs().max())
 
 
+def test_the_cpu_backend_option_sets_the_dense_threshold() -> None:
+    from sagellm_core.builtin.cpu_backend import CPUOptions
+
+    qw = quantize("int4", _weight(96, 128, seed=6))
+    assert CPUBackend().quantized_linear("int4")(qw, torch.float32).dense_min_rows == 16
+    off = CPUBackend(None, CPUOptions(quantized_dense_rows=0)).quantized_linear("int8")
+    assert off(quantize("int8", _weight(96, 128, seed=6)), torch.float32).dense is None
+    with pytest.raises(ValueError):
+        CPUOptions(quantized_dense_rows=-1)
+
+
 def test_int4_codes_follow_the_kernel_convention() -> None:
     """A weight whose groups are exactly representable comes back exactly (up to bf16 scales)."""
     codes = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
