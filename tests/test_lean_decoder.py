@@ -33,9 +33,9 @@ def _prompts() -> list[list[int]]:
     return prompts + [prompts[2][:8] + [rng.randrange(1, model_zoo.VOCAB) for _ in range(5)]]
 
 
-def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, **model: Any
+def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, chunk: int = 8, **model: Any
          ) -> tuple[list[list[int]], list[torch.Tensor], LLMEngine]:
-    """Greedy tokens and every forward's logits, prefill chunks of at most 8 tokens."""
+    """Greedy tokens and every forward's logits, prefill chunks of at most ``chunk`` tokens."""
     logits: list[torch.Tensor] = []
     forward = ModelRunner.forward
 
@@ -45,7 +45,7 @@ def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, **model: 
         return out
 
     monkeypatch.setattr(ModelRunner, "forward", recording)
-    config = engine_config(directory, model=model, scheduler={"max_num_batched_tokens": 8},
+    config = engine_config(directory, model=model, scheduler={"max_num_batched_tokens": chunk},
                            backend={"options": {"lean_decoder": lean}})
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -67,6 +67,19 @@ def test_lean_logits_equal_the_transformers_forward_bit_for_bit(arch: str, quant
     assert tokens == ref_tokens
     assert len(logits) == len(ref_logits)
     assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_lean_logits_equal_the_transformers_forward_on_the_dense_gemm_path(
+        arch: str, quantization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 16 tokens and more run the bf16 GEMM over the de-quantized weights (fused in the lean
+    forward, per module in transformers'): still the same bits."""
+    directory = model_zoo.save_model(arch, tmp_path / arch)
+    tokens, logits, _ = _run(directory, True, monkeypatch, chunk=32, quantization=quantization)
+    ref_tokens, ref_logits, _ = _run(directory, False, monkeypatch, chunk=32, quantization=quantization)
+    assert tokens == ref_tokens
+    assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits, strict=True))
 
 
 def test_default_model_int4_logits_are_unchanged(monkeypatch: pytest.MonkeyPatch, default_model_dir: Path) -> None:
@@ -91,20 +104,22 @@ def test_default_model_int4_logits_are_unchanged(monkeypatch: pytest.MonkeyPatch
     assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits, strict=True))
 
 
+@pytest.mark.parametrize("rows", [5, 20])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_fused_projections_equal_their_parts_and_share_the_codes(kind: str) -> None:
+def test_fused_projections_equal_their_parts_and_share_the_codes(kind: str, rows: int) -> None:
     torch.manual_seed(0)
     make = (lambda w: Int4WeightOnlyLinear(quantize_int4(w))) if kind == "int4" else (
         lambda w: Int8WeightOnlyLinear(quantize_int8(w)))
     modules = [make(torch.randn(n, 128)) for n in (128, 64, 64)]
     own = [m.qweight.clone() for m in modules]
     fused = Projections(modules)
-    assert fused.fused is not None
-    x = torch.randn(5, 128)
+    assert fused.fused is not None and fused.fused.dense is not None
+    x = torch.randn(rows, 128)  # 20 rows: the bf16 GEMM over the stacked de-quantized weights
     for part, module, codes in zip(fused(x), modules, own):
         assert torch.equal(part, module(x))
         assert torch.equal(module.qweight, codes)
         assert module.qweight.data_ptr() >= fused.fused.qweight.data_ptr()  # a view, not a copy
+        assert module.dense.data_ptr() >= fused.fused.dense.data_ptr()
 
 
 def test_projections_stay_separate_when_they_cannot_fuse() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +52,7 @@ def test_unknown_kind_and_bad_group_are_refused() -> None:
 
 
 @pytest.mark.parametrize("kind,module", [("int8", Int8WeightOnlyLinear), ("int4", Int4WeightOnlyLinear)])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 9])  # 2 x 9 rows: the bf16 GEMM over the de-quantized weight
 def test_packed_cpu_linear_matches_dequantized_weights(kind: str, module: type, rows: int) -> None:
     w = _weight(96, 128, seed=1)
     bias = torch.randn(96) * 0.1
@@ -63,6 +64,33 @@ def test_packed_cpu_linear_matches_dequantized_weights(kind: str, module: type, 
     assert out.shape == (2, rows, 96) and out.dtype == torch.float32
     # the kernels take bf16 activations (8-bit mantissa): |error| <= 2% of the output scale
     assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("kind,module", [("int8", Int8WeightOnlyLinear), ("int4", Int4WeightOnlyLinear)])
+def test_many_rows_run_the_bf16_gemm_over_the_kernels_weight(kind: str, module: type) -> None:
+    """From ``dense_min_rows`` rows on: F.linear over the kernel's weight in bf16, close to the kernel;
+    ``dense_min_rows=0`` keeps no copy and always runs the kernel."""
+    qw = quantize(kind, _weight(96, 128, seed=4))
+    layer, packed_only = module(qw, dense_min_rows=16), module(qw, dense_min_rows=0)
+    assert packed_only.dense is None and layer.dense.dtype == torch.bfloat16
+    assert layer.weight_bytes() == packed_only.weight_bytes()  # the copy is not what a decode step reads
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    dense = layer(x)
+    assert torch.equal(dense, F.linear(x.to(torch.bfloat16), layer.dense).float())
+    assert torch.equal(layer(x[:15]), packed_only(x[:15]))  # below the threshold: the packed kernel
+    kernel = packed_only(x)
+    assert float((dense - kernel).abs().max()) <= 0.01 * float(kernel.abs().max())
+
+
+def test_the_cpu_backend_option_sets_the_dense_threshold() -> None:
+    from sagellm_core.builtin.cpu_backend import CPUOptions
+
+    qw = quantize("int4", _weight(96, 128, seed=6))
+    assert CPUBackend().quantized_linear("int4")(qw, torch.float32).dense_min_rows == 16
+    off = CPUBackend(None, CPUOptions(quantized_dense_rows=0)).quantized_linear("int8")
+    assert off(quantize("int8", _weight(96, 128, seed=6)), torch.float32).dense is None
+    with pytest.raises(ValueError):
+        CPUOptions(quantized_dense_rows=-1)
 
 
 def test_int4_codes_follow_the_kernel_convention() -> None:

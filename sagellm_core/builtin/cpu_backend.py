@@ -29,6 +29,11 @@ class CPUOptions:
     """Run Llama-style models (Llama, Mistral, Qwen2, Qwen3) through the lean decoder forward (same
     logits, less host time per step); false: always transformers' modules."""
 
+    quantized_dense_rows: int = attrs.field(default=16, validator=attrs.validators.ge(0))
+    """int4 / int8 layers run a bf16 GEMM over a de-quantized (bf16) copy of their weight for steps of
+    at least this many tokens, the packed kernels below (`sagellm_core.quant.cpu_linear`); 0: packed
+    kernels only and no copy (less memory: 2 bytes per weight)."""
+
 
 class CPUBackend(Backend):
     """The host CPU: float32, plain-torch paged attention, synchronous execution."""
@@ -67,11 +72,12 @@ class CPUBackend(Backend):
         return CPUPagedAttention()
 
     def quantized_linear(self, kind: str) -> Any:
-        """Weight-only int8 / int4 through torch's packed CPU kernels (`sagellm_core.quant.cpu_linear`);
-        fp8 runs de-quantized."""
+        """Weight-only int8 / int4 through torch's packed CPU kernels (`sagellm_core.quant.cpu_linear`),
+        a bf16 GEMM over the de-quantized weight from ``quantized_dense_rows`` tokens on; fp8 runs
+        de-quantized."""
         from sagellm_core.quant.cpu_linear import cpu_quantized_linear
 
-        return cpu_quantized_linear(kind)
+        return cpu_quantized_linear(kind, self.settings.quantized_dense_rows)
 
     def lean_forward(self, model: torch.nn.Module) -> LeanForward | None:
         """`sagellm_core.models.lean_decoder.LeanDecoder` for the models it covers (others, and

@@ -6,7 +6,10 @@ The CPU's weight-only kernels (`sagellm_core.quant.cpu_linear`) compute each out
 own weight row (accumulated over the input in fp32), so the rows of several weights stacked into one
 packed weight give each output exactly what its own GEMM gave: one bf16 cast of the input, one kernel
 call and one cast back instead of three of each. Dense float weights are never stacked (a BLAS GEMM of
-another width may block the reduction differently).
+another width may block the reduction differently). The bf16 copies the weight-only modules keep for
+steps of many rows (``dense``, `sagellm_core.quant.cpu_linear.DENSE_MIN_ROWS`) are stacked alike: oneDNN's
+bf16 GEMM gave each row block of a stacked weight the bits of its own GEMM, and `Projections` checks
+that on probe inputs of both paths before it fuses.
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ class _Dense:
 
 class _WeightOnly:
     """One weight-only kernel call over the stacked rows of one or more `_WeightOnlyLinear` modules:
-    input cast to bf16, kernel, output cast back, bias added (each module's ``forward``, once)."""
+    input cast to bf16, kernel, output cast back, bias added (each module's ``forward``, once). From
+    ``dense_min_rows`` rows on, the bf16 GEMM over the stacked ``dense`` weights replaces the kernel."""
 
-    __slots__ = ("kind", "qweight", "params", "group_size", "bias")
+    __slots__ = ("kind", "qweight", "params", "group_size", "bias", "dense", "dense_min_rows")
 
     def __init__(self, modules: Sequence[Int4WeightOnlyLinear | Int8WeightOnlyLinear]) -> None:
         first = modules[0]
@@ -68,13 +72,20 @@ class _WeightOnly:
             self.params = _stack([m.scales for m in modules])  # type: ignore[misc]
         biases = [m.bias for m in modules]
         self.bias = None if biases[0] is None else _stack(biases)  # type: ignore[arg-type]
+        denses = [m.dense for m in modules]
+        self.dense = None if denses[0] is None else _stack(denses)  # type: ignore[arg-type]
+        self.dense_min_rows = first.dense_min_rows
+
+    def gemm(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows [T, K] bf16`` times the stacked weights, bf16 out (`_WeightOnlyLinear.gemm`)."""
+        if self.dense is not None and rows.shape[0] >= self.dense_min_rows:
+            return F.linear(rows, self.dense)
+        if self.group_size:
+            return _INT4_MM(rows, self.qweight, self.group_size, self.params)
+        return _INT8_MM(rows, self.qweight, self.params)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.to(COMPUTE_DTYPE)
-        if self.group_size:
-            out = _INT4_MM(rows, self.qweight, self.group_size, self.params).to(x.dtype)
-        else:
-            out = _INT8_MM(rows, self.qweight, self.params).to(x.dtype)
+        out = self.gemm(x.to(COMPUTE_DTYPE)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out
@@ -84,10 +95,7 @@ class _WeightOnly:
         promotes it to the residual's dtype exactly (float32 or bf16 residuals, no bias)."""
         if self.bias is not None or residual.dtype not in _EXACT_FROM_BF16 or x.dtype != residual.dtype:
             return residual + self(x)
-        rows = x.to(COMPUTE_DTYPE)
-        if self.group_size:
-            return residual + _INT4_MM(rows, self.qweight, self.group_size, self.params)
-        return residual + _INT8_MM(rows, self.qweight, self.params)
+        return residual + self.gemm(x.to(COMPUTE_DTYPE))
 
 
 def _stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -101,7 +109,8 @@ def _fusable(modules: Sequence[torch.nn.Module]) -> bool:
         return False
     return all(type(m) is type(first) and m.in_features == first.in_features
                and getattr(m, "group_size", None) == getattr(first, "group_size", None)
-               and (m.bias is None) == (first.bias is None) for m in modules)
+               and (m.bias is None) == (first.bias is None) and (m.dense is None) == (first.dense is None)
+               and m.dense_min_rows == first.dense_min_rows for m in modules)
 
 
 class Projections:
@@ -137,9 +146,12 @@ class Projections:
 @torch.inference_mode()
 def _same_outputs(fused: _WeightOnly, modules: Sequence[torch.nn.Module], rows: Sequence[int] = (1, 7)) -> bool:
     """Whether the fused GEMM's column slices equal each module's own output, bit for bit, on random
-    inputs of ``rows`` tokens (decode and prefill shapes take different kernel paths)."""
+    inputs of ``rows`` tokens (decode and prefill shapes take different kernel paths), and of
+    ``dense_min_rows`` and a prefill-sized count where the bf16 GEMM over ``dense`` runs."""
     generator = torch.Generator().manual_seed(0)
     in_features = int(modules[0].in_features)  # type: ignore[arg-type]
+    if fused.dense is not None:
+        rows = (*rows, fused.dense_min_rows, max(fused.dense_min_rows, 67))
     for count in rows:
         x = torch.randn(count, in_features, generator=generator)
         parts = fused(x).split([int(m.out_features) for m in modules], dim=-1)  # type: ignore[arg-type]
@@ -149,13 +161,17 @@ def _same_outputs(fused: _WeightOnly, modules: Sequence[torch.nn.Module], rows: 
 
 
 def _share_rows(fused: _WeightOnly, modules: Sequence[torch.nn.Module]) -> None:
-    start = 0
-    for module in modules:
-        own: torch.Tensor = module.qweight  # type: ignore[assignment]
-        rows = fused.qweight[start:start + own.shape[0]]
-        if rows.shape == own.shape and torch.equal(rows, own):
-            module._buffers["qweight"] = rows
-        start += own.shape[0]
+    """Make each module's ``qweight`` (and ``dense``) a row view of the fused tensor where equal."""
+    names = ("qweight", "dense") if fused.dense is not None else ("qweight",)
+    for name in names:
+        stacked: torch.Tensor = getattr(fused, name)
+        start = 0
+        for module in modules:
+            own: torch.Tensor = module._buffers[name]  # type: ignore[assignment]
+            rows = stacked[start:start + own.shape[0]]
+            if rows.shape == own.shape and torch.equal(rows, own):
+                module._buffers[name] = rows
+            start += own.shape[0]
 
 
 def _single(module: torch.nn.Module) -> _Dense | _WeightOnly:

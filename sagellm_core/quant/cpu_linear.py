@@ -7,33 +7,62 @@ took 7-14x longer than with bf16 on this machine (AVX2, one thread: a 1536x576 i
 fp32, 0.17 ms in bf16; the fp32 dense GEMV 0.26 ms). torchao 0.18's int8 weight-only layer measured
 0.54 ms on the same shape, so the aten ops are called directly. Inputs and outputs keep the model's
 dtype; only the GEMM runs in bf16 (its accumulation is fp32 inside the kernels).
+
+The packed kernels win at a few rows (decode at small batch: they read 4 or 8 bits per weight) and
+lose at many: on the 2-core AVX-512 VM (bf16 dot products in hardware), SmolLM2-135M's shapes took
+1.3-2.2x (int4) and 1.9-3.2x (the int8 LM head) longer than a oneDNN bf16 GEMM over the same weights
+at 32-64 rows, 1.9-3.3x at 2048 (prefill), and 0.4-0.7x at 1-4 rows. So each layer also keeps its
+weight de-quantized to bf16 (the kernel's weight rounded to bf16: one more rounding, ~2^-9 relative,
+far below the int4 step) and runs ``F.linear`` on it for steps of at least ``dense_min_rows`` tokens.
+The choice depends on the row count only (never on timings), so outputs stay deterministic.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from sagellm_core.quant.weights import LinearFactory, QuantizedWeight
 
 COMPUTE_DTYPE = torch.bfloat16
+DENSE_MIN_ROWS = 16
+"""Rows (tokens of a step) from which the bf16 GEMM over the de-quantized weight runs instead of the
+packed kernel: the measured crossover of SmolLM2-135M's projections was 8-24 rows (see above)."""
 
 
 class _WeightOnlyLinear(torch.nn.Module):
     """Shared shape handling: flatten to [M, K] in bf16, run the kernel, add the bias, restore."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
         super().__init__()
         self.in_features = qw.in_features
         self.out_features = qw.out_features
         self.kind = qw.kind
+        self.dense_min_rows = dense_min_rows
         self.register_buffer("bias", None if qw.bias is None else qw.bias.float(), persistent=False)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _keep_dense(self, weight: torch.Tensor) -> None:
+        """Register the de-quantized float32 weight [N, K] as the bf16 ``dense`` buffer (None when
+        ``dense_min_rows`` is 0: the packed kernel always runs)."""
+        dense = weight.to(COMPUTE_DTYPE).contiguous() if self.dense_min_rows > 0 else None
+        self.register_buffer("dense", dense, persistent=False)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K] bf16 @ w.T`` in bf16: the bf16 GEMM over ``dense`` from ``dense_min_rows`` rows
+        on, the packed kernel below."""
+        dense: torch.Tensor | None = self.dense  # type: ignore[assignment]
+        if dense is not None and x.shape[0] >= self.dense_min_rows:
+            return F.linear(x, dense)
+        return self._matmul(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = self._matmul(rows.contiguous()).to(x.dtype)
+        out = self.gemm(rows.contiguous()).to(x.dtype)
         bias: torch.Tensor | None = self.bias  # type: ignore[assignment]
         if bias is not None:
             out = out + bias.to(x.dtype)
@@ -47,8 +76,8 @@ class _WeightOnlyLinear(torch.nn.Module):
         return torch.empty((self.out_features, self.in_features), dtype=codes.dtype, device="meta")
 
     def weight_bytes(self) -> int:
-        """Bytes a forward reads for the weight (codes and scales)."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+        """Bytes a forward of a few rows reads for the weight (codes and scales; not ``dense``)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name not in ("bias", "dense"))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
@@ -57,12 +86,14 @@ class _WeightOnlyLinear(torch.nn.Module):
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """int8 codes [N, K] with one scale per output channel."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
         if qw.kind != "int8":
             raise ValueError(f"Int8WeightOnlyLinear needs an int8 weight, got {qw.kind}")
-        super().__init__(qw)
+        super().__init__(qw, dense_min_rows)
         self.register_buffer("qweight", qw.codes.contiguous())
-        self.register_buffer("scales", qw.scales.to(COMPUTE_DTYPE).contiguous())
+        scales = qw.scales.to(COMPUTE_DTYPE).contiguous()
+        self.register_buffer("scales", scales)
+        self._keep_dense(qw.codes.float() * scales.float()[:, None])  # the kernel's (bf16) scales
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
@@ -72,10 +103,10 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
     """int4 codes packed for the CPU kernel; per group ``w = (code - 8) * scale + zero``, where
     ``zero = offset + 8 * scale`` (the kernel's convention, tinygemm's)."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
         if qw.kind != "int4" or qw.group_size is None or qw.offsets is None:
             raise ValueError(f"Int4WeightOnlyLinear needs an int4 weight with groups, got {qw.kind}")
-        super().__init__(qw)
+        super().__init__(qw, dense_min_rows)
         self.group_size = qw.group_size
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 1)
         self.register_buffer("qweight", packed)
@@ -84,6 +115,16 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         # [K / group, N, 2]: (scale, zero) per group and output channel
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
+        self._keep_dense(self._kernel_weight(qw.codes))
+
+    def _kernel_weight(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float32 weight [N, K] the kernel computes with: ``(code - 8) * scale + zero`` with its
+        bf16 scales and zeros."""
+        n, k = codes.shape
+        stored: torch.Tensor = self.scales_and_zeros  # type: ignore[assignment]
+        params = stored.float()  # [K / group, N, 2]
+        scale, zero = params[..., 0].t()[..., None], params[..., 1].t()[..., None]  # [N, K / group, 1]
+        return ((codes.float() - 8.0).view(n, k // self.group_size, self.group_size) * scale + zero).view(n, k)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_and_zeros)
@@ -95,14 +136,19 @@ def int4_supported(qw: QuantizedWeight) -> bool:
             and qw.in_features % 2 == 0)
 
 
-def make_int8(qw: QuantizedWeight, dtype: torch.dtype) -> torch.nn.Module:
-    return Int8WeightOnlyLinear(qw)
+def make_int8(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = DENSE_MIN_ROWS) -> torch.nn.Module:
+    """An `Int8WeightOnlyLinear` (the factory signature of `LinearFactory`)."""
+    return Int8WeightOnlyLinear(qw, dense_min_rows)
 
 
-def make_int4(qw: QuantizedWeight, dtype: torch.dtype) -> torch.nn.Module | None:
-    return Int4WeightOnlyLinear(qw) if int4_supported(qw) else None
+def make_int4(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = DENSE_MIN_ROWS
+              ) -> torch.nn.Module | None:
+    """An `Int4WeightOnlyLinear`, or None for a shape the kernel does not take."""
+    return Int4WeightOnlyLinear(qw, dense_min_rows) if int4_supported(qw) else None
 
 
-def cpu_quantized_linear(kind: str) -> LinearFactory | None:
-    """The CPU backend's factory for ``kind`` (int8, int4), or None (fp8: de-quantized fallback)."""
-    return {"int8": make_int8, "int4": make_int4}.get(kind)
+def cpu_quantized_linear(kind: str, dense_min_rows: int = DENSE_MIN_ROWS) -> LinearFactory | None:
+    """The CPU backend's factory for ``kind`` (int8, int4), or None (fp8: de-quantized fallback);
+    ``dense_min_rows``: see `DENSE_MIN_ROWS` (0: packed kernels only, no de-quantized copy)."""
+    factory = {"int8": make_int8, "int4": make_int4}.get(kind)
+    return None if factory is None else functools.partial(factory, dense_min_rows=dense_min_rows)

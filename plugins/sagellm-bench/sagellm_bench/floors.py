@@ -58,15 +58,22 @@ def _is_meta(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.device.type == "meta"
 
 
+def _batch_rows_copies(model: Any) -> set[int]:
+    """Ids of the de-quantized weight copies (``dense``) of the quantized layers (`weight_bytes`)."""
+    return {id(module.dense) for module in model.modules()
+            if callable(getattr(module, "weight_bytes", None)) and getattr(module, "dense", None) is not None}
+
+
 def stored_decode_bytes(model: Any) -> int:
     """Bytes of weights a batch-1 decode step reads, as stored: every parameter and buffer of the
     model (a quantized layer's codes and scales; rotary tables and meta tensors aside) except the
-    embedding table, of which one row is read; a tied LM head reads the whole table."""
+    embedding table, of which one row is read; a tied LM head reads the whole table. The bf16 copies
+    the CPU's quantized layers keep for steps of many rows (their ``dense`` buffers) are not read."""
     embedding = model.get_input_embeddings().weight
     head_module = model.get_output_embeddings()
     tied = head_module is None or head_module.weight is embedding
     total = (embedding.numel() if tied else embedding.shape[-1]) * embedding.element_size()
-    seen = {id(embedding)}
+    seen = {id(embedding)} | _batch_rows_copies(model)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if id(tensor) in seen or _is_meta(tensor) or "rotary" in name or "inv_freq" in name:
             continue
