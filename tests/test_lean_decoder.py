@@ -33,8 +33,8 @@ def _prompts() -> list[list[int]]:
     return prompts + [prompts[2][:8] + [rng.randrange(1, model_zoo.VOCAB) for _ in range(5)]]
 
 
-def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, chunk: int = 8, **model: Any
-         ) -> tuple[list[list[int]], list[torch.Tensor], LLMEngine]:
+def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, chunk: int = 8, dense_rows: int = 0,
+         **model: Any) -> tuple[list[list[int]], list[torch.Tensor], LLMEngine]:
     """Greedy tokens and every forward's logits, prefill chunks of at most ``chunk`` tokens."""
     logits: list[torch.Tensor] = []
     forward = ModelRunner.forward
@@ -46,7 +46,7 @@ def _run(directory: Path, lean: bool, monkeypatch: pytest.MonkeyPatch, chunk: in
 
     monkeypatch.setattr(ModelRunner, "forward", recording)
     config = engine_config(directory, model=model, scheduler={"max_num_batched_tokens": chunk},
-                           backend={"options": {"lean_decoder": lean}})
+                           backend={"options": {"lean_decoder": lean, "quantized_dense_rows": dense_rows}})
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     prompts = _prompts()
@@ -73,11 +73,11 @@ def test_lean_logits_equal_the_transformers_forward_bit_for_bit(arch: str, quant
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_lean_logits_equal_the_transformers_forward_on_the_dense_gemm_path(
         arch: str, quantization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Steps of 16 tokens and more run the bf16 GEMM over the de-quantized weights (fused in the lean
-    forward, per module in transformers'): still the same bits."""
+    """With ``quantized_dense_rows: 16``, steps of 16 tokens and more run the bf16 GEMM over the
+    de-quantized weights (fused in the lean forward, per module in transformers'): still the same bits."""
     directory = model_zoo.save_model(arch, tmp_path / arch)
-    tokens, logits, _ = _run(directory, True, monkeypatch, chunk=32, quantization=quantization)
-    ref_tokens, ref_logits, _ = _run(directory, False, monkeypatch, chunk=32, quantization=quantization)
+    tokens, logits, _ = _run(directory, True, monkeypatch, chunk=32, dense_rows=16, quantization=quantization)
+    ref_tokens, ref_logits, _ = _run(directory, False, monkeypatch, chunk=32, dense_rows=16, quantization=quantization)
     assert tokens == ref_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits, strict=True))
 
@@ -108,8 +108,8 @@ def test_default_model_int4_logits_are_unchanged(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_fused_projections_equal_their_parts_and_share_the_codes(kind: str, rows: int) -> None:
     torch.manual_seed(0)
-    make = (lambda w: Int4WeightOnlyLinear(quantize_int4(w))) if kind == "int4" else (
-        lambda w: Int8WeightOnlyLinear(quantize_int8(w)))
+    make = (lambda w: Int4WeightOnlyLinear(quantize_int4(w), 16)) if kind == "int4" else (
+        lambda w: Int8WeightOnlyLinear(quantize_int8(w), 16))
     modules = [make(torch.randn(n, 128)) for n in (128, 64, 64)]
     own = [m.qweight.clone() for m in modules]
     fused = Projections(modules)

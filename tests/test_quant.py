@@ -86,8 +86,9 @@ def test_the_cpu_backend_option_sets_the_dense_threshold() -> None:
     from sagellm_core.builtin.cpu_backend import CPUOptions
 
     qw = quantize("int4", _weight(96, 128, seed=6))
-    assert CPUBackend().quantized_linear("int4")(qw, torch.float32).dense_min_rows == 16
-    off = CPUBackend(None, CPUOptions(quantized_dense_rows=0)).quantized_linear("int8")
+    on = CPUBackend(None, CPUOptions(quantized_dense_rows=16)).quantized_linear("int4")
+    assert on(qw, torch.float32).dense_min_rows == 16
+    off = CPUBackend().quantized_linear("int8")  # the default: packed kernels only, no copy
     assert off(quantize("int8", _weight(96, 128, seed=6)), torch.float32).dense is None
     with pytest.raises(ValueError):
         CPUOptions(quantized_dense_rows=-1)

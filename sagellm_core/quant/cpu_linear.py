@@ -28,14 +28,15 @@ from sagellm_core.quant.weights import LinearFactory, QuantizedWeight
 
 COMPUTE_DTYPE = torch.bfloat16
 DENSE_MIN_ROWS = 16
-"""Rows (tokens of a step) from which the bf16 GEMM over the de-quantized weight runs instead of the
-packed kernel: the measured crossover of SmolLM2-135M's projections was 8-24 rows (see above)."""
+"""A suggested ``dense_min_rows``: the crossover measured for SmolLM2-135M's projections on a 2-core
+VM with AVX-512 BF16 was 8-24 rows (see above). The default is 0 (off): the copy costs 2 bytes per
+weight, 4x an int4 weight, and a CPU without bf16 instructions gains nothing from it."""
 
 
 class _WeightOnlyLinear(torch.nn.Module):
     """Shared shape handling: flatten to [M, K] in bf16, run the kernel, add the bias, restore."""
 
-    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = 0) -> None:
         super().__init__()
         self.in_features = qw.in_features
         self.out_features = qw.out_features
@@ -86,7 +87,7 @@ class _WeightOnlyLinear(torch.nn.Module):
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """int8 codes [N, K] with one scale per output channel."""
 
-    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = 0) -> None:
         if qw.kind != "int8":
             raise ValueError(f"Int8WeightOnlyLinear needs an int8 weight, got {qw.kind}")
         super().__init__(qw, dense_min_rows)
@@ -103,7 +104,7 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
     """int4 codes packed for the CPU kernel; per group ``w = (code - 8) * scale + zero``, where
     ``zero = offset + 8 * scale`` (the kernel's convention, tinygemm's)."""
 
-    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
+    def __init__(self, qw: QuantizedWeight, dense_min_rows: int = 0) -> None:
         if qw.kind != "int4" or qw.group_size is None or qw.offsets is None:
             raise ValueError(f"Int4WeightOnlyLinear needs an int4 weight with groups, got {qw.kind}")
         super().__init__(qw, dense_min_rows)
@@ -136,19 +137,19 @@ def int4_supported(qw: QuantizedWeight) -> bool:
             and qw.in_features % 2 == 0)
 
 
-def make_int8(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = DENSE_MIN_ROWS) -> torch.nn.Module:
+def make_int8(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = 0) -> torch.nn.Module:
     """An `Int8WeightOnlyLinear` (the factory signature of `LinearFactory`)."""
     return Int8WeightOnlyLinear(qw, dense_min_rows)
 
 
-def make_int4(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = DENSE_MIN_ROWS
+def make_int4(qw: QuantizedWeight, dtype: torch.dtype, dense_min_rows: int = 0
               ) -> torch.nn.Module | None:
     """An `Int4WeightOnlyLinear`, or None for a shape the kernel does not take."""
     return Int4WeightOnlyLinear(qw, dense_min_rows) if int4_supported(qw) else None
 
 
-def cpu_quantized_linear(kind: str, dense_min_rows: int = DENSE_MIN_ROWS) -> LinearFactory | None:
+def cpu_quantized_linear(kind: str, dense_min_rows: int = 0) -> LinearFactory | None:
     """The CPU backend's factory for ``kind`` (int8, int4), or None (fp8: de-quantized fallback);
-    ``dense_min_rows``: see `DENSE_MIN_ROWS` (0: packed kernels only, no de-quantized copy)."""
+    ``dense_min_rows``: see `DENSE_MIN_ROWS` (0, the default: packed kernels only, no de-quantized copy)."""
     factory = {"int8": make_int8, "int4": make_int4}.get(kind)
     return None if factory is None else functools.partial(factory, dense_min_rows=dense_min_rows)
