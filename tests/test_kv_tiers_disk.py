@@ -21,6 +21,7 @@ from sagellm_core.kv.tiers.disk import DiskTier
 from sagellm_core.kv.tiers.gate import block_load_seconds
 from sagellm_core.kv.tiers.host import HostTier
 from sagellm_core.kv.tiers.store import BusyTime, TierItem, TierStore, read_job
+from test_kv_tiers import StalledDisk
 
 CONTEXT = TierContext((1, 2, 4, 1, 8), torch.device("cpu"), "fp", KVTiersConfig())
 TOKENS = (1, 2, 3, 4)
@@ -209,20 +210,8 @@ def test_a_stale_or_longer_file_under_a_blocks_name_is_deleted_by_the_tier(tmp_p
 
 
 # ---- reads beside the writer ----------------------------------------------------------------------------
-class StalledWriter(DiskTier):
-    """A disk tier whose writer waits for ``go`` before each file."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.go = threading.Event()
-
-    def _write(self, key: bytes, pending: Any) -> None:
-        self.go.wait()
-        super()._write(key, pending)
-
-
 def test_a_block_queued_for_its_file_is_read_from_its_host_bytes_without_waiting(tmp_path: Path) -> None:
-    tier = StalledWriter(CONTEXT, tmp_path, 1 << 20)
+    tier = StalledDisk(CONTEXT, tmp_path, 1 << 20)
     released: list[bytes] = []
     for index in range(3):
         assert tier.put_deferred(key(index), block(index), TOKENS, None,
