@@ -20,20 +20,18 @@ def fast_decoder(tokenizer: Any) -> Any:
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
-class TokenTexts:
+class TokenTexts(dict[int, str]):
     """Each token id's own text (``tokenizer.decode([id])``; the id as text without a tokenizer),
-    decoded once per id: logprobs name up to 21 tokens for every generated token, and a decode call
-    costs microseconds."""
+    decoded once per id and then a plain dict lookup (``texts[id]``): logprobs name up to 21 tokens
+    for every generated token, and a decode call costs microseconds."""
 
     def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
         self.tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
 
-    def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
-            self._texts[token_id] = text
+    def __missing__(self, token_id: int) -> str:
+        text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+        self[token_id] = text
         return text
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import attrs
 
@@ -96,8 +96,8 @@ def find_stop_string(text: str, new_from: int, stops: list[str]) -> tuple[int, s
     return best
 
 
-def token_logprob(text: Callable[[int], str], token_id: int, info: tuple[float, list[tuple[int, float]]]
+def token_logprob(texts: Mapping[int, str], token_id: int, info: tuple[float, list[tuple[int, float]]]
                   ) -> TokenLogprob:
-    """A generated token's logprob entry, tokens named by ``text`` (a `TokenTexts`)."""
+    """A generated token's logprob entry, tokens named by ``texts`` (a `TokenTexts`)."""
     logprob, top = info
-    return TokenLogprob(token_id, text(token_id), logprob, [(tid, text(tid), lp) for tid, lp in top])
+    return TokenLogprob(token_id, texts[token_id], logprob, [(tid, texts[tid], lp) for tid, lp in top])

@@ -16,6 +16,6 @@ def test_token_texts_decode_each_id_once_and_match_the_tokenizer() -> None:
 
     tokenizer = CountingTokenizer()
     texts = TokenTexts(tokenizer)
-    assert [texts(5), texts(7), texts(5), texts(5)] == ["<5>", "<7>", "<5>", "<5>"]
+    assert [texts[5], texts[7], texts[5], texts[5]] == ["<5>", "<7>", "<5>", "<5>"]
     assert tokenizer.calls == 2
-    assert TokenTexts(None)(42) == "42"
+    assert TokenTexts(None)[42] == "42"
