@@ -76,16 +76,17 @@ def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     if not with_k:
         return floors
     subset = _rows(with_k, rows)
-    x = logits if subset is None else logits.index_select(0, _column(subset, logits.device, torch.int64).squeeze(1))
+    index = None if subset is None else _column(subset, logits.device, torch.int64).squeeze(1)
+    x = logits if index is None else logits.index_select(0, index)
     ks = [top_k[i] for i in with_k]
     if len(set(ks)) == 1:  # one k: the smallest of the unsorted top k
         kth = x.topk(ks[0], dim=-1, sorted=False).values.amin(dim=-1)
     else:
         values = x.topk(max(ks), dim=-1).values
         kth = values.gather(1, _column([k - 1 for k in ks], logits.device, torch.int64)).squeeze(1)
-    if subset is None:
+    if index is None:
         return kth
-    return floors.index_copy(0, _column(subset, logits.device, torch.int64).squeeze(1), kth)
+    return floors.index_copy(0, index, kth)
 
 
 def _apply_rows(x: torch.Tensor, indices: list[int], fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
