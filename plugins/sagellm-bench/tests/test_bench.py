@@ -95,8 +95,12 @@ def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
     assert on["combined_hit_rate"] > off["combined_hit_rate"]
     assert on["hit_rate"]["host"] + on["hit_rate"]["disk"] > 0
     assert set(results["policies"]) == {"lru", "lfu", "arc", "s3fifo"}
-    ungated = results["tiers, no load gate"]  # a fresh disk directory: the same hits as the gated run
-    assert ungated["completed"] == 18 and ungated["hit_rate"] == on["hit_rate"]
+    # a fresh disk directory: it finds lower-tier hits too. Not necessarily the gated run's: which blocks
+    # stay in the device pool depends on when the reader threads' loads land (a busy machine differs)
+    ungated = results["tiers, no load gate"]
+    assert ungated["completed"] == 18 and set(ungated["hit_rate"]) == {"device", "host", "disk"}
+    assert ungated["combined_hit_rate"] > off["combined_hit_rate"]
+    assert ungated["hit_rate"]["host"] + ungated["hit_rate"]["disk"] > 0
     assert all(tier["turned_down"] == 0 for tier in ungated["tiers"])
     assert list(tmp_path.glob("multiturn_*.png"))
     assert all(tier["wait_seconds"] >= 0 for tier in on["tiers"])
