@@ -6,6 +6,7 @@ Drives `LLMEngine` directly on the calling thread.
     python bench/profile_engine.py --shape qwen3-0.6b --requests 256 --output-len 256 --cprofile
     python bench/profile_engine.py --shape llama-3-8b --requests 1 --output-len 128 --temperature 0 --kernels
     python bench/profile_engine.py ... --variants sync,async,async+fused   # A/B on one engine
+    python bench/profile_engine.py ... --sampling logprobs=5 --sampling top_k=50   # other sampling parameters
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                        help="a SamplingParams field for every request (repeatable; values parsed as numbers)")
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--gc-freeze", action="store_true")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
@@ -55,7 +58,9 @@ def main() -> None:
     rng = random.Random(0)
     vocab = engine.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.requests)]
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature)
+    extra = {key: float(value) if "." in value else int(value)
+             for key, value in (item.split("=", 1) for item in args.sampling)}
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, **extra)
     warm = min(args.requests, 256)
     run(engine, [[1] * 4], SamplingParams(max_tokens=8, ignore_eos=True))
     for n in range(warm):  # visit every graph bucket
@@ -88,7 +93,8 @@ def timed_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParam
     steps = engine.step_counter - steps_before
     phases = {k: v - before[k] for k, v in engine.phase_seconds.items()}
     tokens = len(prompts) * params.max_tokens
-    print(f"async scheduling: {engine.async_scheduling}; fused sampler: {engine.sampler.fused is not None}")
+    print(f"async scheduling: {engine.async_scheduling}; fused sampler: {engine.sampler.fused is not None}; "
+          f"sampling: {args.sampling or 'temperature only'}")
     print(f"{args.shape}: {len(prompts)} x ({args.input_len} in, {args.output_len} out) in {elapsed:.2f} s, "
           f"{tokens / elapsed:.0f} out tok/s, {steps} steps, {1000 * elapsed / steps:.2f} ms/step"
           f"{' (cProfile on)' if profiler else ''}{' (gc frozen)' if args.gc_freeze else ''}")

@@ -4,8 +4,11 @@
 #   bench/session5.sh OUT_DIR PART...
 # tests: the GPU tests of the new code (batched sampler, KV tiers, FP8, engine); tiertest: the KV tiers' alone;
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
+# sampling-llama: the same for the Llama-3-8B shape, plain mix only (its first-run ratio);
+# fp8tests: tests/gpu/test_fp8.py (FP8 GEMMs, attention over an fp8 cache both ways of widening, the engine);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
+# profile-sampling: bench/profile_engine.py under cProfile + torch profiler for plain, logprobs=5, top-k+top-p;
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
 # tiers-llama128: Llama-3-8B, 128 conversations (the device pool then admits ~25 at once), 40 GB host tier;
@@ -44,6 +47,7 @@ part() {  # part NAME SECONDS COMMAND...: run under a limit, keep its log, show 
   timeout "$seconds" "$@" > "$logs/$name.log" 2>&1
   echo "   rc $? after $SECONDS s in all"
   grep -E "^\|" "$logs/$name.log" | grep -vE "^\| -+" | head -40
+  tar -czf "$out/logs.tar.gz" -C "$out" logs  # packed after every part: a call cut off at its limit keeps what ran
 }
 
 for name in "$@"; do
@@ -61,6 +65,10 @@ for name in "$@"; do
               tail -3 "$logs/tiertest.log" ;;
     sampling) part sampling 150 sagellm bench sampling --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \
                 --output-dir "$logs/sampling" ;;
+    sampling-llama) part sampling-llama 240 sagellm bench sampling --model-shape llama-3-8b "${engine[@]}" "${nano[@]}" \
+                      --mix plain --no-defaults --output-dir "$logs/sampling-llama" ;;
+    fp8tests) part fp8tests 150 python3 -m pytest tests/gpu/test_fp8.py -q -p no:cacheprovider
+              tail -5 "$logs/fp8tests.log" ;;
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
              "${nano[@]}" --request-rate inf 16 --output-dir "$logs/serve" ;;
     serve-llama) part serve-llama 300 sagellm bench serve --launch --compare offline --model-shape llama-3-8b \
@@ -118,6 +126,12 @@ for name in "$@"; do
                       --host-tier-bytes 40000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-llama128"
                     grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-llama128.log" | head -8
                     rm -rf "$disk" ;;
+    profile-sampling) for mix in plain logprobs=5 top_k=50,top_p=0.95; do  # host hot spots and kernels per mix
+                        flags=(); [ "$mix" = plain ] || for kv in ${mix//,/ }; do flags+=(--sampling "$kv"); done
+                        part "profile-$mix" 150 python3 bench/profile_engine.py --shape qwen3-0.6b --cprofile --kernels \
+                          "${flags[@]}"
+                        grep -E "out tok/s|ms/step" "$logs/profile-$mix.log" | head -8
+                      done ;;
     tiers-profile) part tiers-profile 120 python3 bench/tiers_profile.py --shape qwen3-0.6b --top 40
                    head -12 "$logs/tiers-profile.log" ;;
     structured) part structured 70 python3 bench/structured_bench.py --model-shape qwen3-0.6b --tokenizer .whl/tokenizer \

@@ -106,9 +106,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("widen", ["1", "0"], ids=["f16-dots", "bf16-dots"])
 @pytest.mark.parametrize("decode_ctx,prefills,hq,hkv,d,block_size", CASES)
-def test_triton_attention_over_fp8_cache(decode_ctx, prefills, hq, hkv, d, block_size) -> None:
+def test_triton_attention_over_fp8_cache(decode_ctx, prefills, hq, hkv, d, block_size, widen, monkeypatch) -> None:
+    """Both ways of widening the fp8 codes (`widen_to_f16`) match the reference over the same cache."""
     from tests.gpu.test_triton_attention import _attention_module, _case
+
+    monkeypatch.setenv("SAGELLM_FP8_ATTN_F16", widen)
 
     op = _attention_module().triton_paged_attention
     query, key, value, k_cache, v_cache, meta = _case(decode_ctx, prefills, hq, hkv, d, block_size, torch.bfloat16, 0)
