@@ -39,10 +39,13 @@ def sweep(rows: int) -> Tiles:
         qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
         cases.append((torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), qw.codes, qw.scales.float()))
     results = []
-    for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8), (3, 4)):
-        if rows > 1 and block_n < 16:
-            continue
-        tiles = Tiles(block_n, block_k, warps, stages)
+    if rows == 1:  # the row kernel: also narrow tiles (more programs), long tiles reduced each step, 16 warps
+        grid = [Tiles(n, k, w, 3, r) for n, k, w, r in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8, 16),
+                                                                          (False, True))
+                if not (k * n > 16384 and not r)]  # an unreduced accumulator that large spills
+    else:
+        grid = [Tiles(n, k, w, st) for n, k, w, st in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (3, 4))]
+    for tiles in grid:
         try:
             total = sum(triton.testing.do_bench(lambda: fp8_gemv(x, codes, scales, tiles), warmup=5, rep=20)
                         for x, codes, scales in cases)
@@ -60,10 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 4], help="which kernels --sweep tunes")
     args = parser.parse_args()
     best = {1: ROW_TILES, 4: DOT_TILES}
     if args.sweep:
-        best = {1: sweep(1), 4: sweep(4)}
+        best.update({rows: sweep(rows) for rows in args.sweep_rows})
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -25,6 +25,7 @@ class Tiles(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    reduce_each: bool = False  # one row: reduce every [BLOCK_N, BLOCK_K] tile (fewer registers, longer tiles)
 
 
 ROW_TILES = Tiles(block_n=8, block_k=1024, num_warps=4, num_stages=3)
@@ -33,17 +34,25 @@ DOT_TILES = Tiles(block_n=32, block_k=512, num_warps=4, num_stages=3)
 
 @triton.jit
 def _fp8_gemv_row_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, stride_wn,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if REDUCE_EACH:
+        sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        if REDUCE_EACH:
+            sums += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+    if not REDUCE_EACH:
+        sums = tl.sum(acc, axis=1)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    out = tl.sum(acc, axis=1) * scale
+    out = sums * scale
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -81,7 +90,7 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tiles: 
         t = tiles or ROW_TILES
         _fp8_gemv_row_kernel[(triton.cdiv(n, t.block_n),)](
             x, codes, scales, out, n, k, codes.stride(0), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            num_warps=t.num_warps, num_stages=t.num_stages)
+            REDUCE_EACH=t.reduce_each, num_warps=t.num_warps, num_stages=t.num_stages)
     else:
         t = tiles or DOT_TILES
         _fp8_gemv_dot_kernel[(triton.cdiv(n, t.block_n),)](
