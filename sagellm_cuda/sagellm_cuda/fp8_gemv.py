@@ -4,8 +4,8 @@ activations and E4M3 weights de-quantized in registers.
 At one to a few rows a linear layer is a pass over its weights: the floor is the weight bytes over
 memory bandwidth. ``torch._scaled_mm`` needs the activations quantized first (several small
 kernels per layer) and its tiles are sized for many rows; these kernels read each weight byte once
-and launch once per layer. One row: a [BLOCK_N, BLOCK_K] fp32 accumulator reduced once at the end
-(no tensor cores, no cross-thread reduction inside the loop). Two to `MAX_ROWS` rows: ``tl.dot`` with
+and launch once per layer. One row: [BLOCK_N, BLOCK_K] weight tiles times x in fp32 on the FMA units, summed
+over K every tile (`Tiles.reduce_each`) or once at the end. Two to `MAX_ROWS` rows: ``tl.dot`` with
 the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py --sweep` (one row: on an
 H100, where narrow tiles reduced every step won, 123.5 us over Llama-3-8B's four shapes; several rows: an H200).
 """
