@@ -147,25 +147,7 @@ print("kernel ok")
 """
 
 
-KTH_LARGEST_CHECK = """
-import torch
-from sagellm_cuda.kth_largest import kth_largest
-torch.manual_seed(0)
-x = torch.randn(6, 5000) * 3
-x[1] = x[1].round()  # many ties
-x[2, :100] = float("-inf")
-x[3] = -x[3].abs() - 1  # all negative
-x[4, :] = 7.0  # all equal
-ks = [1, 50, 4900, 13, 5000, 0]
-out = kth_largest(x, torch.tensor(ks, dtype=torch.int32))
-expected = [float(x[i].topk(k).values[-1]) if k else float("-inf") for i, k in enumerate(ks)]
-assert out.tolist() == expected, (out, expected)
-print("kernel ok")
-"""
-
-
-@pytest.mark.parametrize("check", [KERNEL_CHECK, FILTERED_KERNEL_CHECK, KTH_LARGEST_CHECK],
-                         ids=["one-pass", "filtered", "kth-largest"])
+@pytest.mark.parametrize("check", [KERNEL_CHECK, FILTERED_KERNEL_CHECK], ids=["one-pass", "filtered"])
 def test_cuda_sampling_kernels_in_the_triton_interpreter(check: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -1,7 +1,7 @@
 """Per-step cost of the sampling kernels on one GPU, at the nano-vllm workload's decode shape
 ([256, 151936] float32 logits, temperature 0.6): the plain one-pass sampler, the filtered sampler
 (top-p 0.95; top-k 50 + top-p 0.95; min-p 0.05) per launch configuration, torch.topk's share of
-top-k against the radix-select kernel (`sagellm_cuda.kth_largest`, not wired in yet), and the fused logprobs against torch's logsumexp + topk. Milliseconds per call, CUDA events,
+top-k, and the fused logprobs against torch's logsumexp + topk. Milliseconds per call, CUDA events,
 median of 50 after 5 warm-up calls.
 
     PYTHONPATH=.:sagellm_cuda python3 bench/kernels/filtered_sampling_sweep.py
@@ -16,7 +16,6 @@ import torch
 
 from sagellm_core.sampling.filters import top_k_floors
 from sagellm_cuda.filtered_sampling import filtered_sample
-from sagellm_cuda.kth_largest import kth_largest
 from sagellm_cuda.logprobs import fused_logprobs
 from sagellm_cuda.sampling import gumbel_argmax
 
@@ -52,11 +51,6 @@ def main() -> None:
     floors = top_k_floors(logits, [50] * ROWS)
     print(f"top_k_floors (k=50, one k: unsorted topk + amin): {time_ms(lambda: top_k_floors(logits, [50] * ROWS)):.3f} "
           f"ms; mixed k (sorted topk + gather): {time_ms(lambda: top_k_floors(logits, [50, 49] * (ROWS // 2))):.3f} ms")
-    ks = torch.full((ROWS,), 50, dtype=torch.int32, device="cuda")
-    assert torch.equal(kth_largest(logits, ks), floors)
-    print("k-th largest (k=50) by in-kernel radix select: " + ", ".join(
-        f"BLOCK={b} x {w} warps {time_ms(lambda: kth_largest(logits, ks, block=b, num_warps=w)):.3f} ms"
-        for b, w in [(4096, 16), (8192, 32), (2048, 8)]))
     cases = {"top_p=0.95": (no_floor, full(0.95), no_min_p), "top_k=50,top_p=0.95": (floors, full(0.95), no_min_p),
              "min_p=0.05": (no_floor, full(1.0), full(math.log(0.05)))}
     for block, warps in CONFIGS:

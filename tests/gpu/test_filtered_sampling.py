@@ -94,15 +94,3 @@ def test_seeded_filtered_requests_are_batch_independent(tiny_models: dict[str, P
     alone = LLMEngine(config)
     assert alone.sampler.drawer.filtered is not None
     assert_seeded_request_ignores_its_batch(alone, LLMEngine(config), seeded)
-
-
-@pytest.mark.parametrize("rows,vocab", [(1, 151_936), (64, 128_256), (5, 1000)])
-def test_radix_select_equals_the_top_k_floors(rows: int, vocab: int) -> None:
-    pytest.importorskip("triton")
-    from sagellm_cuda.kth_largest import kth_largest
-
-    torch.manual_seed(rows)
-    logits = (torch.randn(rows, vocab, device="cuda") * 4).to(torch.bfloat16).float()  # bf16 values: ties
-    ks = [1 + (7 * i) % 200 for i in range(rows)]
-    found = kth_largest(logits, torch.tensor(ks, dtype=torch.int32, device="cuda"))
-    assert torch.equal(found, top_k_floors(logits, ks))
