@@ -193,11 +193,11 @@ class Backend(abc.ABC):
     def fused_filtered_sampler(self) -> FilteredSampler | None:
         """Optionally, a sampler for batches where some rows filter (top-k, top-p, min-p) that needs
         neither a sort nor a masked copy of the logits: ``(logits, inverse temperatures, keys)`` as
-        `fused_sampler`, then per row ``floors`` [N] float32 (top-k's threshold, the k-th largest
-        logit, ties kept; -inf: no top-k), ``top_p`` [N] float32 (1.0: off) and ``log_min_p`` [N]
-        float32 (-inf: off) -> token ids [N] int64 from the filtered distribution (filters in
-        vLLM's order: top-k, top-p, min-p). Default: none (`sagellm_core.sampling.filters` masks the
-        logits, then the draw)."""
+        `fused_sampler`, then ``top_k`` (a host list of int, one per row: keeps the tokens at or above
+        the row's k-th largest logit, ties kept; 0 or >= V: off), ``top_p`` [N] float32 (1.0: off) and
+        ``log_min_p`` [N] float32 (-inf: off) -> token ids [N] int64 from the filtered distribution
+        (filters in vLLM's order: top-k, top-p, min-p), queued without waiting for the device.
+        Default: none (`sagellm_core.sampling.filters` masks the logits, then the draw)."""
         return None
 
     def fused_logprobs(self) -> FusedLogprobs | None:
@@ -246,6 +246,7 @@ class Backend(abc.ABC):
 
 
 FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
-FilteredSampler = Callable[..., "torch.Tensor"]
+FilteredSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", list[int], "torch.Tensor", "torch.Tensor"],
+                           "torch.Tensor"]
 BitmaskOp = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 LeanForward = Callable[..., "torch.Tensor"]

@@ -1,8 +1,10 @@
 """Per-step cost of the sampling kernels on one GPU, at the nano-vllm workload's decode shape
-([256, 151936] float32 logits, temperature 0.6): the plain one-pass sampler, the filtered sampler
-(top-p 0.95; top-k 50 + top-p 0.95; min-p 0.05) per launch configuration, torch.topk's share of
-top-k against the radix-select kernel (`sagellm_cuda.kth_largest`, not wired in yet), and the fused logprobs against torch's logsumexp + topk. Milliseconds per call, CUDA events,
-median of 50 after 5 warm-up calls.
+([256, 151936] float32 logits, temperature 0.6): the plain one-pass sampler, torch.topk's share of
+top-k, the backend's entry point `sample_filtered` (top-k rows drawn from their candidates) against
+the old way (torch.topk's floors, then the full-row kernel) for top-k 50 alone, with top-p 0.95 and
+with min-p 0.05, the full-row kernel (top-p 0.95; top-k 50 + top-p 0.95; min-p 0.05) per launch
+configuration, and the fused logprobs against torch's logsumexp + topk. Milliseconds per call, CUDA
+events, median of 50 after 5 warm-up calls.
 
     PYTHONPATH=.:sagellm_cuda python3 bench/kernels/filtered_sampling_sweep.py
 """
@@ -15,8 +17,7 @@ import statistics
 import torch
 
 from sagellm_core.sampling.filters import top_k_floors
-from sagellm_cuda.filtered_sampling import filtered_sample
-from sagellm_cuda.kth_largest import kth_largest
+from sagellm_cuda.filtered_sampling import filtered_sample, sample_filtered
 from sagellm_cuda.logprobs import fused_logprobs
 from sagellm_cuda.sampling import gumbel_argmax
 
@@ -49,14 +50,17 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; one read of the logits at 3.35 TB/s: "
           f"{read_ms:.3f} ms")
     print(f"plain gumbel_argmax: {time_ms(lambda: gumbel_argmax(logits, inverse, keys)):.3f} ms")
-    floors = top_k_floors(logits, [50] * ROWS)
-    print(f"top_k_floors (k=50, one k: unsorted topk + amin): {time_ms(lambda: top_k_floors(logits, [50] * ROWS)):.3f} "
+    top_k = [50] * ROWS
+    floors = top_k_floors(logits, top_k)
+    print(f"top_k_floors (k=50, one k: unsorted topk + amin): {time_ms(lambda: top_k_floors(logits, top_k)):.3f} "
           f"ms; mixed k (sorted topk + gather): {time_ms(lambda: top_k_floors(logits, [50, 49] * (ROWS // 2))):.3f} ms")
-    ks = torch.full((ROWS,), 50, dtype=torch.int32, device="cuda")
-    assert torch.equal(kth_largest(logits, ks), floors)
-    print("k-th largest (k=50) by in-kernel radix select: " + ", ".join(
-        f"BLOCK={b} x {w} warps {time_ms(lambda: kth_largest(logits, ks, block=b, num_warps=w)):.3f} ms"
-        for b, w in [(4096, 16), (8192, 32), (2048, 8)]))
+    for name, (top_p, log_min_p) in {"top_k=50": (full(1.0), no_min_p), "top_k=50,top_p=0.95": (full(0.95), no_min_p),
+                                     "top_k=50,min_p=0.05": (full(1.0), full(math.log(0.05)))}.items():
+        candidates_ms = time_ms(lambda: sample_filtered(logits, inverse, keys, top_k, top_p, log_min_p))
+        floors_ms = time_ms(lambda: filtered_sample(logits, inverse, keys, top_k_floors(logits, top_k), top_p,
+                                                    log_min_p))
+        print(f"{name}: sample_filtered (candidates) {candidates_ms:.3f} ms, top_k_floors + full kernel "
+              f"{floors_ms:.3f} ms")
     cases = {"top_p=0.95": (no_floor, full(0.95), no_min_p), "top_k=50,top_p=0.95": (floors, full(0.95), no_min_p),
              "min_p=0.05": (no_floor, full(1.0), full(math.log(0.05)))}
     for block, warps in CONFIGS:

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from sagellm_core.request import Request
-from sagellm_core.sampling.filters import top_k_floors
 from sagellm_core.sampling.seeds import is_greedy, keyed_exponential, mix64, request_seed, seed63
 
 FusedSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """A backend's one-pass sampler: (logits [N, V] float32, inverse temperatures [N] (0 = greedy),
 64-bit random keys [N]) -> token ids [N]. See `Backend.fused_sampler`."""
-FilteredSampler = Callable[..., torch.Tensor]
-"""A backend's sampler with top-k / top-p / min-p: `FusedSampler`'s arguments, then per row the
-top-k floor, top-p and log(min-p). See `Backend.fused_filtered_sampler`."""
+FilteredSampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor, torch.Tensor],
+                           torch.Tensor]
+"""A backend's sampler with top-k / top-p / min-p: `FusedSampler`'s arguments, then each row's k (a
+host list), top-p and log(min-p). See `Backend.fused_filtered_sampler`."""
 
 
 def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -90,11 +90,10 @@ class Drawer:
         assert self.filtered is not None
         device = x.device
         params = [r.params for r in requests]
-        floors = top_k_floors(x, [p.top_k for p in params])
         log_min_p = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params]
         return self.filtered(x, on_device(inverse, device, torch.float32),
-                             on_device([self.key(r) for r in requests], device, torch.int64), floors,
-                             on_device([p.top_p for p in params], device, torch.float32),
+                             on_device([self.key(r) for r in requests], device, torch.int64),
+                             [p.top_k for p in params], on_device([p.top_p for p in params], device, torch.float32),
                              on_device(log_min_p, device, torch.float32))
 
     @staticmethod

@@ -66,10 +66,11 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
 
 
 def top_k_floors(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Each row's top-k threshold [N] (its k-th largest logit; -inf where top-k is off): what a
-    backend's filtered sampler (`Backend.fused_filtered_sampler`) takes. One ``topk`` over the rows
-    that have a top-k, with the batch's largest k (cutting rows into chunks, topk of each, then of
-    those, measured twice as slow on an H100: `bench/kernels/filtered_sampling_sweep.py`)."""
+    """Each row's top-k threshold [N] (its k-th largest logit; -inf where top-k is off): the floor a
+    threshold-based filtered sampler takes (the CUDA backend's full-row kernel, for the rows whose k
+    its candidate path does not take). One ``topk`` over the rows that have a top-k, with the batch's
+    largest k (cutting rows into chunks, topk of each, then of those, measured twice as slow on an
+    H100: `bench/kernels/filtered_sampling_sweep.py`)."""
     rows, vocab = logits.shape
     floors = torch.full((rows,), _NEG_INF, dtype=logits.dtype, device=logits.device)
     with_k = [i for i in range(rows) if 0 < top_k[i] < vocab]

@@ -157,9 +157,10 @@ class CUDABackend(TorchNamespaceBackend):
                                     "fused sampler")
 
     def fused_filtered_sampler(self) -> Any:
-        """`sagellm_cuda.filtered_sampling.filtered_sample` (rejection sampling, no sort, no masked
-        copy) unless Triton is missing or ``SAGELLM_FUSED_SAMPLING=0``."""
-        return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.filtered_sampling", "filtered_sample",
+        """`sagellm_cuda.filtered_sampling.sample_filtered` (top-k rows drawn from their candidates,
+        the others by rejection sampling: no sort, no masked copy) unless Triton is missing or
+        ``SAGELLM_FUSED_SAMPLING=0``."""
+        return load_optional_kernel("SAGELLM_FUSED_SAMPLING", "sagellm_cuda.filtered_sampling", "sample_filtered",
                                     "fused filtered sampler")
 
     def fused_logprobs(self) -> Any:

@@ -61,10 +61,14 @@ def _pick_split_kernel(best_ptr, index_ptr, out_ptr, num_splits, SPLITS: tl.cons
     tl.store(out_ptr + row, tl.load(index_ptr + row * num_splits + winner).to(tl.int64))
 
 
+def unit_stride(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with unit column stride (copied only if needed)."""
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
 def unit_stride_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits`` with unit column stride (copied only if needed) and the [rows] int64 token output."""
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    logits = unit_stride(logits)
     return logits, torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
