@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
+from typing import overload
+
 import attrs
 
 
@@ -11,6 +14,87 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = attrs.field(factory=list)
+
+
+FlatLogprobs = tuple[list[int], list[float], list[list[int]], list[list[float]]]
+"""Logprobs of consecutive tokens as parallel lists: token ids, their logprobs, and per token the ids
+and logprobs of the top alternatives (best first)."""
+
+
+class TokenLogprobs(Sequence[TokenLogprob]):
+    """One completion's logprob entries, stored flat (`FlatLogprobs`): appending one costs four list
+    appends; a `TokenLogprob` is made only when an entry is read, its tokens named then by ``texts``
+    (token id -> text, e.g. a `sagellm_core.detokenizer.TokenTexts`).
+
+    Equal to any sequence of equal `TokenLogprob` entries. Entries are only ever appended, so
+    `snapshot` shares the storage: a read-only view of the entries so far, in O(1)."""
+
+    __slots__ = ("texts", "token_ids", "logprobs", "top_ids", "top_logprobs", "_end")
+
+    def __init__(self, texts: Mapping[int, str]) -> None:
+        self.texts = texts
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_ids: list[list[int]] = []
+        self.top_logprobs: list[list[float]] = []
+        self._end: int | None = None  # a snapshot's length; None in the container that grows
+
+    def append(self, token_id: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> None:
+        """Add the next token's entry (the lists are kept, not copied)."""
+        if self._end is not None:
+            raise TypeError("a TokenLogprobs snapshot is read-only")
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        self.top_ids.append(top_ids)
+        self.top_logprobs.append(top_logprobs)
+
+    def snapshot(self) -> TokenLogprobs:
+        """A read-only view of the current entries; later appends to this container are not in it."""
+        view = TokenLogprobs.__new__(TokenLogprobs)
+        view.texts, view.token_ids, view.logprobs = self.texts, self.token_ids, self.logprobs
+        view.top_ids, view.top_logprobs, view._end = self.top_ids, self.top_logprobs, len(self)
+        return view
+
+    def flat(self, start: int = 0) -> FlatLogprobs:
+        """Entries ``start:`` as `FlatLogprobs` (new lists of the stored values)."""
+        end = len(self)
+        return (self.token_ids[start:end], self.logprobs[start:end], self.top_ids[start:end],
+                self.top_logprobs[start:end])
+
+    def __len__(self) -> int:
+        return len(self.token_ids) if self._end is None else self._end
+
+    def _entry(self, index: int) -> TokenLogprob:
+        texts, token_id = self.texts, self.token_ids[index]
+        top = [(tid, texts[tid], lp) for tid, lp in zip(self.top_ids[index], self.top_logprobs[index])]
+        return TokenLogprob(token_id, texts[token_id], self.logprobs[index], top)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenLogprob: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenLogprob]: ...
+
+    def __getitem__(self, index: int | slice) -> TokenLogprob | list[TokenLogprob]:
+        if isinstance(index, slice):
+            return [self._entry(i) for i in range(*index.indices(len(self)))]
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError("TokenLogprobs index out of range")
+        return self._entry(index)
+
+    def __iter__(self) -> Iterator[TokenLogprob]:
+        return (self._entry(i) for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"TokenLogprobs({list(self)!r})"
 
 
 @attrs.define
@@ -24,7 +108,7 @@ class CompletionOutput:
     delta_token_ids: list[int] = attrs.field(factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: TokenLogprobs | None = None
 
     @property
     def finished(self) -> bool:

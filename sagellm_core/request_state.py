@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import attrs
 
 from sagellm_core.detokenizer import IncrementalDetokenizer
-from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from sagellm_core.request import Request
 from sagellm_core.sampling_params import SamplingParams
 
@@ -22,7 +20,7 @@ class CompletionState:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     token_times: list[float] = attrs.field(factory=list)
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
     stop_reason: str | int | None = None
     finish_reason: str | None = None
 
@@ -71,7 +69,7 @@ class RequestGroup:
                 delta_token_ids=delta_tokens,
                 finish_reason=state.finish_reason,
                 stop_reason=state.stop_reason,
-                logprobs=list(state.logprobs) if state.logprobs is not None else None,
+                logprobs=state.logprobs.snapshot() if state.logprobs is not None else None,
             ))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
                              self.metrics, error=self.error)
@@ -95,9 +93,3 @@ def find_stop_string(text: str, new_from: int, stops: list[str]) -> tuple[int, s
             best = (index, stop)
     return best
 
-
-def token_logprob(texts: Mapping[int, str], token_id: int, info: tuple[float, list[tuple[int, float]]]
-                  ) -> TokenLogprob:
-    """A generated token's logprob entry, tokens named by ``texts`` (a `TokenTexts`)."""
-    logprob, top = info
-    return TokenLogprob(token_id, texts[token_id], logprob, [(tid, texts[tid], lp) for tid, lp in top])

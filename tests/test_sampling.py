@@ -65,9 +65,9 @@ def test_logprobs_are_log_softmax_with_top_alternatives() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     result = Sampler().sample(logits, [_request("a", SamplingParams(temperature=0.0, logprobs=2))])
     expected = torch.log_softmax(logits[0], dim=-1)
-    chosen, top = result.logprobs[0]
+    chosen, top_ids, top_logprobs = result.logprobs[0]
     assert result.token_ids == [1] and chosen == pytest.approx(float(expected[1]))
-    assert [t for t, _ in top] == [1, 2] and top[1][1] == pytest.approx(float(expected[2]))
+    assert top_ids == [1, 2] and top_logprobs[1] == pytest.approx(float(expected[2]))
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_models: dict[str, Path]) -> None:

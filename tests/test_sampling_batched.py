@@ -145,8 +145,8 @@ def test_a_seeded_row_ignores_its_batch_in_every_path() -> None:
     batch = others[:2] + [_request("s", params, outputs=[4, 5])] + others[2:]
     together = Sampler(seed=2).sample(logits, batch)
     assert together.token_ids[2] == alone.token_ids[0]
-    (chosen, top), (chosen_alone, top_alone) = together.logprobs[2], alone.logprobs[0]  # type: ignore[misc]
-    assert chosen == pytest.approx(chosen_alone) and [t for t, _ in top] == [t for t, _ in top_alone]
+    (chosen, top, _), (chosen_alone, top_alone, _) = together.logprobs[2], alone.logprobs[0]  # type: ignore[misc]
+    assert chosen == pytest.approx(chosen_alone) and top == top_alone
 
 
 def test_logprobs_are_the_processed_distribution_with_top_alternatives() -> None:
@@ -156,12 +156,12 @@ def test_logprobs_are_the_processed_distribution_with_top_alternatives() -> None
     result = Sampler().sample(logits, requests)
     assert result.logprobs[1] is None
     expected = torch.log_softmax(logits[0], dim=-1)
-    chosen, top = result.logprobs[0]  # type: ignore[misc]
+    chosen, top, _ = result.logprobs[0]  # type: ignore[misc]
     assert chosen == pytest.approx(float(expected.max()))
-    assert [t for t, _ in top] == expected.topk(4).indices.tolist()
+    assert top == expected.topk(4).indices.tolist()
     biased = logits[2].clone()
     biased[3] += 5.0
-    assert result.logprobs[2] == (pytest.approx(float(torch.log_softmax(biased, -1)[result.token_ids[2]])), [])
+    assert result.logprobs[2] == (pytest.approx(float(torch.log_softmax(biased, -1)[result.token_ids[2]])), [], [])
 
 
 def test_logit_bias_bans_and_forces_tokens() -> None:

@@ -102,6 +102,6 @@ class Admission:
                               priority=priority, arrival_time=now, parent_id=request_id, index=index,
                               bad_token_ids=bad_token_ids)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            completions.append(CompletionState(request, detok, logprobs=[] if params.logprobs is not None else None))
+            completions.append(CompletionState(request, detok))
         return RequestGroup(request_id, text, token_ids, params, completions, RequestMetrics(arrival_time=now),
                             stream=stream)

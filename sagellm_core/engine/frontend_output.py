@@ -15,9 +15,9 @@ from typing import Any
 
 from sagellm_core.detokenizer import IncrementalDetokenizer, TokenTexts
 from sagellm_core.engine.token_output import SequenceDelta, TokenDelta
-from sagellm_core.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from sagellm_core.request import Request
-from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string, token_logprob
+from sagellm_core.request_state import CompletionState, RequestGroup, find_stop_string
 from sagellm_core.sampling_params import SamplingParams
 
 
@@ -38,8 +38,8 @@ class FrontendOutputs:
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(child_id, token_ids, params, 0, eos_token_ids=self.eos_token_ids, index=index)
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            completions.append(CompletionState(request, detokenizer,
-                                               logprobs=[] if params.logprobs is not None else None))
+            logprobs = TokenLogprobs(self.token_texts) if params.logprobs is not None else None
+            completions.append(CompletionState(request, detokenizer, logprobs=logprobs))
         self.groups[request_id] = RequestGroup(request_id, text, token_ids, params, completions,
                                                RequestMetrics(arrival_time=time.monotonic()), stream=stream)
 
@@ -82,8 +82,9 @@ class FrontendOutputs:
         lazy = not group.stream and not params.stop  # nobody reads the text before the end
         for position, token_id in enumerate(new):
             request.output_token_ids.append(token_id)
-            if state.logprobs is not None and logprobs is not None and position < len(logprobs):
-                state.logprobs.append(self._named(*logprobs[position]))
+            if state.logprobs is not None and logprobs is not None and position < len(logprobs[0]):
+                ids, chosen, top_ids, top_logprobs = logprobs
+                state.logprobs.append(ids[position], chosen[position], top_ids[position], top_logprobs[position])
             if lazy:
                 continue
             may_stop = len(request.output_token_ids) >= params.min_tokens
@@ -109,6 +110,3 @@ class FrontendOutputs:
         """The scheduler's rule: an EOS (unless ignored) or stop token id that ended the sequence."""
         return may_stop and ((not params.ignore_eos and token_id in self.eos_token_ids)
                              or token_id in params.stop_token_ids)
-
-    def _named(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        return token_logprob(self.token_texts, token_id, (logprob, top))

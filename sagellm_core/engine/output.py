@@ -8,15 +8,15 @@ import logging
 from typing import Any, Callable
 
 from sagellm_core.detokenizer import TokenTexts
-from sagellm_core.outputs import RequestOutput
+from sagellm_core.outputs import RequestOutput, TokenLogprobs
 from sagellm_core.request import RequestStatus
 from sagellm_core.request_state import (
     CompletionState,
     RequestGroup,
     find_stop_string,
     record_finish,
-    token_logprob,
 )
+from sagellm_core.sampling.logprobs import Logprobs
 from sagellm_core.schedulers.base import Scheduler, TokenUpdate
 
 log = logging.getLogger("sagellm")
@@ -38,9 +38,12 @@ class OutputProcessor:
         self.num_tokens = 0  # tokens accepted, ever
 
     def add(self, group: RequestGroup) -> None:
+        """Track a new request; its completions get their logprobs container if it asked for logprobs."""
         self.groups[group.request_id] = group
         for state in group.completions:
             self.states[state.request.request_id] = (group, state)
+            if group.params.logprobs is not None:
+                state.logprobs = TokenLogprobs(self.token_texts)
 
     def group_of(self, request_id: str) -> RequestGroup | None:
         entry = self.states.get(request_id)
@@ -70,7 +73,7 @@ class OutputProcessor:
         self.changed[group.request_id] = group
 
     # ---- tokens --------------------------------------------------------------------------------
-    def process(self, updates: list[TokenUpdate], logprobs: dict[str, Any], now: float) -> None:
+    def process(self, updates: list[TokenUpdate], logprobs: dict[str, Logprobs | None], now: float) -> None:
         """Record each accepted token in its request's output state."""
         for update in updates:
             entry = self.states.get(update.request.request_id)
@@ -82,10 +85,13 @@ class OutputProcessor:
             except Exception as exc:
                 self.fail(group, state, exc)
 
-    def _record(self, group: RequestGroup, state: CompletionState, now: float) -> None:
-        """A token arrived: its time, the group's first/last token times, and the end of a finished
-        sequence."""
+    def _record(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Logprobs | None,
+                now: float) -> None:
+        """A token arrived: its time and logprobs, the group's first/last token times, and the end of a
+        finished sequence."""
         self.num_tokens += 1
+        if state.logprobs is not None and logprob is not None:
+            state.logprobs.append(update.token_id, *logprob)
         state.token_times.append(now)
         if group.metrics.first_token_time is None:
             group.metrics.first_token_time = now
@@ -94,11 +100,9 @@ class OutputProcessor:
         if state.request.is_finished:
             self._ended(group, state)
 
-    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Any,
+    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Logprobs | None,
                 now: float) -> None:
-        self._record(group, state, now)
-        if state.logprobs is not None and logprob is not None:
-            state.logprobs.append(token_logprob(self.token_texts, update.token_id, logprob))
+        self._record(group, state, update, logprob, now)
         params = group.params
         if not group.stream and not params.stop:  # nobody reads the text before the end
             if state.finish_reason is not None:

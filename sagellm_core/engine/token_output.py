@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from sagellm_core.engine.output import OutputProcessor
-from sagellm_core.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from sagellm_core.outputs import FlatLogprobs, RequestMetrics, RequestOutput
 from sagellm_core.request_state import CompletionState, RequestGroup
+from sagellm_core.sampling.logprobs import Logprobs
 from sagellm_core.schedulers.base import TokenUpdate
 
-# (index, new token ids, finish reason, stop reason, new logprobs as (token id, logprob, [(id, logprob)]))
-SequenceDelta = tuple[int, list[int], str | None, str | int | None, list[tuple[int, float, list[tuple[int, float]]]] | None]
+# (index, new token ids, finish reason, stop reason, the new tokens' logprobs)
+SequenceDelta = tuple[int, list[int], str | None, str | int | None, FlatLogprobs | None]
 # (request id, finished, error, metrics (once finished), one SequenceDelta per sequence)
 TokenDelta = tuple[str, bool, str | None, RequestMetrics | None, list[SequenceDelta]]
 
@@ -28,12 +29,9 @@ class TokenOutputProcessor(OutputProcessor):
         super().__init__(*args)
         self.deltas: list[TokenDelta] = []
 
-    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Any,
+    def _accept(self, group: RequestGroup, state: CompletionState, update: TokenUpdate, logprob: Logprobs | None,
                 now: float) -> None:
-        self._record(group, state, now)
-        if state.logprobs is not None and logprob is not None:
-            chosen, top = logprob
-            state.logprobs.append(TokenLogprob(update.token_id, "", chosen, [(tid, "", lp) for tid, lp in top]))
+        self._record(group, state, update, logprob, now)
 
     def take_outputs(self) -> list[RequestOutput]:
         """Queue the changed requests' deltas for `take_deltas`; no `RequestOutput` is made."""
@@ -59,7 +57,5 @@ class TokenOutputProcessor(OutputProcessor):
 def _sequence_delta(index: int, state: CompletionState) -> SequenceDelta:
     tokens = state.request.known_output_ids
     start, state.emitted_tokens = state.emitted_tokens, len(tokens)
-    logprobs = None
-    if state.logprobs is not None:
-        logprobs = [(e.token_id, e.logprob, [(tid, lp) for tid, _, lp in e.top]) for e in state.logprobs[start:]]
+    logprobs = state.logprobs.flat(start) if state.logprobs is not None else None
     return index, tokens[start:], state.finish_reason, state.stop_reason, logprobs

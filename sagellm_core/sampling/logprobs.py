@@ -14,8 +14,8 @@ import torch
 
 from sagellm_core.request import Request
 
-Logprobs = tuple[float, list[tuple[int, float]]]
-"""(the chosen token's logprob, [(token id, logprob)] of the top alternatives, best first)."""
+Logprobs = tuple[float, list[int], list[float]]
+"""(the chosen token's logprob, the top alternatives' token ids (best first), their logprobs)."""
 
 HostCopy = Callable[[torch.Tensor], Callable[[], list[Any]]]
 
@@ -59,8 +59,8 @@ class LogprobTensors:
             host_values, host_ids = values(), ids()
             out: dict[int, Logprobs] = {}
             for i, (row, count) in enumerate(zip(self.rows, self.counts)):
-                top = list(zip(host_ids[i][:count], host_values[i][1: count + 1]))
-                out[row] = (host_values[i][0], top)
+                row_values = host_values[i]
+                out[row] = (row_values[0], host_ids[i][:count], row_values[1: count + 1])
             return out
 
         return read

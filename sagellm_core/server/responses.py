@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -165,21 +166,19 @@ class ChatFormatter(Formatter):
         return {"index": index, "delta": delta, "logprobs": body, "finish_reason": completion.finish_reason}
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
+def completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
-    offsets = []
-    for entry in entries:
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for entry in entries:  # once: a `TokenLogprobs` makes each entry as it is read
+        tokens.append(entry.token)
+        token_logprobs.append(_finite(entry.logprob))
+        top_logprobs.append({token: _finite(lp) for _, token, lp in entry.top})
         offsets.append(text_offset)
         text_offset += len(entry.token)
-    return {
-        "tokens": [entry.token for entry in entries],
-        "token_logprobs": [_finite(entry.logprob) for entry in entries],
-        "top_logprobs": [{token: _finite(lp) for _, token, lp in entry.top} for entry in entries],
-        "text_offset": offsets,
-    }
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     """The chat ``logprobs.content`` list: token, logprob, bytes and the top alternatives per token."""
     return [
         {"token": entry.token, "logprob": _finite(entry.logprob), "bytes": list(entry.token.encode("utf-8")),
