@@ -23,6 +23,7 @@
 #   report's topology rows say how many and "derived"), with the offline peer and the CPU seconds;
 # serve-inf / serve-api2: rate inf only, with the offline peer / with two API servers (no peer), each
 #   printing the CPU seconds of the client and of every server process (who is saturated);
+# serve-tuned: serve-default's run with the tuned engine flags (its peer: the defaults / tuned ratio);
 # serve-default: `sagellm serve MODEL` with no tuning flags (derived budgets and front-end count), rate inf;
 # tiers-prof: the multiturn bench under cProfile (the tiers-on path's host hot spots, top 60 by own time);
 # attn-fp8: bench/kernels/fp8_attention_sweep.py (fp8 vs bf16 decode attention per kernel config);
@@ -87,6 +88,8 @@ for name in "$@"; do
     serve-api2) part serve-api2 140 sagellm bench serve --launch --api-server-count 2 --model-shape qwen3-0.6b \
                   "${engine[@]}" "${nano[@]}" --request-rate inf --output-dir "$logs/serve-api2"
                 grep -E "CPU seconds" "$logs/serve-api2.log" | tail -2 ;;
+    serve-tuned) part serve-tuned 150 sagellm bench serve --launch --model-shape qwen3-0.6b "${engine[@]}" \
+                   "${nano[@]}" --request-rate inf --output-dir "$logs/serve-tuned" ;;
     serve-default) part serve-default 170 sagellm bench serve --launch --model-shape qwen3-0.6b --backend cuda \
                      --dtype bfloat16 "${nano[@]}" --request-rate inf --output-dir "$logs/serve-default"
                    grep -E "CPU seconds|api_server_count|max_num" "$logs/serve-default.log" | tail -4 ;;
