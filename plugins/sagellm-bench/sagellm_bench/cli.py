@@ -70,6 +70,9 @@ def _add_throughput(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of the HF peer")
     parser.add_argument("--hf-continuous", choices=["auto", "on", "off"], default="auto",
                         help="transformers continuous batching as a second peer (auto: on GPUs only)")
+    parser.add_argument("--hf-model", choices=["same", "transformers"], default="same",
+                        help="the peer's model: the object sageLLM ran (same; quantized layers included) or "
+                             "the checkpoint as transformers loads it (transformers; real weights only)")
     _add_common(parser, temperature=0.6)
     parser.set_defaults(bench_run=_run_throughput)
 
@@ -193,7 +196,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         options = throughput.ThroughputOptions(
             **_workload_args(args, config), seed=_seed(args, config), temperature=args.temperature,
             compare_hf=args.compare == "hf", hf_batch_size=args.hf_batch_size, hf_continuous=args.hf_continuous,
-            output_dir=args.output_dir)
+            hf_model=args.hf_model, output_dir=args.output_dir)
         throughput.run(config, options, args)
     return 0
 

@@ -44,6 +44,20 @@ def sdpa_attention(model: Any, implementation: str = PEER_ATTENTION) -> Iterator
             config._attn_implementation = value
 
 
+def load_own(path: str | None, gguf_file: str | None, dtype: Any, device: Any) -> Any:
+    """The model as a transformers user gets it: ``from_pretrained`` on the same checkpoint in
+    ``dtype`` on ``device``, without sageLLM's quantized layers or fused modules (a GGUF comes
+    de-quantized). Random-weight shapes (``load_format: dummy``) have no checkpoint to load."""
+    from transformers import AutoModelForCausalLM
+
+    from sagellm_core.models.loader import resolve
+
+    source = resolve(path, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=dtype,
+                                                 device_map=str(device))
+    return model.eval()
+
+
 def pad_token_id(model: Any) -> int:
     """The generation config's pad id, else its EOS, else 0 (padding is masked out anyway)."""
     generation = getattr(model, "generation_config", None)

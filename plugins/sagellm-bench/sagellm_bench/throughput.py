@@ -31,7 +31,9 @@ HF_CONTINUOUS = "HF continuous batching"
 
 @attrs.frozen
 class ThroughputOptions:
-    """Workload and peers. ``hf_continuous``: ``auto`` runs it on GPUs only, ``on`` everywhere."""
+    """Workload and peers. ``hf_continuous``: ``auto`` runs it on GPUs only, ``on`` everywhere.
+    ``hf_model``: ``same`` runs transformers on the model object sageLLM ran (its quantized layers
+    included); ``transformers`` has transformers load the checkpoint itself (`hf_peer.load_own`)."""
 
     num_requests: int
     input_len: tuple[int, int]
@@ -41,11 +43,15 @@ class ThroughputOptions:
     compare_hf: bool = False
     hf_batch_size: int = 32
     hf_continuous: str = "auto"
+    hf_model: str = "same"
     output_dir: str = "bench_results"
 
 
 def run(config: EngineConfig, options: ThroughputOptions, args: argparse.Namespace | None = None) -> BenchReport:
     """Run the benchmark, write its files, return the report."""
+    if options.compare_hf and options.hf_model == "transformers" and config.model.load_format == "dummy":
+        raise ValueError("--hf-model transformers loads the checkpoint: random-weight shapes (load_format "
+                         "dummy) have none; use --hf-model same")
     env = environment(args)
     llm = LLM(config=config)
     try:
@@ -69,6 +75,10 @@ def run(config: EngineConfig, options: ThroughputOptions, args: argparse.Namespa
     matmul = floors.measure_matmul_flops(backend, dtype)
     params = floors.param_counts(model)
     if options.compare_hf:
+        if options.hf_model == "transformers":
+            del model
+            free_device_memory()
+            model = hf_peer.load_own(config.model.path, config.model.gguf_file, dtype, backend.device())
         results.update(_run_peers(model, workload, options, backend))
     forward_tokens = sum(r.prompt_len + r.output_len - 1 for r in workload.requests)
     for result in results.values():
@@ -138,8 +148,12 @@ def _notes(options: ThroughputOptions, params: floors.ParamCounts, matmul: dict[
         "every engine generates exactly the requested output lengths (EOS ignored); HF static batches run "
         f"in workload order, {options.hf_batch_size} per batch, left-padded, each generating its longest "
         "request's length; only requested tokens count as output",
-        "transformers runs the model object sageLLM loaded (same weights, dtype, device) with "
-        f"attn_implementation={hf_peer.PEER_ATTENTION!r}; sageLLM's KV cache is freed first",
+        (f"transformers runs the model object sageLLM loaded (same weights, dtype, device) with "
+         f"attn_implementation={hf_peer.PEER_ATTENTION!r}; sageLLM's KV cache is freed first"
+         if options.hf_model == "same" else
+         "transformers loads the checkpoint itself (from_pretrained in sageLLM's compute dtype, no sageLLM "
+         f"layers: a GGUF comes de-quantized) with attn_implementation={hf_peer.PEER_ATTENTION!r}; "
+         "sageLLM's engine is released first"),
     ]
 
 

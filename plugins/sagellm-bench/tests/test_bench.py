@@ -52,6 +52,24 @@ def test_throughput_compare_hf(tiny_llama: Path, tmp_path: Path) -> None:
     assert "--compare hf" in data["environment"]["command"]
 
 
+def test_throughput_peer_loads_the_checkpoint_itself(tiny_llama: Path, tmp_path: Path) -> None:
+    """``--hf-model transformers``: sageLLM runs int8 layers, transformers its own load of the same
+    checkpoint; both generate the whole workload."""
+    data = _bench("throughput", tiny_llama, tmp_path, "--compare", "hf", "--hf-model", "transformers",
+                  "--quantization", "int8", "--num-requests", "4", "--min-input-len", "8", "--max-input-len", "16",
+                  "--min-output-len", "4", "--max-output-len", "8", "--hf-batch-size", "4")
+    workload = random_workload(4, (8, 16), (4, 8), 512, 0)
+    for engine in ("sageLLM", "HF generate (static)"):
+        assert data["results"][engine]["output_tokens"] == workload.num_output_tokens, engine
+    assert any("loads the checkpoint itself" in note for note in data["notes"])
+
+
+def test_throughput_peer_of_a_random_shape_cannot_load_a_checkpoint(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--hf-model same"):
+        main(["bench", "throughput", "--model", str(tiny_llama), *ENGINE_ARGS, "--load-format", "dummy",
+              "--compare", "hf", "--hf-model", "transformers", "--num-requests", "2", "--output-dir", str(tmp_path)])
+
+
 def test_sampling_mixes_defaults_and_first_run(tiny_llama: Path, tmp_path: Path) -> None:
     data = _bench("sampling", tiny_llama, tmp_path, "--num-requests", "6", "--min-input-len", "4",
                   "--max-input-len", "12", "--min-output-len", "3", "--max-output-len", "8", "--max-num-seqs", "4")
