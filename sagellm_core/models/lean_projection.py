@@ -19,10 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from sagellm_core.quant.cpu_linear import COMPUTE_DTYPE, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from sagellm_core.quant.cpu_linear import COMPUTE_DTYPE, Int4WeightOnlyLinear, Int8WeightOnlyLinear, weight_only_gemm
 
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 _EXACT_FROM_BF16 = (torch.float32, torch.bfloat16)  # bf16 values convert to these exactly
 PROJECTION_TYPES = (torch.nn.Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear)
 
@@ -64,12 +62,9 @@ class _WeightOnly:
         first = modules[0]
         self.kind = first.kind
         self.qweight = _stack([m.qweight for m in modules])  # type: ignore[misc]
-        if isinstance(first, Int4WeightOnlyLinear):
-            self.group_size = first.group_size
-            self.params = _stack([m.scales_and_zeros for m in modules], dim=1)  # type: ignore[misc]
-        else:
-            self.group_size = 0
-            self.params = _stack([m.scales for m in modules])  # type: ignore[misc]
+        self.group_size = first.group_size
+        # int4: [K / group, N, 2] scales and zeros, stacked along N; int8: [N] scales
+        self.params = _stack([m.kernel_params() for m in modules], dim=1 if first.group_size else 0)
         biases = [m.bias for m in modules]
         self.bias = None if biases[0] is None else _stack(biases)  # type: ignore[arg-type]
         denses = [m.dense for m in modules]
@@ -78,11 +73,7 @@ class _WeightOnly:
 
     def gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows [T, K] bf16`` times the stacked weights, bf16 out (`_WeightOnlyLinear.gemm`)."""
-        if self.dense is not None and rows.shape[0] >= self.dense_min_rows:
-            return F.linear(rows, self.dense)
-        if self.group_size:
-            return _INT4_MM(rows, self.qweight, self.group_size, self.params)
-        return _INT8_MM(rows, self.qweight, self.params)
+        return weight_only_gemm(rows, self.qweight, self.params, self.group_size, self.dense, self.dense_min_rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.gemm(x.to(COMPUTE_DTYPE)).to(x.dtype)

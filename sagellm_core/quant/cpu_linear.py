@@ -33,8 +33,26 @@ VM with AVX-512 BF16 was 8-24 rows (see above). The default is 0 (off): the copy
 weight, 4x an int4 weight, and a CPU without bf16 instructions gains nothing from it."""
 
 
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+
+
+def weight_only_gemm(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, group_size: int,
+                     dense: torch.Tensor | None, dense_min_rows: int) -> torch.Tensor:
+    """``x [M, K] bf16`` times a weight-only weight, bf16 out: the bf16 GEMM over ``dense`` from
+    ``dense_min_rows`` rows on, else the packed kernel (int4 with ``group_size`` and ``params`` its
+    scales and zeros, int8 without a group size and ``params`` its scales)."""
+    if dense is not None and x.shape[0] >= dense_min_rows:
+        return F.linear(x, dense)
+    if group_size:
+        return _INT4_MM(x, qweight, group_size, params)
+    return _INT8_MM(x, qweight, params)
+
+
 class _WeightOnlyLinear(torch.nn.Module):
     """Shared shape handling: flatten to [M, K] in bf16, run the kernel, add the bias, restore."""
+
+    group_size = 0  # int4: the quantization group; 0: int8 (per channel)
 
     def __init__(self, qw: QuantizedWeight, dense_min_rows: int = 0) -> None:
         super().__init__()
@@ -44,7 +62,8 @@ class _WeightOnlyLinear(torch.nn.Module):
         self.dense_min_rows = dense_min_rows
         self.register_buffer("bias", None if qw.bias is None else qw.bias.float(), persistent=False)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_params(self) -> torch.Tensor:
+        """The packed kernel's scales (int8) or scales and zeros (int4)."""
         raise NotImplementedError
 
     def _keep_dense(self, weight: torch.Tensor) -> None:
@@ -56,10 +75,8 @@ class _WeightOnlyLinear(torch.nn.Module):
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K] bf16 @ w.T`` in bf16: the bf16 GEMM over ``dense`` from ``dense_min_rows`` rows
         on, the packed kernel below."""
-        dense: torch.Tensor | None = self.dense  # type: ignore[assignment]
-        if dense is not None and x.shape[0] >= self.dense_min_rows:
-            return F.linear(x, dense)
-        return self._matmul(x)
+        return weight_only_gemm(x, self.qweight, self.kernel_params(), self.group_size,  # type: ignore[arg-type]
+                                self.dense, self.dense_min_rows)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
@@ -96,8 +113,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         self.register_buffer("scales", scales)
         self._keep_dense(qw.codes.float() * scales.float()[:, None])  # the kernel's (bf16) scales
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+    def kernel_params(self) -> torch.Tensor:
+        return self.scales  # type: ignore[return-value]
 
 
 class Int4WeightOnlyLinear(_WeightOnlyLinear):
@@ -127,8 +144,8 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         scale, zero = params[..., 0].t()[..., None], params[..., 1].t()[..., None]  # [N, K / group, 1]
         return ((codes.float() - 8.0).view(n, k // self.group_size, self.group_size) * scale + zero).view(n, k)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_and_zeros)
+    def kernel_params(self) -> torch.Tensor:
+        return self.scales_and_zeros  # type: ignore[return-value]
 
 
 def int4_supported(qw: QuantizedWeight) -> bool:
