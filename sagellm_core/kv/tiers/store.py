@@ -658,7 +658,7 @@ class BusyTime:
     its own time. Thread-safe; ``clock``: seconds (default `time.perf_counter`)."""
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
-        self._clock = clock
+        self._clock = clock or time.perf_counter
         self._lock = threading.Lock()
         self._active = 0
         self._last = 0.0
@@ -679,7 +679,7 @@ class BusyTime:
             return self._shared - mark
 
     def _advance(self) -> None:
-        now = self._clock() if self._clock is not None else time.perf_counter()
+        now = self._clock()
         if self._active:
             self._shared += (now - self._last) / self._active
         self._last = now
