@@ -6,6 +6,7 @@
 # sampling: `sagellm bench sampling`, nano-vllm's workload, Qwen3-0.6B shape (issue 12);
 # sampling-llama: the same for the Llama-3-8B shape, plain mix only (its first-run ratio);
 # gemvsweep: bench/kernels/fp8_gemv_bench.py --sweep over the one-row FP8 GEMV tiles (Llama-3-8B shapes);
+# gemvshape: the same script's --per-shape sweep (a wider one-row grid, the best tiles of each shape alone);
 # fp8tests: tests/gpu/test_fp8.py (FP8 GEMMs, attention over an fp8 cache both ways of widening, the engine);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
@@ -72,6 +73,9 @@ for name in "$@"; do
     gemvsweep) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part gemvsweep 200 python3 bench/kernels/fp8_gemv_bench.py \
                  --sweep --sweep-rows 1 --rows 1
                grep -E "rows 1:|Llama" "$logs/gemvsweep.log" ;;
+    gemvshape) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part gemvshape 240 python3 bench/kernels/fp8_gemv_bench.py \
+                 --per-shape --rows 1
+               grep -E "us$|Llama" "$logs/gemvshape.log" ;;
     fp8tests) part fp8tests 150 python3 -m pytest tests/gpu/test_fp8.py -q -p no:cacheprovider
               tail -5 "$logs/fp8tests.log" ;;
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \

@@ -6,7 +6,9 @@ measured in the same run (the floor of a weight pass is bytes over that bandwidt
     PYTHONPATH=.:sagellm_cuda python3 bench/kernels/fp8_gemv_bench.py [--rows 1] [--sweep]
 
 ``--sweep`` first times every tile configuration of both kernels (one row; 4 and 16 rows) summed
-over the four shapes, prints the five best of each and uses the best for the table.
+over the four shapes, prints the five best of each and uses the best for the table. ``--per-shape``
+times a wider grid of one-row tiles (down to one weight row per program) on each shape alone and
+prints the three best per shape: whether small and large weights want different tiles.
 """
 
 from __future__ import annotations
@@ -59,12 +61,38 @@ def sweep(rows: int) -> Tiles:
     return results[0][1]
 
 
+def per_shape_sweep() -> None:
+    """The three fastest one-row tile configurations of a wide grid on each shape by itself."""
+    grid = [Tiles(n, k, w, 3, True) for n, k, w in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096, 8192),
+                                                                      (1, 2, 4, 8))]
+    for name, (n, k) in LLAMA_3_8B.items():
+        qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        scales = qw.scales.float().reshape(-1)
+        timed = []
+        for tiles in grid:
+            try:
+                timed.append((triton.testing.do_bench(lambda: fp8_gemv(x, qw.codes, scales, tiles), warmup=5, rep=25),
+                              tiles))
+            except Exception as exc:  # a configuration the compiler cannot fit (shared memory, registers)
+                print(f"  {tiles}: {type(exc).__name__}")
+        timed.sort()
+        for ms, tiles in timed[:3]:
+            print(f"  {name} {n}x{k}: {tiles} {ms * 1e3:.1f} us")
+        current = [ms for ms, tiles in timed if tiles == ROW_TILES]
+        if current:
+            print(f"  {name} {n}x{k}: current ROW_TILES {current[0] * 1e3:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 4], help="which kernels --sweep tunes")
+    parser.add_argument("--per-shape", action="store_true", help="the best one-row tiles of each shape alone")
     args = parser.parse_args()
+    if args.per_shape:
+        per_shape_sweep()
     best = {1: ROW_TILES, 4: DOT_TILES}
     if args.sweep:
         best.update({rows: sweep(rows) for rows in args.sweep_rows})
