@@ -115,19 +115,6 @@ def _write_kv_kernel(
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-FP8_BITS_SCALE: tl.constexpr = tl.constexpr(256.0)
-"""`_e4m3_bits_to_f16` yields the code's value times 1 / FP8_BITS_SCALE (the exponent biases differ by 8)."""
-
-
-@triton.jit
-def _e4m3_bits_to_f16(codes):
-    """E4M3 codes as fp16 holding value * 2^-8, exactly for every finite code (subnormals included):
-    the sign bit moves to bit 15 and exponent + mantissa to bits 7-14; integer ops in place of the
-    conversion instruction."""
-    bits = codes.to(tl.uint8, bitcast=True).to(tl.uint16)
-    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
-
-
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, q_pos, start_n, hi, window,
@@ -136,13 +123,10 @@ def _attend_tile(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FP8_BITS: tl.constexpr = False,
 ):
     """One BLOCK_N tile of keys [start_n, start_n + BLOCK_N) folded into the online softmax state.
 
     ``q_pos`` [M] are the rows' absolute positions; keys at ``pos >= hi`` are dropped when MASK_KEYS.
-    FP8_BITS: the E4M3 codes become fp16 by moving their bits (`_e4m3_bits_to_f16`), K and V scaled by
-    2^-8: the caller folds 2^8 into ``qk_scale`` and the output.
     """
     pos = start_n + offs_n
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -156,12 +140,8 @@ def _attend_tile(
     in_blk = pos % BLOCK_SIZE
     k_ptrs = k_cache_ptr + kv_off_k + (blk * stride_kb + in_blk * stride_ks)[:, None] + offs_d[None, :]
     v_ptrs = v_cache_ptr + kv_off_v + (blk * stride_vb + in_blk * stride_vs)[:, None] + offs_d[None, :]
-    if FP8_BITS:
-        k = _e4m3_bits_to_f16(tl.load(k_ptrs, mask=ld_mask, other=0.0))
-        v = _e4m3_bits_to_f16(tl.load(v_ptrs, mask=ld_mask, other=0.0))
-    else:
-        k = tl.load(k_ptrs, mask=ld_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_ptrs, mask=ld_mask, other=0.0).to(q.dtype)
+    k = tl.load(k_ptrs, mask=ld_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_ptrs, mask=ld_mask, other=0.0).to(q.dtype)
 
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [M, N], log2 units
     if MASK_KEYS:
@@ -210,7 +190,7 @@ def _decode_kernel(
     qk_scale, window, num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_F16: tl.constexpr, FP8_BITS: tl.constexpr = False,
+    KV_F16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -232,8 +212,6 @@ def _decode_kernel(
     if KV_F16:  # fp8 codes widen to fp16 in one instruction per pair (to bf16 it takes three)
         q = q.to(tl.float16)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (seq_len - 1)
-    if FP8_BITS:
-        qk_scale = qk_scale * FP8_BITS_SCALE
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -244,13 +222,11 @@ def _decode_kernel(
             acc, m_i, l_i, q, q_pos, start_n, end, window,
             k_cache_ptr, v_cache_ptr, bt_row, kvh * stride_kh, kvh * stride_vh,
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_SIZE, True, False, False, DOT_PREC, FP8_BITS,
+            HEAD_DIM, BLOCK_SIZE, True, False, False, DOT_PREC,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    if FP8_BITS:
-        o = o * FP8_BITS_SCALE
     if num_splits == 1:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -464,12 +440,10 @@ def decode_attention(
     sliding_window: int | None = None, num_splits: int = 1, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None, kv_f16: bool | None = None,
-    fp8_bits: bool = False,
 ) -> None:
     """Attention of query rows [0, num_decodes) (one token per sequence) into ``out`` rows.
 
-    ``kv_f16`` (default: `widen_to_f16`) runs the dots in fp16 on a bf16 query over an fp8 cache;
-    ``fp8_bits`` (with it) widens the codes by integer ops instead of conversion instructions."""
+    ``kv_f16`` (default: `widen_to_f16`) runs the dots in fp16 on a bf16 query over an fp8 cache."""
     if num_decodes == 0:
         return
     _, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -492,7 +466,6 @@ def decode_attention(
     mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if num_splits > 1 else (0, 0, 0)
     ml_strides = (mid_lse.stride(0), mid_lse.stride(1)) if num_splits > 1 else (0, 0)
     window = int(sliding_window) if sliding_window is not None else 0
-    kv_f16 = widen_to_f16(query, k_cache) if kv_f16 is None else kv_f16
     _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, mid_o, mid_lse, seq_lens, block_tables,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -503,7 +476,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
-        KV_F16=kv_f16, FP8_BITS=fp8_bits and kv_f16 and k_cache.dtype == torch.float8_e4m3fn,
+        KV_F16=widen_to_f16(query, k_cache) if kv_f16 is None else kv_f16,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
