@@ -7,6 +7,7 @@
 # sampling-llama: the same for the Llama-3-8B shape, plain mix only (its first-run ratio);
 # gemvsweep: bench/kernels/fp8_gemv_bench.py --sweep over the one-row FP8 GEMV tiles (Llama-3-8B shapes);
 # gemvshape: the same script's --per-shape sweep (a wider one-row grid, the best tiles of each shape alone);
+# attntests: the fp8-cache attention tests of tests/gpu/test_fp8.py alone;
 # fp8tests: tests/gpu/test_fp8.py (FP8 GEMMs, attention over an fp8 cache both ways of widening, the engine);
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
@@ -76,6 +77,8 @@ for name in "$@"; do
     gemvshape) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part gemvshape 240 python3 bench/kernels/fp8_gemv_bench.py \
                  --per-shape --rows 1
                grep -E "us$|Llama" "$logs/gemvshape.log" ;;
+    attntests) part attntests 150 python3 -m pytest tests/gpu/test_fp8.py -q -p no:cacheprovider -k triton_attention
+               tail -5 "$logs/attntests.log" ;;
     fp8tests) part fp8tests 150 python3 -m pytest tests/gpu/test_fp8.py -q -p no:cacheprovider
               tail -5 "$logs/fp8tests.log" ;;
     serve) part serve 170 sagellm bench serve --launch --compare offline --model-shape qwen3-0.6b "${engine[@]}" \
@@ -105,7 +108,7 @@ for name in "$@"; do
                 python3 -c "import pstats; s = pstats.Stats('$logs/tiers.prof'); s.sort_stats('tottime').print_stats(60); s.sort_stats('cumulative').print_stats(60)" > "$logs/tiers-prof.txt" 2>&1
                 head -90 "$logs/tiers-prof.txt" | tail -70
                 rm -rf "$disk" ;;
-    attn-fp8) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part attn-fp8 150 python3 bench/kernels/fp8_attention_sweep.py
+    attn-fp8) PYTHONPATH=${PYTHONPATH:-}:.:sagellm_cuda part attn-fp8 220 python3 bench/kernels/fp8_attention_sweep.py
               grep -E "x$|seqs" "$logs/attn-fp8.log" | head -14 ;;
     kvfp8) for kv in auto fp8; do
              part "kv-$kv" 150 sagellm bench throughput --model-shape qwen3-0.6b "${engine[@]}" "${nano[@]}" \

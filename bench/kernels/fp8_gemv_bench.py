@@ -20,7 +20,7 @@ import torch
 import triton
 
 from sagellm_core.quant.weights import quantize_fp8
-from sagellm_cuda.fp8_gemv import DOT_TILES, ROW_TILES, Tiles, fp8_gemv
+from sagellm_cuda.fp8_gemv import DOT_TILES, Tiles, fp8_gemv, row_tiles
 from sagellm_cuda.quant import quantize_rows
 
 LLAMA_3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -79,9 +79,9 @@ def per_shape_sweep() -> None:
         timed.sort()
         for ms, tiles in timed[:3]:
             print(f"  {name} {n}x{k}: {tiles} {ms * 1e3:.1f} us")
-        current = [ms for ms, tiles in timed if tiles == ROW_TILES]
+        current = [ms for ms, tiles in timed if tiles == row_tiles(k)]
         if current:
-            print(f"  {name} {n}x{k}: current ROW_TILES {current[0] * 1e3:.1f} us")
+            print(f"  {name} {n}x{k}: current row_tiles {current[0] * 1e3:.1f} us")
 
 
 def main() -> None:
@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_shape:
         per_shape_sweep()
-    best = {1: ROW_TILES, 4: DOT_TILES}
+    best: dict[int, Tiles | None] = {1: None, 4: DOT_TILES}  # None: the kernel's own choice (`row_tiles`)
     if args.sweep:
         best.update({rows: sweep(rows) for rows in args.sweep_rows})
     bandwidth = copy_bandwidth()

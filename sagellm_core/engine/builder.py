@@ -32,6 +32,7 @@ from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.quant import QuantizationReport, kv_cache_dtype, quantize_loaded_model
 from sagellm_core.plugin_selection import PluginSelection, validate_plugin_selection
 from sagellm_core.sampling import Sampler
+from sagellm_core.sampling.warm_up import warm_up_sampler
 from sagellm_core.schedulers.base import Scheduler
 
 log = logging.getLogger("sagellm")
@@ -112,12 +113,16 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
             stop_workers(control)
         raise
     mode = config.scheduler.async_scheduling
+    sampler = Sampler(config.model.seed, fused=backend.fused_sampler(), filtered=backend.fused_filtered_sampler(),
+                      fused_logprobs=backend.fused_logprobs())
+    if sampler.compiles_kernels:
+        log.info("sampling kernels warmed up in %.1f s",
+                 warm_up_sampler(sampler, model_config.vocab_size, backend.device()))
     return EngineParts(
         config=config, budgets=budgets, graph_capture_seconds=capture_seconds, backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
         model=model, quantization=quantization, kv_dtype=kv_dtype, vocab_size=model_config.vocab_size, max_model_len=max_model_len,
         eos_token_ids=eos_ids(model, tokenizer), scheduler=scheduler, kv_pools=kv_pools, runner=runner,
-        sampler=Sampler(config.model.seed, fused=backend.fused_sampler(), filtered=backend.fused_filtered_sampler(),
-                        fused_logprobs=backend.fused_logprobs()),
+        sampler=sampler,
         metric_sinks=selection.create_metric_sinks(config.metrics),
         async_scheduling=layout is None and (mode == "on" or (mode == "auto" and backend.async_output)),
     )

@@ -6,8 +6,8 @@ memory bandwidth. ``torch._scaled_mm`` needs the activations quantized first (se
 kernels per layer) and its tiles are sized for many rows; these kernels read each weight byte once
 and launch once per layer. One row: [BLOCK_N, BLOCK_K] weight tiles times x in fp32 on the FMA units, summed
 over K every tile (`Tiles.reduce_each`) or once at the end. Two to `MAX_ROWS` rows: ``tl.dot`` with
-the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py --sweep` (one row: on an
-H100, where narrow tiles reduced every step won, 123.5 us over Llama-3-8B's four shapes; several rows: an H200).
+the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py` (one row: ``--per-shape`` on an H100, where
+one-row, one-warp programs won; several rows: ``--sweep`` on an H200).
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ class Tiles(NamedTuple):
     reduce_each: bool = False  # one row: reduce every [BLOCK_N, BLOCK_K] tile (fewer registers, longer tiles)
 
 
-ROW_TILES = Tiles(block_n=2, block_k=2048, num_warps=4, num_stages=3, reduce_each=True)  # H100 sweep, 2026-12-06
+ROW_TILES = Tiles(block_n=1, block_k=4096, num_warps=1, num_stages=3, reduce_each=True)
+"""One weight row per one-warp program (the H100 per-shape sweep, 2026-12-06 session 10: best or within 5% of
+the best on each of Llama-3-8B's shapes, 114 vs 124 us over the four for the 2 x 2048, four-warp tiles);
+`row_tiles` halves BLOCK_K where 4096 does not divide K."""
+
+
+def row_tiles(k: int) -> Tiles:
+    """`ROW_TILES`, with 2048-wide K tiles where 4096 leaves a masked remainder (Llama-3-8B's down
+    projection, K = 14336: 32.3 us against about 33 us)."""
+    return ROW_TILES if k % ROW_TILES.block_k == 0 else ROW_TILES._replace(block_k=ROW_TILES.block_k // 2)
 DOT_TILES = Tiles(block_n=32, block_k=512, num_warps=4, num_stages=3)
 
 
@@ -88,7 +97,7 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tiles: 
     x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 1:
-        t = tiles or ROW_TILES
+        t = tiles or row_tiles(k)
         _fp8_gemv_row_kernel[(triton.cdiv(n, t.block_n),)](
             x, codes, scales, out, n, k, codes.stride(0), BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             REDUCE_EACH=t.reduce_each, num_warps=t.num_warps, num_stages=t.num_stages)
