@@ -35,9 +35,9 @@ def sweep(seqs: int, ctx: int, layers: int = 8) -> list[tuple[str, float, float]
     for name, cache in caches.items():
         kv_bytes = 2 * seqs * ctx * hkv * d * cache.element_size()
         if name == "fp8":  # the f16 widening (the default) over more tiles; bf16 dots at the former default
-            configs = [*itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (True,)), (64, 4, 3, False)]
+            configs = [*itertools.product((64, 128, 256), (1, 2, 4), (3, 4), (True,)), (64, 4, 3, False)]
         else:
-            configs = list(itertools.product((64, 128), (4, 8), (2, 3), (None,)))
+            configs = list(itertools.product((64, 128), (2, 4), (3,), (None,)))
         for block_n, warps, stages, kv_f16 in configs:
             def step(block_n=block_n, warps=warps, stages=stages, kv_f16=kv_f16, cache=cache):
                 for layer in range(layers):
