@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
                         help="a SamplingParams field for every request (repeatable; values parsed as numbers)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--gc-freeze", action="store_true")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
@@ -54,7 +55,8 @@ def main() -> None:
     engine = LLMEngine(EngineConfig.from_dict({
         "model": {"path": str(model_dir), "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096},
         "scheduler": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": 16384,
-                      "async_scheduling": args.async_scheduling}}))
+                      "async_scheduling": args.async_scheduling},
+        "kv_cache": {"dtype": args.kv_cache_dtype}}))
     rng = random.Random(0)
     vocab = engine.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.requests)]

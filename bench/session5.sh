@@ -12,6 +12,7 @@
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # profile-sampling: bench/profile_engine.py under cProfile + torch profiler for plain, logprobs=5, top-k+top-p;
+# profile-kv: bench/profile_engine.py --kernels with kv_cache.dtype auto and fp8 (where an fp8 step's time goes);
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
 # tiers-llama128: Llama-3-8B, 128 conversations (the device pool then admits ~25 at once), 40 GB host tier;
@@ -140,6 +141,10 @@ for name in "$@"; do
                       --host-tier-bytes 40000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-llama128"
                     grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-llama128.log" | head -8
                     rm -rf "$disk" ;;
+    profile-kv) for kv in auto fp8; do  # kernels per decode step with a bf16 and an fp8 KV cache
+                  part "profile-kv-$kv" 150 python3 bench/profile_engine.py --shape qwen3-0.6b --kernels --kv-cache-dtype "$kv"
+                  grep -E "out tok/s|ms/step|GPU" "$logs/profile-kv-$kv.log" | head -8
+                done ;;
     profile-sampling) for mix in plain logprobs=5 top_k=50,top_p=0.95; do  # host hot spots and kernels per mix
                         flags=(); [ "$mix" = plain ] || for kv in ${mix//,/ }; do flags+=(--sampling "$kv"); done
                         part "profile-$mix" 150 python3 bench/profile_engine.py --shape qwen3-0.6b --cprofile --kernels \
