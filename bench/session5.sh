@@ -12,6 +12,7 @@
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # profile-sampling: bench/profile_engine.py under cProfile + torch profiler for plain, logprobs=5, top-k+top-p;
+# tiers-paced: tiers-llama128's workload for both shapes with at most 8 turns in flight (turn-major order);
 # profile-kv: bench/profile_engine.py --kernels with kv_cache.dtype auto and fp8 (where an fp8 step's time goes);
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
 # tiers-llama: the same for the Llama-3-8B shape, without the ungated run;
@@ -141,6 +142,15 @@ for name in "$@"; do
                       --host-tier-bytes 40000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-llama128"
                     grep -iE "hit rate|load rate|seconds saving|TTFT|tok/s|waiting" "$logs/tiers-llama128.log" | head -8
                     rm -rf "$disk" ;;
+    tiers-paced) for shape in llama-3-8b qwen3-0.6b; do  # at most 8 turns in flight: TTFT without the queue
+                   disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+                   part "tiers-paced-$shape" 200 sagellm bench multiturn --model-shape "$shape" --num-conversations 128 \
+                     --num-turns 4 --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 \
+                     --max-concurrency 8 --host-tier-bytes 40000000000 --disk-tier-path "$disk" \
+                     --output-dir "$logs/tiers-paced-$shape"
+                   grep -iE "hit rate|load rate|TTFT|tok/s" "$logs/tiers-paced-$shape.log" | head -6
+                   rm -rf "$disk"
+                 done ;;
     profile-kv) for kv in auto fp8; do  # kernels per decode step with a bf16 and an fp8 KV cache
                   part "profile-kv-$kv" 150 python3 bench/profile_engine.py --shape qwen3-0.6b --kernels --kv-cache-dtype "$kv"
                   grep -E "out tok/s|ms/step|GPU" "$logs/profile-kv-$kv.log" | head -8

@@ -239,6 +239,9 @@ def _add_multiturn(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--disk-tier-path", default=None, help="default: a temporary directory")
     parser.add_argument("--ungated", action="store_true",
                         help="also run the tiers with the load gate off (kv_tiers.load_gate: false)")
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="at most this many turns in flight, in turn-major order (default: each turn "
+                             "submits every conversation at once)")
     _add_common(parser, temperature=0.0)
     parser.set_defaults(bench_run=_run_multiturn)
 
@@ -251,7 +254,8 @@ def _run_multiturn(args: argparse.Namespace) -> int:
             num_conversations=args.num_conversations, num_turns=args.num_turns, system_len=args.system_len,
             user_len=args.user_len, output_len=args.output_len, working_set_factor=args.working_set_factor,
             host_bytes=args.host_tier_bytes, disk_path=args.disk_tier_path, seed=_seed(args, config),
-            temperature=args.temperature, output_dir=args.output_dir, ungated=args.ungated)
+            temperature=args.temperature, output_dir=args.output_dir, ungated=args.ungated,
+            max_concurrency=args.max_concurrency)
         multiturn.run(config, options, args)
     return 0
 

@@ -3,7 +3,9 @@
 Each turn re-sends a conversation's whole history plus a new user message, so every turn's prompt
 extends the previous turn's; with many conversations the working set is several times the device
 KV pool, and whatever the pool evicted is recomputed (tiers off) or loaded from host memory or disk
-(tiers on). Reports TTFT, output tok/s, the hit rate of each tier, the tiers' load rate (against a
+(tiers on). By default each turn submits every conversation at once (TTFT then measures mostly the
+queue); ``max_concurrency`` keeps at most that many turns in flight, in the same turn-major order, so
+a turn's TTFT is its own prefill or load (a chat service below saturation). Reports TTFT, output tok/s, the hit rate of each tier, the tiers' load rate (against a
 measured pinned-host-to-device copy on CUDA) and the hit rates of the eviction policies replayed on
 the benchmark's own block trace at the device pool's capacity.
 """
@@ -48,6 +50,7 @@ class MultiturnOptions:
     temperature: float = 0.0
     output_dir: str = "bench_results"
     ungated: bool = False  # a third run: tiers with kv_tiers.load_gate off
+    max_concurrency: int | None = None  # None: each turn submits every conversation at once
 
     def modes(self) -> tuple[str, ...]:
         return MODES + ((UNGATED,) if self.ungated else ())
@@ -133,26 +136,13 @@ def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
     histories = [list(system) for _ in range(options.num_conversations)]
     params = SamplingParams(max_tokens=options.output_len, ignore_eos=True, temperature=options.temperature,
                             seed=options.seed)
-    timings: list[RequestTiming] = []
-    outputs: list[list[int]] = []
-    prompts: list[list[int]] = []
+    user_turns = [[[rng.randrange(vocab) for _ in range(options.user_len)] for _ in histories]
+                  for _ in range(options.num_turns)]
     before = llm.get_stats()["kv_pools"][0]
-    elapsed = 0.0
-    for turn in range(options.num_turns):
-        batch = []
-        for history in histories:
-            history.extend(rng.randrange(vocab) for _ in range(options.user_len))
-            batch.append(list(history))
-        print(f"[{mode}] turn {turn + 1}/{options.num_turns}: {len(batch)} conversations", flush=True)
-        start = time.perf_counter()
-        results = llm.generate(batch, params, use_tqdm=False)
-        elapsed += time.perf_counter() - start
-        for history, result in zip(histories, results):
-            tokens = list(result.outputs[0].token_ids)
-            history.extend(tokens)
-            outputs.append(tokens)
-            timings.append(timing_from_output(result))
-        prompts.extend(batch)
+    if options.max_concurrency is None:
+        turns = _lockstep(llm, histories, user_turns, params, mode)
+    else:
+        turns = _paced(llm, histories, user_turns, params, options.max_concurrency, mode)
     stats = llm.get_stats()
     after = stats["kv_pools"][0]
     queried = after.prefix_query_tokens - before.prefix_query_tokens
@@ -162,9 +152,72 @@ def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
     for tier, tier_hit in zip(stats["kv_tiers"], tier_hits):
         rates[tier["name"]] = tier_hit / queried if queried else 0.0
     summary = {"hit_rate": rates, "combined_hit_rate": hits / queried if queried else 0.0,
-               "tiers": stats["kv_tiers"], **throughput_summary(timings, elapsed), **latency_summary(timings)}
+               "tiers": stats["kv_tiers"], **throughput_summary(turns.timings, turns.elapsed),
+               **latency_summary(turns.timings)}
     block = llm.engine.config.kv_cache.block_size
-    return summary, outputs, [_block_ids(p, block) for p in prompts]
+    outputs = [turns.outputs[key] for key in sorted(turns.outputs)]
+    return summary, outputs, [_block_ids(p, block) for p in turns.prompts]
+
+
+@attrs.define
+class _Turns:
+    """What a run of every turn produced: timings, outputs by (turn, conversation), the prompts in
+    submission order (the trace the eviction policies replay) and the wall seconds."""
+
+    timings: list[RequestTiming] = attrs.field(factory=list)
+    outputs: dict[tuple[int, int], list[int]] = attrs.field(factory=dict)
+    prompts: list[list[int]] = attrs.field(factory=list)
+    elapsed: float = 0.0
+
+
+def _lockstep(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]]], params: SamplingParams,
+              mode: str) -> _Turns:
+    """Each turn submits every conversation at once (`LLM.generate`) and waits for all of them."""
+    turns = _Turns()
+    for turn, users in enumerate(user_turns):
+        batch = [history + user for history, user in zip(histories, users)]
+        print(f"[{mode}] turn {turn + 1}/{len(user_turns)}: {len(batch)} conversations", flush=True)
+        start = time.perf_counter()
+        results = llm.generate(batch, params, use_tqdm=False)
+        turns.elapsed += time.perf_counter() - start
+        for conv, (prompt, result) in enumerate(zip(batch, results)):
+            tokens = list(result.outputs[0].token_ids)
+            histories[conv] = prompt + tokens
+            turns.outputs[(turn, conv)] = tokens
+            turns.timings.append(timing_from_output(result))
+        turns.prompts.extend(batch)
+    return turns
+
+
+def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]]], params: SamplingParams,
+           max_concurrency: int, mode: str) -> _Turns:
+    """The turns in turn-major order with at most ``max_concurrency`` in flight; a conversation's
+    next turn waits for its previous one (the queue's head waits, keeping the order)."""
+    engine = llm.engine
+    queue = [(turn, conv) for turn in range(len(user_turns)) for conv in range(len(histories))]
+    in_flight: dict[str, tuple[int, int, list[int]]] = {}
+    busy: set[int] = set()
+    turns = _Turns()
+    print(f"[{mode}] {len(queue)} turns, at most {max_concurrency} in flight", flush=True)
+    start = time.perf_counter()
+    while queue or in_flight:
+        while queue and len(in_flight) < max_concurrency and queue[0][1] not in busy:
+            turn, conv = queue.pop(0)
+            prompt = histories[conv] + user_turns[turn][conv]
+            in_flight[engine.add_request(prompt, params, stream=False)] = (turn, conv, prompt)
+            busy.add(conv)
+            turns.prompts.append(prompt)
+        for output in engine.step():
+            if not output.finished or output.request_id not in in_flight:
+                continue
+            turn, conv, prompt = in_flight.pop(output.request_id)
+            tokens = list(output.outputs[0].token_ids)
+            histories[conv] = prompt + tokens
+            busy.discard(conv)
+            turns.outputs[(turn, conv)] = tokens
+            turns.timings.append(timing_from_output(output))
+    turns.elapsed = time.perf_counter() - start
+    return turns
 
 
 def _block_ids(tokens: list[int], block: int) -> list[int]:
@@ -192,9 +245,11 @@ def pinned_copy_bandwidth(llm: LLM, nbytes: int = 256 << 20) -> float | None:
 
 
 def _describe(options: MultiturnOptions) -> str:
+    paced = "each turn of all at once" if options.max_concurrency is None else \
+        f"at most {options.max_concurrency} turns in flight"
     return (f"{options.num_conversations} conversations x {options.num_turns} turns, system prompt "
             f"{options.system_len} tokens, {options.user_len} user tokens and {options.output_len} output tokens "
-            f"per turn")
+            f"per turn, {paced}")
 
 
 def _modes(results: dict[str, Any]) -> list[str]:
@@ -246,7 +301,8 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
 def _notes() -> list[str]:
     return ["hit rate = prompt tokens served from cached blocks / prompt tokens looked up over the timed turns; "
             "device = hits in the device pool, host / disk = blocks loaded from that tier",
-            "each turn submits every conversation at once; the histories include the generated tokens",
+            "each turn submits every conversation at once (with a max concurrency: turn-major order, at most that "
+            "many in flight); the histories include the generated tokens",
             "policy hit rates: the turns' prompts as block chains, replayed one request at a time through a "
             "KV manager with the device pool's block count"]
 

@@ -126,6 +126,22 @@ def test_multiturn_tiers_off_and_on(tiny_llama: Path, tmp_path: Path) -> None:
         (tmp_path / "multiturn.md").read_text()
 
 
+def test_multiturn_paced(tiny_llama: Path, tmp_path: Path) -> None:
+    """At most two turns in flight: every turn completes once, in turn-major order per conversation,
+    and the tiers still find the histories the device pool evicted."""
+    args = ["bench", "multiturn", "--model", str(tiny_llama), "--backend", "cpu", "--dtype", "float32",
+            "--num-conversations", "5", "--num-turns", "3", "--system-len", "32", "--user-len", "8",
+            "--output-len", "4", "--max-concurrency", "2", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "multiturn.json").read_text())
+    results = data["results"]
+    off, on = results["device-only"], results["tiers"]
+    assert off["completed"] == on["completed"] == 15
+    assert results["same_tokens"] is True
+    assert on["hit_rate"]["host"] + on["hit_rate"]["disk"] > 0
+    assert "at most 2 turns in flight" in data["setup"]["workload"]
+
+
 def test_pd_modes(tiny_llama: Path, tmp_path: Path) -> None:
     data = _bench("pd", tiny_llama, tmp_path, "--num-requests", "6", "--min-input-len", "8", "--max-input-len",
                   "48", "--min-output-len", "4", "--max-output-len", "12")
