@@ -67,7 +67,8 @@ class Sampler:
 
     @property
     def compiles_kernels(self) -> bool:
-        """Whether the backend supplied fused kernels (they may compile on first use: `sagellm_core.sampling.warm_up`)."""
+        """Whether the backend supplied fused kernels (they may compile on first use:
+        `sagellm_core.sampling.warm_up`)."""
         return self.drawer.fused is not None or self.drawer.filtered is not None or self.fused_logprobs is not None
 
     def forget(self, request_id: str) -> None:

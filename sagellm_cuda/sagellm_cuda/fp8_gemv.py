@@ -6,8 +6,8 @@ memory bandwidth. ``torch._scaled_mm`` needs the activations quantized first (se
 kernels per layer) and its tiles are sized for many rows; these kernels read each weight byte once
 and launch once per layer. One row: [BLOCK_N, BLOCK_K] weight tiles times x in fp32 on the FMA units, summed
 over K every tile (`Tiles.reduce_each`) or once at the end. Two to `MAX_ROWS` rows: ``tl.dot`` with
-the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py` (one row: ``--per-shape`` on an H100, where
-one-row, one-warp programs won; several rows: ``--sweep`` on an H200).
+the rows padded to 16. The tile sizes come from `bench/kernels/fp8_gemv_bench.py` (one row:
+``--per-shape`` on an H100, where one-row, one-warp programs won; several rows: ``--sweep`` on an H200).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ extends the previous turn's; with many conversations the working set is several 
 KV pool, and whatever the pool evicted is recomputed (tiers off) or loaded from host memory or disk
 (tiers on). By default each turn submits every conversation at once (TTFT then measures mostly the
 queue); ``max_concurrency`` keeps at most that many turns in flight, in the same turn-major order, so
-a turn's TTFT is its own prefill or load (a chat service below saturation). Reports TTFT, output tok/s, the hit rate of each tier, the tiers' load rate (against a
-measured pinned-host-to-device copy on CUDA) and the hit rates of the eviction policies replayed on
-the benchmark's own block trace at the device pool's capacity.
+a turn's TTFT is its own prefill or load (a chat service below saturation). Reports TTFT, output
+tok/s, the hit rate of each tier, the tiers' load rate (against a measured pinned-host-to-device copy
+on CUDA) and the hit rates of the eviction policies replayed on the benchmark's own block trace at
+the device pool's capacity.
 """
 
 from __future__ import annotations
