@@ -17,6 +17,7 @@ from sagellm_core.builtin.cpu_backend import CPUBackend
 from sagellm_core.config import EngineConfig
 from sagellm_core.errors import ConfigError
 from sagellm_core.quant import QuantizedWeight, dequantized_linear, quantize, quantize_model, resolve_method
+from sagellm_core.quant import cpu_linear
 from sagellm_core.quant.cpu_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from sagellm_core.quant.weights import FP8_MAX
 
@@ -66,20 +67,33 @@ def test_packed_cpu_linear_matches_dequantized_weights(kind: str, module: type, 
     assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind,module", [("int8", Int8WeightOnlyLinear), ("int4", Int4WeightOnlyLinear)])
-def test_many_rows_run_the_bf16_gemm_over_the_kernels_weight(kind: str, module: type) -> None:
-    """From ``dense_min_rows`` rows on: F.linear over the kernel's weight in bf16, close to the kernel;
-    ``dense_min_rows=0`` keeps no copy and always runs the kernel."""
+def test_many_rows_run_a_gemm_over_the_kernels_weight(kind: str, module: type, copy_dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``dense_min_rows`` rows on: F.linear over the kernel's weight in the copy's dtype (bf16 on
+    CPUs with bf16 instructions, float32 elsewhere), close to the kernel; ``dense_min_rows=0`` keeps
+    no copy and always runs the kernel."""
+    monkeypatch.setattr(cpu_linear, "dense_dtype", lambda: copy_dtype)
     qw = quantize(kind, _weight(96, 128, seed=4))
     layer, packed_only = module(qw, dense_min_rows=16), module(qw, dense_min_rows=0)
-    assert packed_only.dense is None and layer.dense.dtype == torch.bfloat16
+    assert packed_only.dense is None and layer.dense.dtype == copy_dtype
     assert layer.weight_bytes() == packed_only.weight_bytes()  # the copy is not what a decode step reads
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
     dense = layer(x)
-    assert torch.equal(dense, F.linear(x.to(torch.bfloat16), layer.dense).float())
+    rows = x.to(torch.bfloat16).to(copy_dtype)  # the layer's bf16 activations
+    assert torch.equal(dense, F.linear(rows, layer.dense).to(torch.bfloat16).float())
     assert torch.equal(layer(x[:15]), packed_only(x[:15]))  # below the threshold: the packed kernel
     kernel = packed_only(x)
     assert float((dense - kernel).abs().max()) <= 0.01 * float(kernel.abs().max())
+
+
+def test_the_copies_are_bf16_only_with_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cpu_linear.dense_dtype() == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_linear.dense_dtype() == torch.bfloat16
 
 
 def test_the_cpu_backend_option_sets_the_dense_threshold() -> None:

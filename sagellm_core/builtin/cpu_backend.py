@@ -75,8 +75,8 @@ class CPUBackend(Backend):
 
     def quantized_linear(self, kind: str) -> Any:
         """Weight-only int8 / int4 through torch's packed CPU kernels (`sagellm_core.quant.cpu_linear`),
-        a bf16 GEMM over the de-quantized weight from ``quantized_dense_rows`` tokens on; fp8 runs
-        de-quantized."""
+        a GEMM over the de-quantized weight (bf16 with bf16 instructions, else float32) from
+        ``quantized_dense_rows`` tokens on; fp8 runs de-quantized."""
         from sagellm_core.quant.cpu_linear import cpu_quantized_linear
 
         return cpu_quantized_linear(kind, self.settings.quantized_dense_rows)

@@ -6,10 +6,11 @@ The CPU's weight-only kernels (`sagellm_core.quant.cpu_linear`) compute each out
 own weight row (accumulated over the input in fp32), so the rows of several weights stacked into one
 packed weight give each output exactly what its own GEMM gave: one bf16 cast of the input, one kernel
 call and one cast back instead of three of each. Dense float weights are never stacked (a BLAS GEMM of
-another width may block the reduction differently). The bf16 copies the weight-only modules keep for
-steps of many rows (``dense``, `sagellm_core.quant.cpu_linear.DENSE_MIN_ROWS`) are stacked alike: oneDNN's
-bf16 GEMM gave each row block of a stacked weight the bits of its own GEMM, and `Projections` checks
-that on probe inputs of both paths before it fuses.
+another width may block the reduction differently). The de-quantized copies the weight-only modules
+keep for steps of many rows (``dense``, `sagellm_core.quant.cpu_linear.DENSE_MIN_ROWS`) are stacked
+alike: oneDNN's bf16 GEMM gave each row block of a stacked weight the bits of its own GEMM, and
+`Projections` checks that on probe inputs of both paths before it fuses (a GEMM that differs, float32
+on another CPU perhaps, leaves the projections unfused).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Dense:
 class _WeightOnly:
     """One weight-only kernel call over the stacked rows of one or more `_WeightOnlyLinear` modules:
     input cast to bf16, kernel, output cast back, bias added (each module's ``forward``, once). From
-    ``dense_min_rows`` rows on, the bf16 GEMM over the stacked ``dense`` weights replaces the kernel."""
+    ``dense_min_rows`` rows on, the GEMM over the stacked ``dense`` weights replaces the kernel."""
 
     __slots__ = ("kind", "qweight", "params", "group_size", "bias", "dense", "dense_min_rows")
 
@@ -138,7 +139,7 @@ class Projections:
 def _same_outputs(fused: _WeightOnly, modules: Sequence[torch.nn.Module], rows: Sequence[int] = (1, 7)) -> bool:
     """Whether the fused GEMM's column slices equal each module's own output, bit for bit, on random
     inputs of ``rows`` tokens (decode and prefill shapes take different kernel paths), and of
-    ``dense_min_rows`` and a prefill-sized count where the bf16 GEMM over ``dense`` runs."""
+    ``dense_min_rows`` and a prefill-sized count where the GEMM over ``dense`` runs."""
     generator = torch.Generator().manual_seed(0)
     in_features = int(modules[0].in_features)  # type: ignore[arg-type]
     if fused.dense is not None:

@@ -11,10 +11,12 @@ dtype; only the GEMM runs in bf16 (its accumulation is fp32 inside the kernels).
 The packed kernels win at a few rows (decode at small batch: they read 4 or 8 bits per weight) and
 lose at many: on the 2-core AVX-512 VM (bf16 dot products in hardware), SmolLM2-135M's shapes took
 1.3-2.2x (int4) and 1.9-3.2x (the int8 LM head) longer than a oneDNN bf16 GEMM over the same weights
-at 32-64 rows, 1.9-3.3x at 2048 (prefill), and 0.4-0.7x at 1-4 rows. So each layer also keeps its
-weight de-quantized to bf16 (the kernel's weight rounded to bf16: one more rounding, ~2^-9 relative,
-far below the int4 step) and runs ``F.linear`` on it for steps of at least ``dense_min_rows`` tokens.
-The choice depends on the row count only (never on timings), so outputs stay deterministic.
+at 32-64 rows, 1.9-3.3x at 2048 (prefill), and 0.4-0.7x at 1-4 rows. So each layer can also keep its
+weight de-quantized (``dense_min_rows`` > 0) and run ``F.linear`` on it for steps of at least that
+many tokens: in bf16 where the CPU has bf16 dot products (the kernel's weight rounded to bf16: one
+more rounding, ~2^-9 relative, far below the int4 step), else in float32 (`dense_dtype`; on an
+AVX2-only CPU bf16 GEMMs are emulated and slower than the packed kernels). The choice depends on the
+row count only (never on timings), so outputs stay deterministic.
 """
 
 from __future__ import annotations
@@ -30,20 +32,27 @@ COMPUTE_DTYPE = torch.bfloat16
 DENSE_MIN_ROWS = 16
 """A suggested ``dense_min_rows``: the crossover measured for SmolLM2-135M's projections on a 2-core
 VM with AVX-512 BF16 was 8-24 rows (see above). The default is 0 (off): the copy costs 2 bytes per
-weight, 4x an int4 weight, and a CPU without bf16 instructions gains nothing from it."""
+weight with bf16 instructions, 4 without (4x and 8x an int4 weight)."""
 
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 
 
+def dense_dtype() -> torch.dtype:
+    """The dtype of the de-quantized copies: bf16 on a CPU with bf16 dot products (AVX-512 BF16 or
+    AMX), float32 elsewhere."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return torch.bfloat16 if any(getattr(torch.cpu, name, lambda: False)() for name in probes) else torch.float32
+
+
 def weight_only_gemm(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, group_size: int,
                      dense: torch.Tensor | None, dense_min_rows: int) -> torch.Tensor:
-    """``x [M, K] bf16`` times a weight-only weight, bf16 out: the bf16 GEMM over ``dense`` from
-    ``dense_min_rows`` rows on, else the packed kernel (int4 with ``group_size`` and ``params`` its
-    scales and zeros, int8 without a group size and ``params`` its scales)."""
+    """``x [M, K] bf16`` times a weight-only weight, bf16 out: the GEMM over ``dense`` (in its dtype,
+    `dense_dtype`) from ``dense_min_rows`` rows on, else the packed kernel (int4 with ``group_size``
+    and ``params`` its scales and zeros, int8 without a group size and ``params`` its scales)."""
     if dense is not None and x.shape[0] >= dense_min_rows:
-        return F.linear(x, dense)
+        return F.linear(x.to(dense.dtype), dense).to(COMPUTE_DTYPE)
     if group_size:
         return _INT4_MM(x, qweight, group_size, params)
     return _INT8_MM(x, qweight, params)
@@ -67,9 +76,9 @@ class _WeightOnlyLinear(torch.nn.Module):
         raise NotImplementedError
 
     def _keep_dense(self, weight: torch.Tensor) -> None:
-        """Register the de-quantized float32 weight [N, K] as the bf16 ``dense`` buffer (None when
-        ``dense_min_rows`` is 0: the packed kernel always runs)."""
-        dense = weight.to(COMPUTE_DTYPE).contiguous() if self.dense_min_rows > 0 else None
+        """Register the de-quantized float32 weight [N, K] as the ``dense`` buffer in `dense_dtype`
+        (None when ``dense_min_rows`` is 0: the packed kernel always runs)."""
+        dense = weight.to(dense_dtype()).contiguous() if self.dense_min_rows > 0 else None
         self.register_buffer("dense", dense, persistent=False)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
