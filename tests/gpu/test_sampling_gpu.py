@@ -95,3 +95,12 @@ def test_decode_graphs_are_captured_at_start_up_on_cuda(tiny_models: dict[str, P
     engine = LLMEngine(config)
     stats = engine.get_stats()["graph_capture"]
     assert stats["graphs"] == len(bucket_sizes(16)) and stats["seconds"] > 0  # max_num_seqs 16 in the test config
+
+
+def test_sampling_kernels_are_warmed_up_at_start_up_without_state(tiny_models: dict[str, Path]) -> None:
+    """The CUDA engine launches every sampling path at start-up (`sagellm_core.sampling.warm_up`) and
+    keeps nothing of those trial requests."""
+    engine = LLMEngine(engine_config(tiny_models["qwen2"], backend={"name": "cuda"},  # type: ignore[arg-type]
+                                     kv_cache={"block_size": 16, "num_blocks": 64}))
+    assert engine.sampler.compiles_kernels
+    assert engine.sampler.penalties.slots == {} and engine.sampler.drawer._bases == {}
