@@ -38,3 +38,19 @@ def test_warm_up_covers_every_sampling_path() -> None:
 def test_only_backends_with_fused_kernels_warm_up() -> None:
     assert not Sampler().compiles_kernels
     assert Sampler(fused_logprobs=lambda *args: None).compiles_kernels  # type: ignore[arg-type]
+
+
+def test_bitmask_warm_up_runs_the_op_on_a_structured_batch() -> None:
+    from sagellm_core.structured.bitmask import mask_logits
+    from sagellm_core.sampling.warm_up import warm_up_bitmask
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def op(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        calls.append((logits, words))
+        return mask_logits(logits, words)
+
+    warm_up_bitmask(op, 100, torch.device("cpu"))
+    (logits, words), = calls
+    assert logits.shape == (2, 100) and words.shape == (2, 4) and words.dtype == torch.int32
+    assert int(torch.isinf(mask_logits(logits, words)).sum()) == 2 * 50  # every other token allowed

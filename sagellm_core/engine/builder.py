@@ -32,7 +32,7 @@ from sagellm_core.plugin_manager import SageLLMPluginManager
 from sagellm_core.quant import QuantizationReport, kv_cache_dtype, quantize_loaded_model
 from sagellm_core.plugin_selection import PluginSelection, validate_plugin_selection
 from sagellm_core.sampling import Sampler
-from sagellm_core.sampling.warm_up import warm_up_sampler
+from sagellm_core.sampling.warm_up import warm_up_bitmask, warm_up_sampler
 from sagellm_core.schedulers.base import Scheduler
 
 log = logging.getLogger("sagellm")
@@ -118,6 +118,9 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
     if sampler.compiles_kernels:
         log.info("sampling kernels warmed up in %.1f s",
                  warm_up_sampler(sampler, model_config.vocab_size, backend.device()))
+    bitmask = backend.bitmask_op()
+    if bitmask is not None:
+        warm_up_bitmask(bitmask, model_config.vocab_size, backend.device())
     return EngineParts(
         config=config, budgets=budgets, graph_capture_seconds=capture_seconds, backend_choice=choice, backend=backend, dtype=dtype, model_name=source.name, tokenizer=tokenizer,
         model=model, quantization=quantization, kv_dtype=kv_dtype, vocab_size=model_config.vocab_size, max_model_len=max_model_len,

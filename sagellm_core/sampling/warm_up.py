@@ -5,7 +5,8 @@ top-k, logprobs or penalties would wait seconds for a compile its second request
 H100, a top-k + top-p batch ran at 0.77x the plain one when its kernels compiled inside the timed
 run, 0.92x when they were compiled before). `warm_up_sampler` launches every sampling path once on
 random logits at the batch sizes the kernels specialise on (1, a multiple of 16, neither), in trial
-launches that leave no per-request state behind.
+launches that leave no per-request state behind; `warm_up_bitmask` runs structured outputs' fused
+token mask once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import time
 
 import torch
 
+from sagellm_core.backend import BitmaskOp
 from sagellm_core.request import Request
 from sagellm_core.sampling.sampler import Sampler
+from sagellm_core.structured.bitmask import bitmask_words
 from sagellm_core.sampling_params import SamplingParams
 
 WARM_UP_PARAMS = (
@@ -51,3 +54,11 @@ def warm_up_sampler(sampler: Sampler, vocab_size: int, device: torch.device) -> 
             for request in requests:
                 sampler.forget(request.request_id)
     return time.perf_counter() - start
+
+
+def warm_up_bitmask(op: BitmaskOp, vocab_size: int, device: torch.device) -> None:
+    """Run a backend's fused token mask (`Backend.bitmask_op`) once on a [2, vocab_size] batch shaped
+    as structured outputs' (every other token allowed) and wait for it."""
+    logits = torch.zeros((2, vocab_size), dtype=torch.float32, device=device)
+    words = torch.full((2, bitmask_words(vocab_size)), 0x55555555, dtype=torch.int32, device=device)
+    op(logits, words).sum().item()
