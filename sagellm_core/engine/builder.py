@@ -105,6 +105,7 @@ def build_engine(config: EngineConfig, plugins: SageLLMPluginManager) -> EngineP
         if control is not None and layout is not None:
             runner = attach_workers(runner, control, layout, pool_blocks, max_model_len, graph_batch)
         elif runner.captures_graphs:
+            runner.warm_up_prefill()
             capture_seconds = runner.capture_graphs(progress=sys.stderr.isatty())
             log.info("captured %d decode graphs (batch <= %d) in %.1f s", len(runner.graphs.graphs),  # type: ignore[union-attr]
                      graph_batch, capture_seconds)

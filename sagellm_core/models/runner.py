@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from sagellm_core.attention import hook as attention_hook
 from sagellm_core.attention.metadata import AttentionMetadata
 from sagellm_core.backend import Backend
 from sagellm_core.models.graphs import DecodeGraphRunner
-from sagellm_core.models.inputs import build_host_batch, device_batch
+from sagellm_core.models.inputs import HostBatch, build_host_batch, device_batch
 from sagellm_core.models.kv_cache import KVCache, kv_bytes_per_block, kv_shape, text_config
 from sagellm_core.models.token_feed import TokenFeed, feed_pending
 from sagellm_core.plan import StepPlan
@@ -50,6 +51,22 @@ class ModelRunner:
         if self.graphs is None:
             return 0.0
         return self.graphs.capture_all(range(len(self.kv_cache.pools)), progress)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, tokens: int = 32) -> None:
+        """One forward over a synthetic prefill of ``tokens`` tokens (one sequence) that writes no
+        KV (its slots are -1) and reads only block 0 of the first pool, its logits dropped: kernels
+        that only prefill steps run (Triton's prefill attention on CUDA) compile now rather than
+        inside the first request."""
+        blocks = -(-tokens // self.block_size)
+        host = HostBatch(
+            token_ids=np.zeros(tokens, dtype=np.int64), positions=np.arange(tokens, dtype=np.int64),
+            slots=np.full(tokens, -1, dtype=np.int64), query_start=np.array([0, tokens], dtype=np.int32),
+            seq_lens=np.array([tokens], dtype=np.int32), block_tables=np.zeros((1, blocks), dtype=np.int32),
+            sample_rows=np.array([tokens - 1], dtype=np.int64), pending_rows=[], pending_requests=[],
+            query_lens=[tokens], num_seqs=1, num_decodes=0, block_size=self.block_size)
+        ids, positions, meta, keep = device_batch(host, self.device)
+        self.forward(ids, positions, meta, self.kv_cache.pool(0), keep).sum().item()
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
