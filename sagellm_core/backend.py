@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sagellm_core.attention.metadata import AttentionMetadata
     from sagellm_core.config import BackendConfig
     from sagellm_core.quant.weights import LinearFactory
+    from sagellm_core.sampling.draw import FilteredSampler, FusedSampler
     from sagellm_core.sampling.logprobs import FusedLogprobs
 
 
@@ -245,8 +246,5 @@ class Backend(abc.ABC):
         }
 
 
-FusedSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
-FilteredSampler = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", list[int], "torch.Tensor", "torch.Tensor"],
-                           "torch.Tensor"]
 BitmaskOp = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 LeanForward = Callable[..., "torch.Tensor"]
