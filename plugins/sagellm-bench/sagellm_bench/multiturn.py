@@ -18,6 +18,7 @@ import os
 import random
 import tempfile
 import time
+from collections import deque
 from typing import Any
 
 import attrs
@@ -30,6 +31,7 @@ from sagellm_core.config import EngineConfig
 from sagellm_core.kv.policies.trace import builtin_policies, compare
 from sagellm_core.llm import LLM
 from sagellm_core.models.kv_cache import kv_bytes_per_block
+from sagellm_core.outputs import RequestOutput
 from sagellm_core.quant import kv_cache_dtype
 from sagellm_core.sampling_params import SamplingParams
 
@@ -170,6 +172,14 @@ class _Turns:
     prompts: list[list[int]] = attrs.field(factory=list)
     elapsed: float = 0.0
 
+    def finish(self, turn: int, conv: int, prompt: list[int], output: RequestOutput,
+               histories: list[list[int]]) -> None:
+        """A turn ended: its tokens extend the conversation's history; keep its output and timing."""
+        tokens = list(output.outputs[0].token_ids)
+        histories[conv] = prompt + tokens
+        self.outputs[(turn, conv)] = tokens
+        self.timings.append(timing_from_output(output))
+
 
 def _lockstep(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]]], params: SamplingParams,
               mode: str) -> _Turns:
@@ -182,10 +192,7 @@ def _lockstep(llm: LLM, histories: list[list[int]], user_turns: list[list[list[i
         results = llm.generate(batch, params, use_tqdm=False)
         turns.elapsed += time.perf_counter() - start
         for conv, (prompt, result) in enumerate(zip(batch, results)):
-            tokens = list(result.outputs[0].token_ids)
-            histories[conv] = prompt + tokens
-            turns.outputs[(turn, conv)] = tokens
-            turns.timings.append(timing_from_output(result))
+            turns.finish(turn, conv, prompt, result, histories)
         turns.prompts.extend(batch)
     return turns
 
@@ -195,7 +202,7 @@ def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]
     """The turns in turn-major order with at most ``max_concurrency`` in flight; a conversation's
     next turn waits for its previous one (the queue's head waits, keeping the order)."""
     engine = llm.engine
-    queue = [(turn, conv) for turn in range(len(user_turns)) for conv in range(len(histories))]
+    queue = deque((turn, conv) for turn in range(len(user_turns)) for conv in range(len(histories)))
     in_flight: dict[str, tuple[int, int, list[int]]] = {}
     busy: set[int] = set()
     turns = _Turns()
@@ -203,7 +210,7 @@ def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]
     start = time.perf_counter()
     while queue or in_flight:
         while queue and len(in_flight) < max_concurrency and queue[0][1] not in busy:
-            turn, conv = queue.pop(0)
+            turn, conv = queue.popleft()
             prompt = histories[conv] + user_turns[turn][conv]
             in_flight[engine.add_request(prompt, params, stream=False)] = (turn, conv, prompt)
             busy.add(conv)
@@ -212,11 +219,8 @@ def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]
             if not output.finished or output.request_id not in in_flight:
                 continue
             turn, conv, prompt = in_flight.pop(output.request_id)
-            tokens = list(output.outputs[0].token_ids)
-            histories[conv] = prompt + tokens
             busy.discard(conv)
-            turns.outputs[(turn, conv)] = tokens
-            turns.timings.append(timing_from_output(output))
+            turns.finish(turn, conv, prompt, output, histories)
     turns.elapsed = time.perf_counter() - start
     return turns
 
