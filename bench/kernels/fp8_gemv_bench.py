@@ -34,28 +34,38 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x [rows, K] bf16, codes [N, K] e4m3, scales [N])
+
+
+def make_case(n: int, k: int, rows: int) -> Case:
+    qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    return torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), qw.codes, qw.scales.float().reshape(-1)
+
+
+def time_grid(grid: list[Tiles], cases: list[Case], rep: int) -> list[tuple[float, Tiles]]:
+    """(ms summed over ``cases``, tiles) for each configuration of ``grid`` the compiler takes, fastest first."""
+    timed = []
+    for tiles in grid:
+        try:
+            ms = sum(triton.testing.do_bench(lambda: fp8_gemv(x, codes, scales, tiles), warmup=5, rep=rep)
+                     for x, codes, scales in cases)
+        except Exception as exc:  # a configuration the compiler cannot fit (shared memory, registers)
+            print(f"  {tiles}: {type(exc).__name__}")
+            continue
+        timed.append((ms, tiles))
+    return sorted(timed)
+
+
 def sweep(rows: int) -> Tiles:
     """The tile configuration with the least summed time over the four shapes at ``rows`` rows."""
-    cases = []
-    for n, k in LLAMA_3_8B.values():
-        qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
-        cases.append((torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), qw.codes, qw.scales.float()))
-    results = []
+    cases = [make_case(n, k, rows) for n, k in LLAMA_3_8B.values()]
     if rows == 1:  # the row kernel: also narrow tiles (more programs), long tiles reduced each step, 16 warps
         grid = [Tiles(n, k, w, 3, r) for n, k, w, r in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8, 16),
                                                                           (False, True))
                 if not (k * n > 16384 and not r)]  # an unreduced accumulator that large spills
     else:
         grid = [Tiles(n, k, w, st) for n, k, w, st in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (3, 4))]
-    for tiles in grid:
-        try:
-            total = sum(triton.testing.do_bench(lambda: fp8_gemv(x, codes, scales, tiles), warmup=5, rep=20)
-                        for x, codes, scales in cases)
-        except Exception as exc:  # a configuration the compiler cannot fit (shared memory, registers)
-            print(f"  {tiles}: {type(exc).__name__}")
-            continue
-        results.append((total, tiles))
-    results.sort()
+    results = time_grid(grid, cases, rep=20)
     for total, tiles in results[:5]:
         print(f"  rows {rows}: {tiles} {total * 1e3:.1f} us over the four shapes")
     return results[0][1]
@@ -66,17 +76,7 @@ def per_shape_sweep() -> None:
     grid = [Tiles(n, k, w, 3, True) for n, k, w in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096, 8192),
                                                                       (1, 2, 4, 8))]
     for name, (n, k) in LLAMA_3_8B.items():
-        qw = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        scales = qw.scales.float().reshape(-1)
-        timed = []
-        for tiles in grid:
-            try:
-                timed.append((triton.testing.do_bench(lambda: fp8_gemv(x, qw.codes, scales, tiles), warmup=5, rep=25),
-                              tiles))
-            except Exception as exc:  # a configuration the compiler cannot fit (shared memory, registers)
-                print(f"  {tiles}: {type(exc).__name__}")
-        timed.sort()
+        timed = time_grid(grid, [make_case(n, k, 1)], rep=25)
         for ms, tiles in timed[:3]:
             print(f"  {name} {n}x{k}: {tiles} {ms * 1e3:.1f} us")
         current = [ms for ms, tiles in timed if tiles == row_tiles(k)]
