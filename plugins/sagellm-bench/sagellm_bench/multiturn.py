@@ -204,11 +204,11 @@ def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]
     engine = llm.engine
     queue = deque((turn, conv) for turn in range(len(user_turns)) for conv in range(len(histories)))
     in_flight: dict[str, tuple[int, int, list[int]]] = {}
-    busy: set[int] = set()
     turns = _Turns()
     print(f"[{mode}] {len(queue)} turns, at most {max_concurrency} in flight", flush=True)
     start = time.perf_counter()
     while queue or in_flight:
+        busy = {conv for _, conv, _ in in_flight.values()}
         while queue and len(in_flight) < max_concurrency and queue[0][1] not in busy:
             turn, conv = queue.popleft()
             prompt = histories[conv] + user_turns[turn][conv]
@@ -219,7 +219,6 @@ def _paced(llm: LLM, histories: list[list[int]], user_turns: list[list[list[int]
             if not output.finished or output.request_id not in in_flight:
                 continue
             turn, conv, prompt = in_flight.pop(output.request_id)
-            busy.discard(conv)
             turns.finish(turn, conv, prompt, output, histories)
     turns.elapsed = time.perf_counter() - start
     return turns
