@@ -221,6 +221,8 @@ class LLMEngine:
         waited = plan if synchronous else self._inflight.plan if self._inflight is not None else None
         outputs = self._drain() if synchronous else []
         logits = self._execute(planned, replay)
+        for pool in self.kv_pools:
+            pool.step_launched()
         if planned.grammar:  # the masks of this step need the previous step's tokens
             outputs += self._drain(masks_for=planned.requests, device=logits.device)
         launched = self._launch_sampling(planned, logits)

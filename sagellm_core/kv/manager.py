@@ -91,6 +91,7 @@ class KVCacheManager:
         self.req_tier_keys: dict[str, list[bytes]] = {}
         self.tier_hit_tokens = [0] * (len(tiers.tiers) if tiers is not None else 0)
         self.loading: dict[str, PendingLoad] = {}
+        self.freed_after: dict[int, int] = {}  # block id -> the last step that may use it (tiers' copies)
         policy.add_unused(self.blocks)
 
     # ---- queries -------------------------------------------------------------------------------
@@ -170,7 +171,8 @@ class KVCacheManager:
     def _start_load(self, request_id: str, prefix: PrefixHit, fresh: list[Block]) -> None:
         """Queue the copies of the prefix's blocks found below the pool into the first fresh blocks."""
         assert self.tiers is not None
-        items = [TierItem(block.block_id, hit.key, hit.token_ids) for block, hit in zip(fresh, prefix.below)]
+        items = [TierItem(block.block_id, hit.key, hit.token_ids, self.freed_after.get(block.block_id, -1))
+                 for block, hit in zip(fresh, prefix.below)]
         self.loading[request_id] = PendingLoad(prefix, fresh[: len(items)], self.tiers.start_load(items))
 
     def is_loading(self, request_id: str) -> bool:
@@ -178,11 +180,13 @@ class KVCacheManager:
         collected by `finish_load`)."""
         return request_id in self.loading
 
-    def finish_load(self, request_id: str) -> PrefixHit | None:
+    def finish_load(self, request_id: str, order: bool = False) -> PrefixHit | None:
         """None while the request's load is in flight (never waits); then its prefix hit, ``below``
-        cut to the blocks that arrived (their tiers in ``level``), published as cached blocks."""
+        cut to the blocks that arrived (their tiers in ``level``), published as cached blocks.
+        ``order``: done once the copies are queued, the compute stream ordered after them
+        (`TierStore.poll`): for a step planned now."""
         pending = self.loading.get(request_id)
-        if pending is None or self.tiers is None or not self.tiers.poll(pending.ticket):
+        if pending is None or self.tiers is None or not self.tiers.poll(pending.ticket, order):
             return None
         del self.loading[request_id]
         prefix, ticket = pending.prefix, pending.ticket
@@ -207,10 +211,20 @@ class KVCacheManager:
             self.tiers.wait(pending.ticket)
 
     def flush(self) -> None:
-        """Queue the step's copies of evicted blocks down to the tiers (once per step, after
-        planning, before the step that overwrites them is launched)."""
+        """Queue the copies of evicted blocks down to the tiers (before the step that overwrites
+        them is launched)."""
         if self.tiers is not None:
             self.tiers.flush()
+
+    def end_planning(self) -> None:
+        """Once per step, when its plan is final: `flush`, and the tiers count the step."""
+        if self.tiers is not None:
+            self.tiers.end_planning()
+
+    def step_launched(self) -> None:
+        """The engine queued the planned step's device work (the tiers' copies wait for it alone)."""
+        if self.tiers is not None:
+            self.tiers.step_launched()
 
     def owned_room(self, request: Request) -> int:
         """Tokens the request can still compute in the blocks it owns."""
@@ -254,7 +268,7 @@ class KVCacheManager:
     def _write_back(self, block: Block) -> None:
         key = self.tier_keys.pop(block.block_id, None)
         if key is not None and self.tiers is not None and self.tiers.write_mode == "back" and block.key:
-            self.tiers.save(TierItem(block.block_id, key, block.key[1]))
+            self.tiers.save(TierItem(block.block_id, key, block.key[1], self.freed_after.get(block.block_id, -1)))
 
     def cache_full_blocks(self, request: Request) -> None:
         """After a step: make newly completed full blocks findable by later requests (if the policy
@@ -316,6 +330,10 @@ class KVCacheManager:
                 raise RuntimeError(f"KV block {block.block_id} freed twice")
             if block.ref_count == 0:
                 released.append(block)
+        if self.tiers is not None:
+            mark = self.tiers.steps.mark()
+            for block in released:
+                self.freed_after[block.block_id] = mark
         self.policy.push_free(released)
 
     def reset_prefix_cache(self) -> int:

@@ -137,7 +137,7 @@ class Scheduler:
         and each sampling request holds a placeholder for the token the step will sample."""
         output = self.schedule()
         for pool in self.kv:
-            pool.flush()  # evicted blocks are copied down before this step can overwrite them
+            pool.end_planning()  # evicted blocks are copied down before this step can overwrite them
         plan = StepPlan(pool=output.pool, transfers=list(output.transfers),
                         preempted=[r.request_id for r in output.preempted])
         for chunk in output.chunks:
@@ -307,7 +307,7 @@ class PolicyScheduler(Scheduler):
                 skipped.append(self.waiting.pop(0))
                 continue
             if kv.is_loading(request.request_id):
-                loaded = kv.finish_load(request.request_id)
+                loaded = kv.finish_load(request.request_id, order=True)
                 if loaded is None:
                     skipped.append(self.waiting.pop(0))  # its blocks are still on their way
                     continue
@@ -331,8 +331,8 @@ class PolicyScheduler(Scheduler):
                     skipped.append(self.waiting.pop(0))
                     continue
                 num_tokens = min(num_tokens, room)  # a loaded request runs in the blocks it holds
-            if kv.is_loading(request.request_id):  # started just now: done at once on the CPU
-                loaded = kv.finish_load(request.request_id)
+            if kv.is_loading(request.request_id):  # started just now: host blocks run in this step
+                loaded = kv.finish_load(request.request_id, order=True)
                 if loaded is None:
                     skipped.append(self.waiting.pop(0))
                     continue

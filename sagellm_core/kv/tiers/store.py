@@ -48,6 +48,7 @@ import torch
 from sagellm_core.kv.tiers.base import KVTier, TierStats
 from sagellm_core.kv.tiers.gate import LoadGate
 from sagellm_core.kv.tiers.host import HostTier
+from sagellm_core.kv.tiers.steps import StepEvents
 
 STAGING_BLOCKS = 64
 """Slots of the private host slab that stages blocks when no host tier is configured."""
@@ -68,6 +69,9 @@ class TierItem:
     block_id: int
     key: bytes
     token_ids: tuple[int, ...]
+    after_step: int | None = None
+    """The last engine step that may still use the device block (`StepEvents.mark` when it was
+    freed; -1: none); None: any step queued so far."""
 
 
 @attrs.define(eq=False)
@@ -90,6 +94,7 @@ class LoadTicket:
     events: list[Any] = attrs.field(factory=list)
     count: int | None = None
     cancelled: bool = False
+    after_step: int | None = None
 
 
 def slot_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -130,6 +135,7 @@ class TierStore:
         self._reader: ThreadPoolExecutor | None = None
         self._timings: list[tuple[Any, Any, int, KVTier]] = []
         self._busy = [BusyTime() for _ in self.tiers]  # each tier's reads in flight (`read_job`)
+        self.steps = StepEvents()
 
     def bind(self, pool: torch.Tensor) -> None:
         """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, seen
@@ -161,6 +167,20 @@ class TierStore:
         that may overwrite it is launched."""
         self._saves.append(item)
 
+    def end_planning(self) -> None:
+        """Once per engine step, after planning: copy the queued blocks down (`flush`) and count the
+        step (`StepEvents.step_planned`)."""
+        self.flush()
+        self.steps.step_planned()
+
+    def step_launched(self) -> None:
+        """The engine queued the last planned step's device work: its end event lets later copies
+        of the blocks it used wait for it alone (`StepEvents`)."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.steps.step_launched(event)
+
     def flush(self) -> None:
         """Copy the queued blocks into host slots in one batch (more only when the host tier must
         make room in between), handing them on to the top tier when it is not the host tier."""
@@ -177,6 +197,7 @@ class TierStore:
         batch: list[tuple[int, int]] = []
         keys: dict[bytes, None] = {}  # those taken this flush, in order
         overflow: list[TierItem] = []
+        taken: list[TierItem] = []
         top = self.tiers[0]
         for item in saves:
             if item.key in keys or top.contains(item.key):
@@ -187,7 +208,8 @@ class TierStore:
                 continue
             batch.append((item.block_id, self.host.reserve(item.key, item.token_ids)))
             keys[item.key] = None
-        self._copy_down(batch)
+            taken.append(item)
+        self._copy_down(batch, after_step=latest_step(taken))
         self._hand_down_staged(list(keys))
         self._save_overflow(overflow)
         self.tiers[0].stats.save_seconds += time.perf_counter() - tick
@@ -213,7 +235,8 @@ class TierStore:
         items = items[:room]
         if not items:
             return
-        self._copy_down([(item.block_id, staging.reserve(item.key, item.token_ids)) for item in items], staging)
+        self._copy_down([(item.block_id, staging.reserve(item.key, item.token_ids)) for item in items], staging,
+                        latest_step(items))
         for item in items:
             self._make_room(level)
             if not tier.has_room():
@@ -357,7 +380,7 @@ class TierStore:
         blocks on the device or on a file. `poll` tells when it is done and how many leading items
         were loaded (a block missing, corrupt or holding other tokens ends the chain there)."""
         self.flush()  # blocks evicted for these fresh blocks are copied out first
-        ticket = LoadTicket(list(items))
+        ticket = LoadTicket(list(items), after_step=latest_step(items))
         resident: list[tuple[int, int]] = []
         for index, item in enumerate(ticket.items):
             level = self.find(item.key)
@@ -368,7 +391,7 @@ class TierStore:
                 resident.append((item.block_id, self.host.slot_of(item.key)))  # type: ignore[arg-type]
         ticket.limit = len(ticket.levels)
         if resident:  # before any slot is reserved below: making room may give these slots up
-            ticket.events.append(self._copy_up(resident))
+            ticket.events.append(self._copy_up(resident, ticket.after_step))
         for index in range(ticket.limit):
             if ticket.levels[index] != 0 or not self.host_visible:
                 self._start_fetch(ticket, index)
@@ -409,13 +432,21 @@ class TierStore:
         ticket.fetch_slots[index] = slot
         ticket.fetches[index] = future
 
-    def poll(self, ticket: LoadTicket) -> bool:
+    def poll(self, ticket: LoadTicket, order: bool = False) -> bool:
         """Whether the ticket's blocks are in the device pool (``ticket.count`` of them); never waits.
-        Once its reads have landed, copies the blocks read from below up (one batch)."""
+        Once its reads have landed, copies the blocks read from below up (one batch). ``order``:
+        once the copies are queued, the compute stream waits for them and True is returned at once
+        (the step planned now may read the blocks: it runs after the copies, not a step later)."""
         if ticket.count is None:
             if not all(future.done() for future in ticket.fetches.values()):
                 return False
             self._resolve(ticket)
+        if order and self.device.type == "cuda":
+            compute = torch.cuda.current_stream(self.device)
+            for event in ticket.events:
+                if event is not None:
+                    compute.wait_event(event)
+            return True
         return all(event is None or event.query() for event in ticket.events)
 
     def wait(self, ticket: LoadTicket) -> None:
@@ -465,7 +496,7 @@ class TierStore:
                 cut = cut or not ok
             count += 0 if cut else 1
         if batch:
-            ticket.events.append(self._copy_up(batch))
+            ticket.events.append(self._copy_up(batch, ticket.after_step))
         ticket.fetch_buffers.clear()  # a queued copy keeps its pinned block (the host allocator's event)
         for index, slot in ticket.fetch_slots.items():
             if slot is None:
@@ -485,9 +516,10 @@ class TierStore:
         return False
 
     # ---- batched copies --------------------------------------------------------------------------
-    def _copy_down(self, batch: list[tuple[int, int]], host: HostTier | None = None) -> None:
+    def _copy_down(self, batch: list[tuple[int, int]], host: HostTier | None = None,
+                   after_step: int | None = None) -> None:
         """Device blocks into slots of ``host`` (the host slab by default), ``batch`` of (block id,
-        slot); the slots' events are set."""
+        slot), once the steps up to ``after_step`` have written them; the slots' events are set."""
         host = self.host if host is None else host
         if not batch:
             return
@@ -497,7 +529,7 @@ class TierStore:
             return
         batch = sorted(batch, key=lambda pair: pair[1])
         slab = host.slab.view(host.capacity, -1)
-        with self._on_copy_stream() as (stream, event):
+        with self._on_copy_stream(after_step) as (stream, event):
             staged = self._gather([block_id for block_id, _ in batch])
             for position, slot, length in slot_runs([(i, slot) for i, (_, slot) in enumerate(batch)]):
                 slab[slot:slot + length].copy_(staged[position:position + length].view(length, -1),
@@ -515,11 +547,11 @@ class TierStore:
             out.view(rows, -1).copy_(pool[:, block_id])
 
     @contextlib.contextmanager
-    def _on_copy_stream(self) -> Iterator[tuple[Any, Any]]:
-        """Device-to-host work on the copy stream after the compute stream's queued work; the
-        compute stream then waits for the recorded event (it may overwrite those blocks after)."""
+    def _on_copy_stream(self, after_step: int | None) -> Iterator[tuple[Any, Any]]:
+        """Device-to-host work on the copy stream after the steps up to ``after_step`` (`_wait_steps`);
+        the compute stream then waits for the recorded event (it may overwrite those blocks after)."""
         stream, compute = self._copy_stream(), torch.cuda.current_stream(self.device)
-        stream.wait_stream(compute)  # the blocks' last writes have run
+        self._wait_steps(stream, after_step)  # the blocks' last writes have run
         event = torch.cuda.Event()
         with torch.cuda.stream(stream):
             yield stream, event
@@ -531,10 +563,10 @@ class TierStore:
         index = pinned_index(block_ids).to(self.device, non_blocking=True)
         return self._bound().transpose(0, 1)[index]
 
-    def _copy_up(self, batch: Sequence[tuple[int, int | torch.Tensor]]) -> Any:
-        """Host blocks into device blocks, ``batch`` of (block id, host slot or host buffer); the
-        batch's end event (None on the CPU, where the copy is done on return). Timed for the top
-        tier's load statistics."""
+    def _copy_up(self, batch: Sequence[tuple[int, int | torch.Tensor]], after_step: int | None) -> Any:
+        """Host blocks into device blocks, ``batch`` of (block id, host slot or host buffer), once
+        the steps up to ``after_step`` are done with those blocks; the batch's end event (None on
+        the CPU, where the copy is done on return). Timed for the top tier's load statistics."""
         pool = self._bound()
         top = self.tiers[0]
         nbytes = len(batch) * self.host.context.block_bytes
@@ -551,7 +583,7 @@ class TierStore:
             top.stats.load_bytes += nbytes
             return None
         stream = self._copy_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # the fresh blocks' last readers have run
+        self._wait_steps(stream, after_step)  # the fresh blocks' last readers have run
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
@@ -571,6 +603,15 @@ class TierStore:
                 self.host.events[entry] = end
         self._timings.append((start, end, nbytes, top))
         return end
+
+    def _wait_steps(self, stream: Any, after_step: int | None) -> None:
+        """Make the copy ``stream`` wait for the engine steps up to ``after_step``: the end event
+        of the step covering it, nothing when they are done, all queued compute when unknown."""
+        covered, event = self.steps.covering_event(after_step)
+        if not covered:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        elif event is not None:
+            stream.wait_event(event)
 
     def _copy_stream(self) -> Any:
         if self._stream is None:
@@ -614,6 +655,16 @@ class TierStore:
         self.ready()
         for tier in self.tiers:
             tier.close()
+
+
+def latest_step(items: Sequence[TierItem]) -> int | None:
+    """The last step that may use any of the items' device blocks (None when any is unknown)."""
+    latest = -1
+    for item in items:
+        if item.after_step is None:
+            return None
+        latest = max(latest, item.after_step)
+    return latest
 
 
 def pending_write_limit(capacity: int) -> int:
