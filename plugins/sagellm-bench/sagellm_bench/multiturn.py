@@ -29,6 +29,7 @@ from sagellm_bench.report import BenchReport, Table, panel_bars, write_report
 from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summary
 from sagellm_core.config import EngineConfig
 from sagellm_core.kv.policies.trace import builtin_policies, compare
+from sagellm_core.kv.tiers.gate import block_load_seconds
 from sagellm_core.llm import LLM
 from sagellm_core.models.kv_cache import kv_bytes_per_block
 from sagellm_core.outputs import RequestOutput
@@ -158,8 +159,26 @@ def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
                "tiers": stats["kv_tiers"], **throughput_summary(turns.timings, turns.elapsed),
                **latency_summary(turns.timings)}
     block = llm.engine.config.kv_cache.block_size
+    summary["block_seconds"] = _block_costs(llm, block)
     outputs = [turns.outputs[key] for key in sorted(turns.outputs)]
     return summary, outputs, [_block_ids(p, block) for p in turns.prompts]
+
+
+def _block_costs(llm: LLM, block_size: int) -> dict[str, float]:
+    """The load gate's figures at the end of a run: seconds to recompute one block (its fitted
+    prefill cost of a token, times the block size) and to load one from each tier."""
+    tiers = llm.engine.kv_pools[0].tiers
+    if tiers is None:
+        return {}
+    costs: dict[str, float] = {}
+    token = tiers.gate.token_seconds()
+    if token is not None:
+        costs["recompute"] = token * block_size
+    for level, tier in enumerate(tiers.tiers):
+        load = block_load_seconds(level, tiers.tiers)
+        if load is not None:
+            costs[tier.name] = load
+    return costs
 
 
 @attrs.define
@@ -292,6 +311,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
         lines.append(f"engine-thread seconds saving evicted blocks to the host tier: {host['save_seconds']:.2f} "
                      f"(of {on['elapsed_s']:.2f} s); blocks dropped while the tier below was behind: "
                      f"{host.get('write_drops', 0)}")
+    costs = on.get("block_seconds") or {}
+    if costs:
+        lines.append("one block, the load gate's figures (recompute: its fitted prefill cost): "
+                     + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in costs.items()))
     waits = ", ".join(f"{t['name']} {t.get('wait_seconds', 0.0):.2f}" for t in on["tiers"])
     lines.append(f"engine-thread seconds waiting for loads (nothing else could run), per tier: {waits}")
     ungated = results.get(UNGATED)
