@@ -315,6 +315,9 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
     if costs:
         lines.append("one block, the load gate's figures (recompute: its fitted prefill cost): "
                      + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in costs.items()))
+        bound = _prefill_bound(off, on, costs)
+        if bound is not None:
+            lines.append(f"prefill device time device-only / tiers at best (loads fully beside compute): {bound:.2f}x")
     waits = ", ".join(f"{t['name']} {t.get('wait_seconds', 0.0):.2f}" for t in on["tiers"])
     lines.append(f"engine-thread seconds waiting for loads (nothing else could run), per tier: {waits}")
     ungated = results.get(UNGATED)
@@ -323,6 +326,19 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
                      f"{on['output_tokens_per_s'] / ungated['output_tokens_per_s']:.2f}x")
     lines.append(f"greedy tokens identical with tiers on and off: {results['same_tokens']}")
     return lines
+
+
+def _prefill_bound(off: dict[str, Any], on: dict[str, Any], costs: dict[str, float]) -> float | None:
+    """How much less prefill time the tiers can give at most: device-only recomputes its misses;
+    with tiers the misses are recomputed while the hits below the pool load on the copy engine
+    beside them, so the slower of the two counts (each in recompute-block units)."""
+    recompute = costs.get("recompute")
+    if not recompute:
+        return None
+    loaded = sum(rate * costs.get(name, recompute) / recompute
+                 for name, rate in on["hit_rate"].items() if name != "device")
+    with_tiers = max(1.0 - on["combined_hit_rate"], loaded)
+    return (1.0 - off["combined_hit_rate"]) / with_tiers if with_tiers > 0 else None
 
 
 def _notes() -> list[str]:

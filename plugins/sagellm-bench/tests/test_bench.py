@@ -270,3 +270,14 @@ def test_serve_client_counts_tokens_that_arrive_with_the_finishing_chunk(text: s
 
     timing = asyncio.run(go())
     assert timing.ok and timing.first_token is not None and timing.output_len == 3
+
+
+def test_multiturn_prefill_bound_counts_the_slower_of_recompute_and_loads_beside_it() -> None:
+    from sagellm_bench.multiturn import _prefill_bound
+
+    off = {"combined_hit_rate": 0.5, "hit_rate": {"device": 0.5}}
+    on = {"combined_hit_rate": 0.8, "hit_rate": {"device": 0.5, "host": 0.3}}
+    assert _prefill_bound(off, on, {"recompute": 10e-6, "host": 10e-6}) == pytest.approx(0.5 / 0.3)
+    assert _prefill_bound(off, on, {"recompute": 10e-6, "host": 1e-6}) == pytest.approx(0.5 / 0.2), \
+        "cheap loads: the recomputed misses bound it"
+    assert _prefill_bound(off, on, {"host": 1e-6}) is None
