@@ -292,8 +292,9 @@ class PolicyScheduler(Scheduler):
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int, pool: int, waited: bool = False) -> int:
         """Admit waiting requests in ``waiting_key`` order while budget, sequence slots and KV blocks
-        last. A request whose prefix continues below the device pool starts loading those blocks and
-        waits (skipped, holding its blocks) until they have arrived; the requests behind it go on.
+        last. A request whose prefix continues below the device pool starts loading those blocks;
+        once their copies are queued it runs in this step (the device orders the step after them),
+        until then it waits (skipped, holding its blocks) and the requests behind it go on.
         Once a request finds no KV room, only requests that hold blocks already (loads) may still
         start."""
         self.waiting.sort(key=lambda r: (self.waiting_key(r), r.arrival_order))

@@ -22,10 +22,12 @@ Data flow (one host slab, indexed by slot, under every copy):
   thread). `poll` is non-blocking: once a ticket's reads have landed it copies those blocks up too
   (the chain ends at the first missing or corrupt block), publishes them in the host tier (hot
   blocks move up), and reports done when its events have completed (`event.query()`, never a
-  synchronize on the engine thread). The scheduler leaves the request waiting until then.
+  synchronize on the engine thread), or, asked to ``order``, at once with the compute stream
+  waiting for those events: the scheduler then admits the request into the step it is planning.
 
-Ordering: every copy that touches the slab runs on the one copy stream, so a slot's reuse is in
-stream order; a thread that touches a slot's bytes waits for the slot's last copy event first. A
+Ordering: a copy of device blocks waits for the engine steps that used them (`StepEvents`: blocks
+are stamped with the last planned step when freed), not for all queued compute. Every copy that
+touches the slab runs on the one copy stream, so a slot's reuse is in stream order; a thread that touches a slot's bytes waits for the slot's last copy event first. A
 request freed while its load is in flight makes the compute stream wait for that load, so its blocks
 can be handed out again at once.
 """
