@@ -12,6 +12,8 @@
 # serve: `sagellm bench serve --launch --compare offline`, Qwen3-0.6B, rates inf and 16 (issue 11);
 # serve-llama: the same for the Llama-3-8B shape at rate inf;
 # profile-sampling: bench/profile_engine.py under cProfile + torch profiler for plain, logprobs=5, top-k+top-p;
+# tiers-paced-one: tiers-paced for one shape ($TIERS_SHAPE, default qwen3-0.6b; SAGELLM_KV_LOAD_ORDERED=0: loads
+#   admitted once landed, the log named after it); tiers-long: Llama-3-8B, 64 conversations x 8 turns, 8 in flight;
 # tiers-paced: tiers-llama128's workload for both shapes with at most 8 turns in flight (turn-major order);
 # profile-kv: bench/profile_engine.py --kernels with kv_cache.dtype auto and fp8 (where an fp8 step's time goes);
 # tiers-profile: bench/tiers_profile.py (the tiers' engine thread under cProfile, CUDA syncs counted);
@@ -151,6 +153,20 @@ for name in "$@"; do
                    grep -iE "hit rate|load rate|TTFT|tok/s" "$logs/tiers-paced-$shape.log" | head -6
                    rm -rf "$disk"
                  done ;;
+    tiers-paced-one) shape=${TIERS_SHAPE:-qwen3-0.6b}; disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)
+                     part "tiers-paced-$shape${SAGELLM_KV_LOAD_ORDERED:+-ordered$SAGELLM_KV_LOAD_ORDERED}" 280 \
+                       sagellm bench multiturn --model-shape "$shape" --num-conversations 128 --num-turns 4 \
+                       --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 --max-concurrency 8 \
+                       --host-tier-bytes 40000000000 --disk-tier-path "$disk" --output-dir "$logs/tiers-paced-one"
+                     grep -iE "TTFT|tok/s|gate|block|waited" "$logs"/tiers-paced-"$shape"*.log | tail -8
+                     rm -rf "$disk" ;;
+    tiers-long) disk=$(mktemp -d /tmp/sagellm-kv-disk.XXXXXX)  # longer conversations: 64 x 8 turns, 8 in flight
+                part tiers-long 300 sagellm bench multiturn --model-shape llama-3-8b --num-conversations 64 \
+                  --num-turns 8 --system-len 1024 --user-len 256 --output-len 32 --working-set-factor 5 \
+                  --max-concurrency 8 --host-tier-bytes 40000000000 --disk-tier-path "$disk" \
+                  --output-dir "$logs/tiers-long"
+                grep -iE "TTFT|tok/s|gate|block|waited|working" "$logs/tiers-long.log" | tail -10
+                rm -rf "$disk" ;;
     profile-kv) for kv in auto fp8; do  # kernels per decode step with a bf16 and an fp8 KV cache
                   part "profile-kv-$kv" 150 python3 bench/profile_engine.py --shape qwen3-0.6b --kernels --kv-cache-dtype "$kv"
                   grep -E "out tok/s|ms/step|GPU" "$logs/profile-kv-$kv.log" | head -8

@@ -757,3 +757,19 @@ def test_a_gated_tier_is_recomputed_with_the_same_tokens(tiny_models: dict[str, 
         assert engine.get_stats()["kv_tiers"][0]["loads"] <= len(workload()) // PROBE_EVERY + 1
     finally:
         engine.release()
+
+
+def test_load_gate_holds_a_host_copy_the_step_waits_for_to_the_recompute(tmp_path: Path) -> None:
+    """The step that admits a request waits for its host copy: a host block dearer than its
+    recompute is recomputed; a disk read runs beside the compute and may cost up to 4x."""
+    store, _, host, disk = store_with_pool(tmp_path, host_blocks=4)
+    gate = store.gate
+    gate.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=1e-3)  # 1 us a token, 4 us a block
+    block = host.context.block_bytes
+    host.stats.load_bytes, host.stats.load_seconds = 1000 * block, 3e-3  # 3 us a block
+    disk.stats.load_bytes, disk.stats.load_seconds = 1000 * block, 9e-3  # 12 us a block with the copy up
+    assert gate.worth_loading(0, store.tiers, 4) and gate.worth_loading(1, store.tiers, 4)
+    host.stats.load_seconds = 6e-3  # 6 us a block: dearer than its recompute
+    assert not gate.worth_loading(0, store.tiers, 4)
+    assert gate.worth_loading(1, store.tiers, 4), "6 + 9 us: under 4x the recompute"
+    store.close()

@@ -160,6 +160,9 @@ def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
                **latency_summary(turns.timings)}
     block = llm.engine.config.kv_cache.block_size
     summary["block_seconds"] = _block_costs(llm, block)
+    tiers = llm.engine.kv_pools[0].tiers
+    if tiers is not None:
+        summary["copy_waits"] = dict(tiers.steps.waits)
     outputs = [turns.outputs[key] for key in sorted(turns.outputs)]
     return summary, outputs, [_block_ids(p, block) for p in turns.prompts]
 
@@ -318,6 +321,10 @@ def _comparisons(results: dict[str, Any]) -> list[str]:
         bound = _prefill_bound(off, on, costs)
         if bound is not None:
             lines.append(f"prefill device time device-only / tiers at best (loads fully beside compute): {bound:.2f}x")
+    copy_waits = on.get("copy_waits")
+    if copy_waits:
+        lines.append("device copies by what they waited for (nothing / the steps that used their blocks / all "
+                     "queued compute): " + " / ".join(str(copy_waits[k]) for k in ("none", "step", "all")))
     waits = ", ".join(f"{t['name']} {t.get('wait_seconds', 0.0):.2f}" for t in on["tiers"])
     lines.append(f"engine-thread seconds waiting for loads (nothing else could run), per tier: {waits}")
     ungated = results.get(UNGATED)

@@ -27,6 +27,8 @@ class StepEvents:
         self.planned = 0
         self.completed_through = -1
         self._pending: deque[tuple[int, Any]] = deque()
+        self.waits = {"none": 0, "step": 0, "all": 0}
+        """Copies by what they waited for: nothing, one step's event, all queued compute."""
 
     def mark(self) -> int:
         """The stamp of a block freed now: the index of the last step planned (-1 before any)."""
@@ -58,6 +60,9 @@ class StepEvents:
             if index >= mark:
                 return True, event
         return False, None
+
+    def count_wait(self, kind: str) -> None:
+        self.waits[kind] += 1
 
     def _prune(self) -> None:
         while self._pending and self._pending[0][1].query():

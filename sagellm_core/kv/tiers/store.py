@@ -138,6 +138,7 @@ class TierStore:
         self._timings: list[tuple[Any, Any, int, KVTier]] = []
         self._busy = [BusyTime() for _ in self.tiers]  # each tier's reads in flight (`read_job`)
         self.steps = StepEvents()
+        self.ordered_loads = os.environ.get("SAGELLM_KV_LOAD_ORDERED") != "0"  # 0: admit once landed (A/B)
 
     def bind(self, pool: torch.Tensor) -> None:
         """The device pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, seen
@@ -443,7 +444,7 @@ class TierStore:
             if not all(future.done() for future in ticket.fetches.values()):
                 return False
             self._resolve(ticket)
-        if order and self.device.type == "cuda":
+        if order and self.ordered_loads and self.device.type == "cuda":
             compute = torch.cuda.current_stream(self.device)
             for event in ticket.events:
                 if event is not None:
@@ -614,6 +615,7 @@ class TierStore:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         elif event is not None:
             stream.wait_event(event)
+        self.steps.count_wait("all" if not covered else "step" if event is not None else "none")
 
     def _copy_stream(self) -> Any:
         if self._stream is None:
