@@ -658,7 +658,7 @@ def test_load_gate_a_fit_that_calls_prefill_free_still_loads_a_fast_host_block(t
     for gate in (flat, noisy):
         fit = gate._fit
         assert gate.token_seconds() >= MIN_SLOPE_SHARE * fit.seconds / fit.tokens
-        assert gate.worth_loading(0, store.tiers, 16) and not gate.declines(0)
+        assert gate.worth_loading(0, store.tiers, 16) and not gate.declines(0, store.tiers)
     assert host.stats.turned_down == 0
     store.close()
 
@@ -721,14 +721,14 @@ def test_blocks_skip_a_tier_the_load_gate_turned_down(tmp_path: Path) -> None:
     gate.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=1e-3)
     disk.stats.load_bytes, disk.stats.load_seconds = host.context.block_bytes, 1.0
     host.stats.load_bytes, host.stats.load_seconds = host.context.block_bytes, 1e-9
-    assert not gate.worth_loading(1, store.tiers, 4) and gate.declines(1)
+    assert not gate.worth_loading(1, store.tiers, 4) and gate.declines(1, store.tiers)
     for item in items_for(list(range(6, 12)), salt=1):
         store.save(item)
     store.flush()
     store.ready()
     assert disk.stats.stores == 2 and host.stats.write_drops == 6
     disk.stats.load_seconds = 1e-9
-    assert gate.worth_loading(1, store.tiers, 4) and not gate.declines(1)
+    assert gate.worth_loading(1, store.tiers, 4) and not gate.declines(1, store.tiers)
     for item in items_for(list(range(12, 18)), salt=2):
         store.save(item)
     store.flush()
@@ -772,4 +772,15 @@ def test_load_gate_holds_a_host_copy_the_step_waits_for_to_the_recompute(tmp_pat
     host.stats.load_seconds = 6e-3  # 6 us a block: dearer than its recompute
     assert not gate.worth_loading(0, store.tiers, 4)
     assert gate.worth_loading(1, store.tiers, 4), "6 + 9 us: under 4x the recompute"
+    for item in items_for([0, 1]):
+        store.save(item)
+    store.flush()
+    assert host.stats.num_blocks == 0 and host.stats.write_drops == 2, "nothing is written to a declined tier"
+    for _ in range(100):  # prefill got dearer (longer contexts): 3 us a token
+        gate.observe_step(prefill_tokens=1000, step_tokens=1000, seconds=3e-3)
+    assert not gate.declines(0, store.tiers)
+    for item in items_for([2, 3]):
+        store.save(item)
+    store.flush()
+    assert host.stats.num_blocks == 2, "the writes resume once the figures say a load pays"
     store.close()

@@ -88,6 +88,7 @@ class LoadGate:
     enabled: bool = True
     _fit: StepFit = attrs.field(factory=StepFit)
     _turned_down: dict[int, int] = attrs.field(factory=dict)
+    _block_size: int = 0  # tokens per block, from the lookups
 
     def observe_step(self, prefill_tokens: int, step_tokens: int, seconds: float) -> None:
         """Fold in one engine step (its prefill and total forward tokens, its wall time)."""
@@ -99,17 +100,17 @@ class LoadGate:
         """Marginal seconds per prefill token, once a prefill-heavy step was seen."""
         return self._fit.per_token()
 
-    def declines(self, level: int) -> bool:
-        """Whether the last lookup of a block on tier ``level`` was turned down: blocks moving down
-        skip that tier while so (writes nobody loads would only take the engine's time)."""
-        return self.enabled and level in self._turned_down
+    def declines(self, level: int, tiers: Sequence[KVTier]) -> bool:
+        """Whether the last lookup of a block on tier ``level`` was turned down and the figures
+        still say so: blocks moving down skip that tier meanwhile (writes nobody loads would only
+        take the engine's time; once prefill gets dearer, the writes resume)."""
+        return (self.enabled and level in self._turned_down
+                and not self._cheap_enough(level, tiers, self._block_size))
 
     def worth_loading(self, level: int, tiers: Sequence[KVTier], block_size: int) -> bool:
         """Whether a block on ``tiers[level]`` should be loaded rather than recomputed."""
-        recompute = self.token_seconds()
-        load = block_load_seconds(level, tiers)
-        allowance = 1.0 if isinstance(tiers[level], HostTier) else LOAD_ALLOWANCE
-        if not self.enabled or recompute is None or load is None or load <= allowance * recompute * block_size:
+        self._block_size = block_size
+        if not self.enabled or self._cheap_enough(level, tiers, block_size):
             self._turned_down.pop(level, None)
             return True
         count = self._turned_down[level] = self._turned_down.get(level, 0) + 1
@@ -117,6 +118,14 @@ class LoadGate:
         if not probe:
             tiers[level].stats.turned_down += 1
         return probe
+
+    def _cheap_enough(self, level: int, tiers: Sequence[KVTier], block_size: int) -> bool:
+        """A block load from ``tiers[level]`` within its allowance of the recompute (or either figure
+        not measured yet)."""
+        recompute = self.token_seconds()
+        load = block_load_seconds(level, tiers)
+        allowance = 1.0 if isinstance(tiers[level], HostTier) else LOAD_ALLOWANCE
+        return recompute is None or load is None or load <= allowance * recompute * block_size
 
 
 def block_load_seconds(level: int, tiers: Sequence[KVTier]) -> float | None:

@@ -192,7 +192,7 @@ class TierStore:
             return
         tick = time.perf_counter()
         saves, self._saves = self._saves, []
-        if not self.host_visible and self.gate.declines(0):  # the only tier is turned down: not written
+        if self.gate.declines(0, self.tiers):  # the top tier is turned down: nothing written (nor below)
             self.tiers[0].stats.write_drops += len(saves)
             return
         if self.host_visible:
@@ -232,7 +232,7 @@ class TierStore:
             return
         staging.collect_released()
         limit = pending_write_limit(self.host.capacity)
-        room = 0 if self.gate.declines(level) else max(0, limit - self._pending_writes(self.host))
+        room = 0 if self.gate.declines(level, self.tiers) else max(0, limit - self._pending_writes(self.host))
         room = min(room, len(staging.free_slots))
         self.host.stats.write_drops += max(0, len(items) - room)
         items = items[:room]
@@ -276,7 +276,7 @@ class TierStore:
         if level + 1 >= len(self.tiers):
             self._evict_until(tier, lambda: len(tier.free_slots) >= needed)
             return
-        if self.gate.declines(level + 1):  # nothing is loaded from there now: no writes either
+        if self.gate.declines(level + 1, self.tiers):  # nothing is loaded from there now: no writes either
             tier.stats.write_drops += self._evict_until(tier, lambda: len(tier.free_slots) >= needed)
             return
         target = needed + max(1, tier.capacity // 8)
