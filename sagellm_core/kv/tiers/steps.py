@@ -4,8 +4,8 @@ that used it, not for everything queued.
 A block freed now may be read or written by every step planned so far (under async scheduling the
 step in flight, and a planned step not yet launched, may hold it), and by no later one until it is
 handed out again. So a free is stamped with `mark` (the index of the last step planned), and a copy
-into or out of the block waits (`wait`) for the end event of the first launched step at or after the
-stamp: steps complete in stream order. A block freed long ago (the least recently used, which the
+into or out of the block waits for the end event of the first launched step at or after the stamp
+(`covering_event`): steps complete in stream order. A block freed long ago (the least recently used, which the
 pool evicts and hands out first) needs no wait at all, and its copy overlaps the step in flight
 instead of starting after it. Where no launched step covers the stamp (a driver that never reports
 launches, a step planned but not yet launched), the copy waits for all queued compute, as a copy
@@ -62,6 +62,7 @@ class StepEvents:
         return False, None
 
     def count_wait(self, kind: str) -> None:
+        """Count a copy by what it waited for (``none``, ``step``, ``all``: see ``waits``)."""
         self.waits[kind] += 1
 
     def _prune(self) -> None:

@@ -27,9 +27,9 @@ Data flow (one host slab, indexed by slot, under every copy):
 
 Ordering: a copy of device blocks waits for the engine steps that used them (`StepEvents`: blocks
 are stamped with the last planned step when freed), not for all queued compute. Every copy that
-touches the slab runs on the one copy stream, so a slot's reuse is in stream order; a thread that touches a slot's bytes waits for the slot's last copy event first. A
-request freed while its load is in flight makes the compute stream wait for that load, so its blocks
-can be handed out again at once.
+touches the slab runs on the one copy stream, so a slot's reuse is in stream order; a thread that
+touches a slot's bytes waits for the slot's last copy event first. A request freed while its load is
+in flight makes the compute stream wait for that load, so its blocks can be handed out again at once.
 """
 
 from __future__ import annotations
