@@ -1,5 +1,6 @@
 """KV tiers on a CUDA GPU: pinned host slab, side-stream loads, disk under them; greedy tokens equal
-with tiers on and off (eager and async scheduling, CUDA graphs), and after a restart from disk."""
+with tiers on and off (eager and async scheduling, CUDA graphs; loads admitted into the step being
+planned, copies waiting for their blocks' steps), and after a restart from disk."""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def test_tiers_keep_greedy_tokens_on_gpu(tiny_models: dict[str, Path], tmp_path:
     plain.release()
     got, engine = _run(tiny_models["llama"], schedule, host_bytes=16 * 4096, disk_path=str(tmp_path))
     stats = engine.get_stats()
+    waits = dict(engine.kv_pools[0].tiers.steps.waits)  # type: ignore[union-attr]
     engine.release()
     assert got == expected
+    assert waits["none"] + waits["step"] > 0, f"no copy was ordered by the steps' stamps: {waits}"
     assert sum(stats["kv_pools"][0].tier_hit_tokens) > 0
     loaded = [tier for tier in stats["kv_tiers"] if tier["loads"] > 0]  # host or disk, by what was evicted where
     assert loaded and all(tier["load_bandwidth"] > 0 for tier in loaded)
