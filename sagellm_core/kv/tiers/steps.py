@@ -5,9 +5,9 @@ A block freed now may be read or written by every step planned so far (under asy
 step in flight, and a planned step not yet launched, may hold it), and by no later one until it is
 handed out again. So a free is stamped with `mark` (the index of the last step planned), and a copy
 into or out of the block waits for the end event of the first launched step at or after the stamp
-(`covering_event`): steps complete in stream order. A block freed long ago (the least recently used, which the
-pool evicts and hands out first) needs no wait at all, and its copy overlaps the step in flight
-instead of starting after it. Where no launched step covers the stamp (a driver that never reports
+(`covering_event`): steps complete in stream order. A block freed long ago (the least recently
+used, which the pool evicts and hands out first) needs no wait at all, and its copy overlaps the
+step in flight instead of starting after it. Where no launched step covers the stamp (a driver that never reports
 launches, a step planned but not yet launched), the copy waits for all queued compute, as a copy
 without a stamp does.
 """

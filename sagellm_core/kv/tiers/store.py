@@ -96,7 +96,11 @@ class LoadTicket:
     events: list[Any] = attrs.field(factory=list)
     count: int | None = None
     cancelled: bool = False
-    after_step: int | None = None
+
+    @property
+    def after_step(self) -> int | None:
+        """The last step that may still use any of the target blocks (`latest_step`)."""
+        return latest_step(self.items)
 
 
 def slot_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -383,7 +387,7 @@ class TierStore:
         blocks on the device or on a file. `poll` tells when it is done and how many leading items
         were loaded (a block missing, corrupt or holding other tokens ends the chain there)."""
         self.flush()  # blocks evicted for these fresh blocks are copied out first
-        ticket = LoadTicket(list(items), after_step=latest_step(items))
+        ticket = LoadTicket(list(items))
         resident: list[tuple[int, int]] = []
         for index, item in enumerate(ticket.items):
             level = self.find(item.key)
