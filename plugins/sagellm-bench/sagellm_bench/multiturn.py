@@ -30,6 +30,7 @@ from sagellm_bench.stats import RequestTiming, latency_summary, throughput_summa
 from sagellm_core.config import EngineConfig
 from sagellm_core.kv.policies.trace import builtin_policies, compare
 from sagellm_core.kv.tiers.gate import block_load_seconds
+from sagellm_core.kv.tiers.store import TierStore
 from sagellm_core.llm import LLM
 from sagellm_core.models.kv_cache import kv_bytes_per_block
 from sagellm_core.outputs import RequestOutput
@@ -159,20 +160,17 @@ def _run_mode(llm: LLM, options: MultiturnOptions, mode: str
                "tiers": stats["kv_tiers"], **throughput_summary(turns.timings, turns.elapsed),
                **latency_summary(turns.timings)}
     block = llm.engine.config.kv_cache.block_size
-    summary["block_seconds"] = _block_costs(llm, block)
     tiers = llm.engine.kv_pools[0].tiers
     if tiers is not None:
+        summary["block_seconds"] = _block_costs(tiers, block)
         summary["copy_waits"] = dict(tiers.steps.waits)
     outputs = [turns.outputs[key] for key in sorted(turns.outputs)]
     return summary, outputs, [_block_ids(p, block) for p in turns.prompts]
 
 
-def _block_costs(llm: LLM, block_size: int) -> dict[str, float]:
+def _block_costs(tiers: TierStore, block_size: int) -> dict[str, float]:
     """The load gate's figures at the end of a run: seconds to recompute one block (its fitted
     prefill cost of a token, times the block size) and to load one from each tier."""
-    tiers = llm.engine.kv_pools[0].tiers
-    if tiers is None:
-        return {}
     costs: dict[str, float] = {}
     token = tiers.gate.token_seconds()
     if token is not None:
